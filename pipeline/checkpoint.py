@@ -1,0 +1,113 @@
+"""One-file checkpoints: ``{format, version, kind, args, model, ema, optimizer, ..., step, rng, config}``.
+
+The same format serves the resume checkpoint of a training stage (``<stage>/checkpoint.pt``,
+one fixed name for saving and loading, as DINO's ``restart_from_checkpoint``) and the final
+``<stage>/model.pt``. Files are written to a temporary name and renamed (a killed job never
+leaves a half-written checkpoint) and read with ``torch.load(weights_only=True)``: nothing we
+read executes code. RNG states are stored as tensors and plain numbers for the same reason.
+
+A leaf module: torch, numpy and the standard library only.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "save", "load", "rng_state", "set_rng_state", "load_state_dict_strict"]
+
+FORMAT = "vq-latent-pipeline"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, not ours, from another version, or does not fit a model."""
+
+
+def rng_state() -> dict:
+    """Every RNG state a stage draws from: python, numpy, torch CPU and (if present) CUDA."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Save ``payload`` (plus format and version tags) to ``path`` atomically.
+
+    ``payload`` should hold only tensors, containers and plain numbers/strings so that it
+    loads with ``weights_only=True``.
+    """
+    from pipeline.io import atomic_path
+
+    data = {"format": FORMAT, "version": VERSION, **payload}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(data, tmp)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save`.
+
+    Raises:
+        CheckpointError: the file is missing, cannot be unpickled safely (not ours, or
+            corrupt), or has another format tag or version; the message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        data = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, weights_only refusals
+        raise CheckpointError(f"{p}: not a vq-latent-pipeline checkpoint or corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a vq-latent-pipeline checkpoint (no format tag {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{p}: checkpoint version {data.get('version')!r}, this code reads version {VERSION}")
+    return data
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state)`` with an error that lists the mismatching keys and shapes.
+
+    Raises:
+        CheckpointError: missing, unexpected or differently shaped keys (first few named).
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+        if shape:
+            parts.append("shape mismatch " + "; ".join(shape[:5]))
+        raise CheckpointError(f"{source}: checkpoint does not fit the model architecture: " + ", ".join(parts))
+    module.load_state_dict(state)

@@ -1,0 +1,209 @@
+"""Configuration: packaged defaults + user YAML + JSON + dotted overrides, validated.
+
+One source of truth (nanoGPT's configurator, dinov2's ``write_config``): the packaged
+``configs/default.yaml`` is deep-merged with any user files, then with a JSON object (what the
+Snakefile passes), then with ``--set key.sub=value`` overrides; the result is validated against
+``configs/schema.yaml`` (the same schema the Snakefile hands to ``snakemake.utils.validate``).
+Unknown keys are rejected with the closest valid key named.
+
+This module is a leaf: it imports neither torch nor h5py.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "SCHEMA_PATH",
+    "DEFAULT_PATH",
+    "load_default",
+    "load_schema",
+    "deep_merge",
+    "parse_override",
+    "resolve",
+    "validate",
+    "write_config",
+    "STAGE_SECTIONS",
+]
+
+CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
+DEFAULT_PATH = CONFIG_DIR / "default.yaml"
+SCHEMA_PATH = CONFIG_DIR / "schema.yaml"
+
+#: The config section each stage reads (besides the top-level keys run/device/bf16).
+STAGE_SECTIONS = {
+    "prepare_data": "data",
+    "train_vqvae": "vqvae",
+    "extract_latents": "latents",
+    "train_pixelcnn": "pixelcnn",
+    "train_diffusion": "diffusion",
+    "sample": "sample",
+}
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message names it and what was expected."""
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_default() -> dict:
+    """The packaged default config as a fresh dict."""
+    return _read_yaml(DEFAULT_PATH)
+
+
+def load_schema() -> dict:
+    """The JSON Schema (as a dict) that both Snakemake and :func:`validate` use."""
+    return _read_yaml(SCHEMA_PATH)
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Return ``base`` recursively updated by ``update`` (neither is modified).
+
+    Mappings merge key by key; any other value (lists included) replaces the old one.
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """Turn ``"vqvae.steps=100"`` into ``{"vqvae": {"steps": 100}}``.
+
+    The value is parsed as YAML, so ``true``, ``1e-3``, ``[1, 2]`` and ``null`` get their types.
+
+    Raises:
+        ConfigError: if ``item`` has no ``=`` or an empty key.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _check_unknown(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
+    props = schema.get("properties")
+    if props is None or schema.get("additionalProperties", True) is not False:
+        return
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if key not in props:
+            valid = [f"{prefix}{k}" for k in props]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        sub = props[key]
+        if isinstance(value, Mapping) and isinstance(sub, Mapping):
+            _check_unknown(value, sub, prefix=f"{dotted}.")
+
+
+def validate(cfg: Mapping, schema: Mapping | None = None) -> None:
+    """Check ``cfg`` against the schema.
+
+    Raises:
+        ConfigError: naming the first unknown key (with the closest valid key) or the first
+            key whose value has the wrong type or range, with what was expected.
+    """
+    import jsonschema
+
+    schema = load_schema() if schema is None else schema
+    _check_unknown(cfg, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.path) or "<top level>"
+        raise ConfigError(f"config key {where!r}: {err.message}")
+
+
+def resolve(
+    files: Iterable[str | os.PathLike] = (),
+    json_text: str | None = None,
+    overrides: Iterable[str] = (),
+    base: Mapping | None = None,
+) -> dict:
+    """Build the resolved config: defaults <- YAML files <- JSON object <- dotted overrides.
+
+    Args:
+        files: user YAML files, merged in order.
+        json_text: a JSON object (the Snakefile passes the whole Snakemake config this way).
+        overrides: ``key.sub=value`` strings.
+        base: start from this dict instead of the packaged defaults.
+
+    Returns:
+        The validated config dict.
+
+    Raises:
+        ConfigError: unreadable file, bad JSON, unknown key (closest valid key named),
+            wrong type or out-of-range value.
+    """
+    cfg = load_default() if base is None else copy.deepcopy(dict(base))
+    schema = load_schema()
+    for f in files:
+        user = _read_yaml(f)
+        _check_unknown(user, schema)
+        cfg = deep_merge(cfg, user)
+    if json_text:
+        try:
+            obj = json.loads(json_text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config-json is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ConfigError("--config-json must be a JSON object")
+        cfg = deep_merge(cfg, obj)
+    for item in overrides:
+        cfg = deep_merge(cfg, parse_override(item))
+    validate(cfg, schema)
+    return cfg
+
+
+def stage_view(cfg: Mapping, stage: str) -> dict:
+    """The part of ``cfg`` a stage reads: the top-level scalars and the stage's own section."""
+    section = STAGE_SECTIONS[stage]
+    view = {k: v for k, v in cfg.items() if not isinstance(v, Mapping)}
+    view[section] = copy.deepcopy(cfg[section])
+    return view
+
+
+def write_config(cfg: Mapping, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML to ``path`` atomically (temporary file, then rename)."""
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))

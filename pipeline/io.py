@@ -1,0 +1,163 @@
+"""Small file helpers shared by every stage: the run layout, atomic writes, hashes, PNG grids.
+
+A leaf module (numpy, Pillow and the standard library only). Every writer here writes to a
+temporary file in the destination folder and renames it into place, so a file either is
+complete or is not there.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+__all__ = [
+    "RunPaths",
+    "atomic_path",
+    "atomic_write_text",
+    "write_json",
+    "read_json",
+    "sha256_file",
+    "save_grid_png",
+    "image_grid",
+]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of a run, derived from ``results/<run>/``; the only place file names live.
+
+    The Snakefile uses the same relative names (checked by the end-to-end test).
+    """
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    # stage folders
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / "dataset.h5"
+
+    @property
+    def vqvae_model(self) -> Path:
+        return self.root / "vqvae" / "model.pt"
+
+    @property
+    def latents(self) -> Path:
+        return self.root / "latents" / "latents.h5"
+
+    @property
+    def pixelcnn_model(self) -> Path:
+        return self.root / "pixelcnn" / "model.pt"
+
+    @property
+    def diffusion_model(self) -> Path:
+        return self.root / "diffusion" / "model.pt"
+
+    def samples(self, model: str, ext: str) -> Path:
+        return self.root / "samples" / f"{model}.{ext}"
+
+    def checkpoint(self, stage_dir: str) -> Path:
+        """The fixed-name resume checkpoint of a training stage (one name for save and load)."""
+        return self.root / stage_dir / "checkpoint.pt"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    ``suffix`` is kept at the end of the temporary name (some writers look at it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Mapping) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object; raises ``ValueError`` naming the file when it is not valid JSON."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 picture.
+
+    Args:
+        images: float array (N, 1, H, W) with values in [0, 1] (clipped), N <= nrow * ncol.
+        nrow: images per row; rows = ceil(N / nrow).
+        pad: pixels of black between tiles.
+
+    Returns:
+        uint8 array (rows*(H+pad)+pad, nrow*(W+pad)+pad).
+    """
+    imgs = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    if imgs.ndim != 4 or imgs.shape[1] != 1:
+        raise ValueError(f"image_grid expects (N, 1, H, W), got {imgs.shape}")
+    n, _, h, w = imgs.shape
+    rows = -(-n // nrow)
+    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y : y + h, x : x + w] = np.round(imgs[i, 0] * 255).astype(np.uint8)
+    return out
+
+
+def save_grid_png(path: str | os.PathLike, images: np.ndarray, nrow: int = 10, scale: int = 2) -> None:
+    """Save ``images`` (N, 1, H, W) in [0, 1] as a PNG grid, upscaled ``scale`` times, atomically."""
+    from PIL import Image
+
+    grid = image_grid(images, nrow)
+    img = Image.fromarray(grid, mode="L")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")

@@ -1,0 +1,133 @@
+"""Gated PixelCNN prior over a grid of codebook indices.
+
+van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders" (NeurIPS):
+a vertical stack (sees every row above) and a horizontal stack (sees the pixels to the left in
+the current row) remove the blind spot of the original PixelCNN (sec. 2.2, fig. 1); each layer
+uses the gated activation tanh(W_f * x) . sigmoid(W_g * x) (eq. 2), the vertical stack feeds
+the horizontal one through a 1x1 convolution, and the horizontal stack is residual.
+
+Causality comes from masked convolutions: the first layer is of **type A** (it does not see the
+current position: the vertical kernel's last row and the horizontal kernel's last column are
+masked), the following layers are of **type B** (they may see the current position of the
+previous layer's features, which themselves never saw it). The logits at (i, j) therefore
+depend only on codes at positions before (i, j) in raster order, which ``tests/test_models.py``
+checks with gradients.
+
+The model is generative only through its categorical sampling layer (``pipeline.sample``):
+drawing each code from softmax(logits / tau); argmax decoding collapses to one output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MaskedConv2d", "GatedMaskedLayer", "GatedPixelCNN"]
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A ``Conv2d`` whose weight is multiplied by a fixed 0/1 mask buffer in every forward.
+
+    Args:
+        mask: float tensor broadcastable to the weight (out, in, kh, kw); 0 removes a tap.
+        Other arguments as ``nn.Conv2d``.
+    """
+
+    def __init__(self, *args, mask: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", mask.to(self.weight.dtype).expand_as(self.weight).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class GatedMaskedLayer(nn.Module):
+    """One gated layer with a vertical and a horizontal stack (paper fig. 2).
+
+    Args:
+        mask_type: "A" (first layer: the current position is masked) or "B".
+        channels: feature channels h of both stacks.
+        kernel_size: odd k; the vertical kernel is (k//2 + 1, k), the horizontal (1, k//2 + 1).
+        residual: add the input of the horizontal stack to its output (not for type A,
+            whose input is the raw embedding of the current code).
+
+    Shapes: ``forward(v, h)`` takes and returns two float (B, channels, H, W) tensors.
+    """
+
+    def __init__(self, mask_type: str, channels: int, kernel_size: int = 3, residual: bool = True):
+        super().__init__()
+        if mask_type not in ("A", "B"):
+            raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.mask_type = mask_type
+        self.residual = residual
+        k = kernel_size
+        # Vertical stack: kernel rows i-k//2 .. i (after padding k//2 and cropping the top H rows).
+        v_mask = torch.ones(1, 1, k // 2 + 1, k)
+        h_mask = torch.ones(1, 1, 1, k // 2 + 1)
+        if mask_type == "A":
+            v_mask[..., -1, :] = 0  # not the current row
+            h_mask[..., -1] = 0  # not the current column
+        self.v_conv = MaskedConv2d(channels, 2 * channels, (k // 2 + 1, k), padding=(k // 2, k // 2), mask=v_mask)
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_conv = MaskedConv2d(channels, 2 * channels, (1, k // 2 + 1), padding=(0, k // 2), mask=h_mask)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+
+    @staticmethod
+    def _gate(x: torch.Tensor) -> torch.Tensor:
+        f, g = x.chunk(2, dim=1)
+        return torch.tanh(f) * torch.sigmoid(g)
+
+    def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = v.shape[-2:]
+        v_feat = self.v_conv(v)[:, :, :height, :]
+        h_feat = self.h_conv(h)[:, :, :, :width]
+        v_out = self._gate(v_feat)
+        h_gated = self._gate(h_feat + self.v_to_h(v_feat))
+        h_out = self.h_out(h_gated)
+        if self.residual:
+            h_out = h_out + h
+        return v_out, h_out
+
+
+class GatedPixelCNN(nn.Module):
+    """Autoregressive prior p(c) = prod_i p(c_i | c_<i) over (B, H, W) code grids.
+
+    Args:
+        num_embeddings: K, number of code values (classes of the output softmax).
+        hidden_channels: h, width of the stacks and of the code embedding.
+        num_layers: gated layers (first type A, the rest type B); >= 1.
+        kernel_size: odd kernel size k of the gated layers.
+
+    ``forward(codes)`` takes int (B, H, W) codes in [0, K) and returns float logits
+    (B, K, H, W); ``cross_entropy(logits, codes)`` is the training loss (nats per code).
+    """
+
+    def __init__(self, num_embeddings: int = 128, hidden_channels: int = 64, num_layers: int = 8, kernel_size: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_embeddings = num_embeddings
+        self.embedding = nn.Embedding(num_embeddings, hidden_channels)
+        self.layers = nn.ModuleList(
+            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False)]
+            + [GatedMaskedLayer("B", hidden_channels, kernel_size) for _ in range(num_layers - 1)]
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(hidden_channels, 4 * hidden_channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(4 * hidden_channels, num_embeddings, 1),
+        )
+
+    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, H, W) from already-embedded codes x (B, h, H, W) (used by the causality test)."""
+        v, h = x, x
+        for layer in self.layers:
+            v, h = layer(v, h)
+        return self.head(h)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes int (B, H, W) in [0, K) -> logits float (B, K, H, W)."""
+        x = self.embedding(codes.long()).permute(0, 3, 1, 2)
+        return self.forward_embedded(x)

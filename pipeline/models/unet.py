@@ -1,0 +1,173 @@
+"""A small DDPM U-Net for (B, D, 7, 7) VQ-VAE latents (Ho et al. 2020, appendix B).
+
+The architecture follows DDPM's: a sinusoidal time embedding (Vaswani et al. 2017 sec. 3.5, as
+in DDPM) through an MLP, residual blocks with GroupNorm and the time embedding added between
+their two convolutions, self-attention at the lowest resolution, skip connections between the
+down and up paths, and a zero-initialised output convolution. Odd latent sizes (7x7) are padded
+with zeros to the next multiple of 2**(levels-1) (8x8) and the output is cropped back, so the
+network maps (B, D, H, W) to (B, D, H, W) for any H, W.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["timestep_embedding", "UNet"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer or real timesteps.
+
+    Args:
+        t: (B,) timesteps (any numeric dtype), typically in [0, T).
+        dim: embedding size (even or odd; an odd size gets one zero column).
+        max_period: the largest wavelength (10000 as in Vaswani et al. 2017).
+
+    Returns:
+        float32 (B, dim): [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / (dim/2)).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0 and channels // g >= 2 or g == 1:
+            return g
+    return 1
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, + Linear(time embedding), GroupNorm-SiLU-Dropout-Conv, + skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual (DDPM appendix B)."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        self.num_heads = num_heads if channels % num_heads == 0 else 1
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class UNet(nn.Module):
+    """epsilon-prediction network eps_theta(x_t, t) for latents.
+
+    Args:
+        in_channels: D, channels of the latents (also the output channels).
+        base_channels: width of the first level.
+        channel_mult: width multipliers per level; level i works at resolution
+            (padded size) / 2**i. Length 1 to 3.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention: add self-attention at the lowest resolution (down, middle and up).
+        dropout: dropout inside residual blocks.
+
+    ``forward(x, t)``: x float (B, D, H, W), t int or float (B,) in [0, T) -> float (B, D, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 16,
+        base_channels: int = 64,
+        channel_mult: tuple[int, ...] | list[int] = (1, 2),
+        num_res_blocks: int = 1,
+        attention: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.levels = len(channel_mult)
+        temb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.temb = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chs = [base_channels]
+        ch = base_channels
+        for i, mult in enumerate(channel_mult):
+            out = base_channels * mult
+            lowest = i == self.levels - 1
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(ch, out, temb_dim, dropout), AttentionBlock(out) if (attention and lowest) else nn.Identity()]))
+                ch = out
+                skip_chs.append(ch)
+            if not lowest:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skip_chs.append(ch)
+
+        self.mid1 = ResBlock(ch, ch, temb_dim, dropout)
+        self.mid_attn = AttentionBlock(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, temb_dim, dropout)
+
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mult))):
+            out = base_channels * mult
+            lowest = i == self.levels - 1
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(ch + skip_chs.pop(), out, temb_dim, dropout), AttentionBlock(out) if (attention and lowest) else nn.Identity()]))
+                ch = out
+            if i > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]))
+
+        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        m = 2 ** (self.levels - 1)
+        pad_h, pad_w = (-height) % m, (-width) % m
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        temb = self.temb(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            if len(block) == 2:
+                h = block[1](block[0](h, temb))
+            else:
+                h = block[0](h)
+            skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        for block in self.up:
+            if isinstance(block[0], ResBlock):
+                h = block[1](block[0](torch.cat([h, skips.pop()], dim=1), temb))
+            else:
+                h = block[1](block[0](h))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return h[:, :, :height, :width]

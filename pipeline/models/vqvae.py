@@ -1,0 +1,268 @@
+"""VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning").
+
+An encoder maps a (B, 1, 28, 28) image to continuous vectors z_e of shape (B, D, 7, 7); a
+codebook of K vectors e_k in R^D replaces each vector by its nearest code (eq. 1-2 of the
+paper); a decoder maps the quantized grid back to pixels. The codebook is learned with
+exponential moving averages (paper appendix A.1; Razavi et al. 2019, VQ-VAE-2, eq. 4-7) and
+codes unused for a while are restarted from encoder outputs (Dhariwal et al. 2020, Jukebox,
+sec. 3.2; Zeghidour et al. 2021). Gradients pass the quantizer by the straight-through
+estimator (paper sec. 3.2), and the commitment loss beta * ||z_e - sg[e]||^2 (paper eq. 3)
+keeps the encoder close to its codes.
+
+This module holds ``nn.Module`` s only; it imports neither config, training code nor h5py.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["VQOutput", "VectorQuantizerEMA", "ResidualBlock", "Encoder", "Decoder", "VQVAE"]
+
+
+class VQOutput(NamedTuple):
+    """What :meth:`VectorQuantizerEMA.forward` returns.
+
+    Attributes:
+        quantized: float (B, D, H, W), the straight-through quantized vectors: forward value
+            e_{k*}, gradient passed unchanged to z_e.
+        commitment_loss: float scalar, beta * mean((z_e - sg[e_{k*}])^2).
+        codes: int64 (B, H, W), indices k* in [0, K).
+        perplexity: float scalar, exp(entropy) of the batch's code histogram, in [1, K].
+    """
+
+    quantized: torch.Tensor
+    commitment_loss: torch.Tensor
+    codes: torch.Tensor
+    perplexity: torch.Tensor
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Nearest-neighbour quantizer with an EMA-updated codebook and dead-code restart.
+
+    Args:
+        num_embeddings: K, number of codebook vectors (>= 2).
+        embedding_dim: D, dimension of each vector.
+        commitment_cost: beta of the commitment loss (paper eq. 3; 0.25 in the paper).
+        decay: gamma of the EMA updates (VQ-VAE-2 eq. 5-7; 0.99 in the paper).
+        dead_code_threshold: after each training update, codes whose EMA cluster size is below
+            this value are replaced by randomly chosen encoder outputs of the current batch.
+        eps: Laplace smoothing of the cluster sizes (avoids division by zero).
+
+    Buffers: ``embedding`` (K, D) float32, ``cluster_size`` (K,), ``embed_sum`` (K, D).
+    The EMA update and restarts happen in ``forward`` when ``self.training`` is true and use
+    the global torch RNG (so a resumed run that restores the RNG state repeats them).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        dead_code_threshold: float = 0.1,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        if num_embeddings < 2 or embedding_dim < 1:
+            raise ValueError(f"need num_embeddings >= 2 and embedding_dim >= 1, got {num_embeddings}, {embedding_dim}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.commitment_cost = commitment_cost
+        self.decay = decay
+        self.dead_code_threshold = dead_code_threshold
+        self.eps = eps
+        embed = torch.randn(num_embeddings, embedding_dim) * 0.1
+        self.register_buffer("embedding", embed)
+        self.register_buffer("cluster_size", torch.ones(num_embeddings))
+        self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codebook vector (squared L2) for each row of ``flat`` (N, D)."""
+        emb = self.embedding
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None, :]
+        return dist.argmin(1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors of ``codes`` (B, H, W) int -> float (B, D, H, W)."""
+        return F.embedding(codes.long(), self.embedding).permute(0, 3, 1, 2).contiguous()
+
+    def snap(self, latents: torch.Tensor) -> torch.Tensor:
+        """Codes of the codebook vectors nearest to ``latents`` (B, D, H, W) -> int64 (B, H, W)."""
+        b, d, h, w = latents.shape
+        flat = latents.permute(0, 2, 3, 1).reshape(-1, d).float()
+        return self.nearest(flat).view(b, h, w)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        onehot = F.one_hot(codes, self.num_embeddings).type(flat.dtype)
+        counts = onehot.sum(0)
+        sums = onehot.t() @ flat
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.num_embeddings * self.eps) * n
+        self.embedding.copy_(self.embed_sum / smoothed[:, None])
+        dead = self.cluster_size < self.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead:
+            pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+            new = flat[pick]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(new, src=0)
+            self.embedding[dead] = new
+            self.embed_sum[dead] = new
+            self.cluster_size[dead] = 1.0
+            self.restarts += n_dead
+
+    def forward(self, z_e: torch.Tensor) -> VQOutput:
+        """Quantize ``z_e`` (B, D, H, W) float; see :class:`VQOutput` for what comes back.
+
+        Raises:
+            ValueError: if the channel dimension is not D.
+        """
+        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
+            raise ValueError(f"expected (B, {self.embedding_dim}, H, W), got {tuple(z_e.shape)}")
+        b, d, h, w = z_e.shape
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d).float()
+        codes = self.nearest(flat.detach())
+        # Look up with the codebook the codes were chosen from, then update it (as Sonnet's
+        # VectorQuantizerEMA): the EMA step and any restart take effect from the next batch.
+        quantized = F.embedding(codes, self.embedding.clone()).view(b, h, w, d).permute(0, 3, 1, 2)
+        if self.training:
+            self._ema_update(flat.detach(), codes)
+        commitment = self.commitment_cost * F.mse_loss(z_e.float(), quantized.detach())
+        quantized_st = z_e + (quantized - z_e).detach()  # straight-through estimator
+        probs = torch.bincount(codes, minlength=self.num_embeddings).float() / codes.numel()
+        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        return VQOutput(quantized_st, commitment, codes.view(b, h, w), perplexity)
+
+
+class ResidualBlock(nn.Module):
+    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))) (VQ-VAE paper sec. 4.1); keeps (B, C, H, W)."""
+
+    def __init__(self, channels: int, res_channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, res_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(res_channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class Encoder(nn.Module):
+    """(B, in_ch, 28, 28) in [0, 1] -> (B, D, 7, 7): two stride-2 convs, residual blocks, 1x1 to D."""
+
+    def __init__(self, in_channels: int, hidden: int, res_channels: int, num_res_blocks: int, embedding_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden // 2, 4, stride=2, padding=1),  # 28 -> 14
+            nn.ReLU(),
+            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1),  # 14 -> 7
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            *[ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)],
+            nn.ReLU(),
+            nn.Conv2d(hidden, embedding_dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x - 0.5)
+
+
+class Decoder(nn.Module):
+    """(B, D, 7, 7) -> (B, out_ch, 28, 28) logits; two stride-2 transposed convs."""
+
+    def __init__(self, out_channels: int, hidden: int, res_channels: int, num_res_blocks: int, embedding_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(embedding_dim, hidden, 3, padding=1),
+            *[ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)],
+            nn.ReLU(),
+            nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1),  # 7 -> 14
+            nn.ReLU(),
+            nn.ConvTranspose2d(hidden // 2, out_channels, 4, stride=2, padding=1),  # 14 -> 28
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    """VQ-VAE for 28x28 images with a 7x7 grid of codes.
+
+    Args:
+        in_channels: image channels (1 for MNIST).
+        num_embeddings: K, codebook size.
+        embedding_dim: D, code vector dimension.
+        hidden_channels: width of encoder and decoder (must be even).
+        res_channels: bottleneck width of the residual blocks.
+        num_res_blocks: residual blocks in encoder and in decoder.
+        commitment_cost, ema_decay, dead_code_threshold: see :class:`VectorQuantizerEMA`.
+
+    Images are float (B, C, 28, 28) in [0, 1]; reconstructions come back in [0, 1] (sigmoid).
+    API (as MONAI Generative Models' VQVAE): :meth:`encode`, :meth:`quantize`, :meth:`decode`,
+    :meth:`index_quantize`, :meth:`decode_codes`, :meth:`forward`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_embeddings: int = 128,
+        embedding_dim: int = 16,
+        hidden_channels: int = 64,
+        res_channels: int = 32,
+        num_res_blocks: int = 2,
+        commitment_cost: float = 0.25,
+        ema_decay: float = 0.99,
+        dead_code_threshold: float = 0.1,
+    ):
+        super().__init__()
+        if hidden_channels % 2:
+            raise ValueError(f"hidden_channels must be even, got {hidden_channels}")
+        self.encoder = Encoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim)
+        self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, ema_decay, dead_code_threshold)
+        self.decoder = Decoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.quantizer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.quantizer.embedding_dim
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, 28, 28) in [0, 1] -> continuous z_e (B, D, 7, 7)."""
+        return self.encoder(x)
+
+    def quantize(self, z_e: torch.Tensor) -> VQOutput:
+        """Quantize z_e (B, D, 7, 7); updates the codebook when training."""
+        return self.quantizer(z_e)
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized (or any) latents (B, D, 7, 7) -> images (B, C, 28, 28) in [0, 1]."""
+        return torch.sigmoid(self.decoder(z_q))
+
+    def index_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, 28, 28) -> codes int64 (B, 7, 7)."""
+        return self.quantizer.snap(self.encode(x))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes int (B, 7, 7) in [0, K) -> images (B, C, 28, 28) in [0, 1]."""
+        return self.decode(self.quantizer.lookup(codes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, VQOutput]:
+        """Images (B, C, 28, 28) in [0, 1] -> (reconstruction in [0, 1], :class:`VQOutput`)."""
+        vq = self.quantize(self.encode(x))
+        return self.decode(vq.quantized), vq

@@ -1,0 +1,120 @@
+"""What every stage does around its work: logging, device choice, seeding, timing, records.
+
+``stage_record`` wraps a stage body: it configures log lines that read well in a file, writes
+the resolved config next to the outputs, times the stage and writes ``metrics.json`` with the
+wall time. Imports torch lazily so the CLI starts fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from pipeline.config import write_config
+from pipeline.io import write_json
+
+__all__ = ["log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
+
+log = logging.getLogger("pipeline")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One line per event, with a timestamp: ``2026-11-21 07:30:00 INFO train_vqvae | ...``."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def resolve_device(name: str):
+    """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` (error if no GPU).
+
+    Raises:
+        RuntimeError: ``device: cuda`` on a machine where ``torch.cuda.is_available()`` is false.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use device: auto or cpu")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"config key 'device': expected auto, cpu or cuda, got {name!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device, bf16: bool):
+    """bf16 autocast on CUDA when ``bf16`` is true; a no-op context otherwise."""
+    import torch
+
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Progress:
+    """Periodic progress lines: ``<name> 200/2000 (10%) 12.3 it/s, eta 2m26s | key=value ...``."""
+
+    def __init__(self, name: str, total: int, start: int = 0):
+        self.name, self.total, self.start = name, total, start
+        self.t0 = time.perf_counter()
+
+    def line(self, done: int, **values: Any) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "?"
+        vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        msg = f"{self.name} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) {rate:.2f} it/s, eta {eta_s}" + (f" | {vals}" if vals else "")
+        log.info(msg)
+        return msg
+
+
+@contextlib.contextmanager
+def stage_record(
+    stage: str, cfg: Mapping, out_dir: str | os.PathLike, metrics_name: str = "metrics.json", threads: int | None = None
+) -> Iterator[dict]:
+    """Run a stage body: log its start and end, write ``config.yaml`` and ``metrics_name``.
+
+    Yields a dict the body fills with metrics; ``wall_time_s`` (seconds, this invocation plus
+    any ``resumed_wall_time_s`` the body sets from a checkpoint), ``stage``, ``host`` and
+    ``finished`` are added. Nothing is written if the body raises.
+    """
+    import torch
+
+    setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out / "config.yaml")
+    log.info("%s: start (run folder %s, torch threads %d)", stage, out.parent, torch.get_num_threads())
+    t0 = time.perf_counter()
+    metrics: dict = {}
+    yield metrics
+    wall = time.perf_counter() - t0 + float(metrics.pop("resumed_wall_time_s", 0.0))
+    record = {"stage": stage, **metrics, "wall_time_s": round(wall, 3), "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(out / metrics_name, record)
+    log.info("%s: done in %.1f s", stage, wall)

@@ -1,0 +1,59 @@
+"""The stage registry: stage name -> top-level callable ``fn(cfg, run_dir, threads=None, **kw)``.
+
+Callables are imported lazily (``python -m pipeline timings`` does not import torch) and are
+plain module-level functions, so they pickle by reference: the SLURM dispatcher hands the
+same callable to submitit unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from pipeline.io import RunPaths, read_json, write_json
+
+__all__ = ["STAGES", "get_stage", "collect_timings"]
+
+STAGES: dict[str, str] = {
+    "prepare_data": "pipeline.data:prepare_data",
+    "train_vqvae": "pipeline.train:train_vqvae",
+    "extract_latents": "pipeline.latents:extract_latents",
+    "train_pixelcnn": "pipeline.train:train_pixelcnn",
+    "train_diffusion": "pipeline.train:train_diffusion",
+    "sample": "pipeline.sample:sample",
+}
+
+
+def get_stage(name: str) -> Callable:
+    """The callable of stage ``name``.
+
+    Raises:
+        KeyError: unknown stage (the valid names are listed).
+    """
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; expected one of {list(STAGES)}")
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def collect_timings(run_dir: str | os.PathLike) -> dict:
+    """Sum the ``wall_time_s`` of every stage record of a run into ``<run>/timings.json``.
+
+    Reads ``data/``, ``vqvae/``, ``latents/``, ``pixelcnn/``, ``diffusion/`` ``metrics.json``
+    and ``samples/<model>.json``; missing records are skipped.
+
+    Returns:
+        {"stages": {name: seconds}, "total_s": seconds}.
+    """
+    paths = RunPaths(run_dir)
+    stages: dict[str, float] = {}
+    for folder, name in (("data", "prepare_data"), ("vqvae", "train_vqvae"), ("latents", "extract_latents"), ("pixelcnn", "train_pixelcnn"), ("diffusion", "train_diffusion")):
+        f = paths.root / folder / "metrics.json"
+        if f.is_file():
+            stages[name] = float(read_json(f)["wall_time_s"])
+    for f in sorted((paths.root / "samples").glob("*.json")):
+        stages[f"sample_{f.stem}"] = float(read_json(f)["wall_time_s"])
+    result = {"stages": stages, "total_s": round(sum(stages.values()), 3)}
+    write_json(paths.timings, result)
+    return result

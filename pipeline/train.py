@@ -1,0 +1,415 @@
+"""A step-counted training loop with EMA, bf16 autocast and automatic resume; the training stages.
+
+Every training stage counts optimizer steps, not epochs. The data order is a seeded
+permutation per epoch derived from (seed, epoch), so the position in the data is a function
+of the step alone. Every ``checkpoint_every`` steps the full state (model, EMA, optimizer, LR
+schedule, step, RNG states, log rows, elapsed time) goes into ``<stage>/checkpoint.pt`` (one
+fixed name, :meth:`pipeline.io.RunPaths.checkpoint`); every start resumes from it if present and
+made for the same config. The final ``<stage>/model.pt`` holds ``kind`` and ``args`` so that
+:func:`load_model` rebuilds the network through the one factory, ``pipeline.models.build_model``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import checkpoint as ckpt_io
+from pipeline.io import RunPaths, atomic_write_text, save_grid_png, sha256_file
+from pipeline.models import build_model
+from pipeline.runtime import Progress, autocast, log, resolve_device, seed_everything, stage_record
+
+__all__ = ["Batcher", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "evaluate_vqvae"]
+
+
+class Batcher:
+    """Deterministic mini-batch indices as a function of the step.
+
+    Epoch e uses ``torch.randperm(n)`` drawn from a generator seeded with (seed, e); step s
+    takes batch s mod (n // batch_size) of epoch s // (n // batch_size). A batch larger than
+    the data is clipped to n.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < 1:
+            raise ValueError("cannot train on an empty dataset")
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.steps_per_epoch = max(1, n // self.batch_size)
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def train_loop(
+    *,
+    stage: str,
+    model: torch.nn.Module,
+    kind: str,
+    args: Mapping[str, Any],
+    section: Mapping[str, Any],
+    compute_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+    n_data: int,
+    out_dir: Path,
+    device: torch.device,
+    bf16: bool = False,
+    ema_decay: Optional[float] = None,
+    grad_clip: Optional[float] = 1.0,
+    warmup: int = 100,
+) -> dict:
+    """Train ``model`` for ``section['steps']`` Adam steps, resuming from ``out_dir/checkpoint.pt``.
+
+    Args:
+        stage: name used in log lines.
+        model: the network, already on ``device``.
+        kind, args: the factory arguments, stored in the checkpoint.
+        section: the stage's config section (steps, batch_size, lr, seed, log_every,
+            checkpoint_every); a checkpoint made for another section is not resumed.
+        compute_loss: batch indices (B,) int64 -> (scalar loss, dict of float tensors to log).
+        n_data: number of training examples.
+        out_dir: the stage folder (``checkpoint.pt`` and ``train_log.csv`` go there).
+        ema_decay: keep an EMA of the weights with this decay (``torch.optim.swa_utils``).
+        grad_clip: max global gradient norm (None: no clipping).
+        warmup: linear LR warm-up steps, then cosine decay to 10% of ``lr``.
+
+    Returns:
+        {"ema": AveragedModel or None, "rows": log rows, "elapsed_s": training seconds
+        including earlier interrupted runs, "final_loss": mean loss of the last log window}.
+    """
+    steps = int(section["steps"])
+    seed_everything(int(section["seed"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(section["lr"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(warmup, max(1, steps // 10))))
+    ema = None
+    if ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    batcher = Batcher(n_data, int(section["batch_size"]), int(section["seed"]))
+    ckpt_path = out_dir / "checkpoint.pt"
+    log_path = out_dir / "train_log.csv"
+    start, rows, elapsed_before = 0, [], 0.0
+    if ckpt_path.exists():
+        state = ckpt_io.load(ckpt_path, map_location=device)
+        if state.get("section") != dict(section) or state.get("args") != dict(args):
+            log.warning("%s: %s was made for another config; starting from step 0", stage, ckpt_path)
+        else:
+            ckpt_io.load_state_dict_strict(model, state["model"], str(ckpt_path))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            ckpt_io.set_rng_state(state["rng"])
+            start, rows, elapsed_before = int(state["step"]), list(state["rows"]), float(state["elapsed_s"])
+            log.info("%s: resumed from %s at step %d/%d", stage, ckpt_path, start, steps)
+
+    import time
+
+    t0 = time.perf_counter()
+    progress = Progress(stage, steps, start)
+    log_every, ckpt_every = int(section["log_every"]), int(section["checkpoint_every"])
+    window: dict[str, float] = {}
+    window_n = 0
+    model.train()
+
+    def save_checkpoint(step: int) -> None:
+        ckpt_io.save(
+            ckpt_path,
+            {
+                "kind": kind,
+                "args": dict(args),
+                "section": dict(section),
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "rng": ckpt_io.rng_state(),
+                "rows": rows,
+                "elapsed_s": elapsed_before + time.perf_counter() - t0,
+            },
+        )
+
+    for step in range(start, steps):
+        idx = batcher(step).to(device)
+        with autocast(device, bf16):
+            loss, logs = compute_loss(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+        for k, v in logs.items():
+            window[k] = window.get(k, 0.0) + float(v)
+        window_n += 1
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            row = {"step": done, "lr": scheduler.get_last_lr()[0], **{k: v / window_n for k, v in window.items()}}
+            rows.append(row)
+            _write_csv(log_path, rows)
+            progress.line(done, **{k: v for k, v in row.items() if k != "step"})
+            window, window_n = {}, 0
+        if done % ckpt_every == 0 and done < steps:
+            save_checkpoint(done)
+    model.eval()
+    final_loss = rows[-1]["loss"] if rows else float("nan")
+    return {"ema": ema, "rows": rows, "elapsed_s": elapsed_before + time.perf_counter() - t0, "resumed_s": elapsed_before, "final_loss": final_loss}
+
+
+def save_model(path: Path, kind: str, args: Mapping, model: torch.nn.Module, ema=None, **extra: Any) -> None:
+    """Write the final ``model.pt`` (raw weights, EMA weights if any, factory args, extras)."""
+    ckpt_io.save(path, {"kind": kind, "args": dict(args), "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None, **extra})
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "ema") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from a ``model.pt`` through the factory and load its weights.
+
+    Args:
+        weights: "ema" (the EMA weights when the file has them, else the raw ones) or "raw".
+
+    Returns:
+        (model in eval mode on ``device``, the checkpoint dict).
+
+    Raises:
+        pipeline.checkpoint.CheckpointError: not our file, or weights that do not fit.
+    """
+    state = ckpt_io.load(path, map_location=device)
+    for key in ("kind", "args", "model"):
+        if key not in state:
+            raise ckpt_io.CheckpointError(f"{path}: checkpoint has no {key!r} entry")
+    try:
+        model = build_model(state["kind"], state["args"])
+    except ValueError as exc:
+        raise ckpt_io.CheckpointError(f"{path}: {exc}") from None
+    sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+    ckpt_io.load_state_dict_strict(model, sd, str(path))
+    return model.to(device).eval(), state
+
+
+def _finish(out_dir: Path) -> None:
+    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+
+
+# --- stage 2: VQ-VAE --------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_vqvae(model, images: torch.Tensor, batch_size: int = 1000) -> dict:
+    """Reconstruction MSE on [0, 1] pixels, codebook perplexity and codes in use over ``images``.
+
+    Args:
+        images: float (N, 1, 28, 28) in [0, 1] on the model's device.
+
+    Returns:
+        {"recon_mse": float, "perplexity": float (exp of the code-histogram entropy, in
+        [1, K]), "codes_in_use": int}.
+    """
+    model.eval()
+    k = model.num_embeddings
+    counts = torch.zeros(k, dtype=torch.float64, device=images.device)
+    se = 0.0
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        xh, vq = model(x)
+        se += float(F.mse_loss(xh.float(), x, reduction="sum"))
+        counts += torch.bincount(vq.codes.flatten(), minlength=k).double()
+    p = counts / counts.sum()
+    perplexity = float(torch.exp(-(p * torch.log(p + 1e-12)).sum()))
+    return {"recon_mse": se / images.numel(), "perplexity": perplexity, "codes_in_use": int((counts > 0).sum())}
+
+
+def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarray]:
+    from pipeline.data import read_dataset
+
+    data = read_dataset(paths.dataset, split)
+    return torch.from_numpy(data.images).to(device).float().div_(255.0), data.labels
+
+
+def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Stage 2: train the VQ-VAE on ``dataset.h5``'s train split; write ``vqvae/model.pt``,
+    ``metrics.json`` (test recon MSE, perplexity, codes in use), ``reconstructions.png``
+    (test originals above their reconstructions) and ``train_log.csv``."""
+    paths = RunPaths(run_dir)
+    sec = cfg["vqvae"]
+    out = paths.vqvae_model.parent
+    with stage_record("train_vqvae", cfg, out, threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        train_x, _ = _images(paths, "train", device)
+        test_x, _ = _images(paths, "test", device)
+        args = {
+            "in_channels": 1,
+            "num_embeddings": sec["num_embeddings"],
+            "embedding_dim": sec["embedding_dim"],
+            "hidden_channels": sec["hidden_channels"],
+            "res_channels": sec["res_channels"],
+            "num_res_blocks": sec["num_res_blocks"],
+            "commitment_cost": sec["commitment_cost"],
+            "ema_decay": sec["ema_decay"],
+            "dead_code_threshold": sec["dead_code_threshold"],
+        }
+        seed_everything(int(sec["seed"]))
+        model = build_model("vqvae", args).to(device)
+
+        def compute_loss(idx):
+            x = train_x[idx]
+            xh, vq = model(x)
+            recon = F.mse_loss(xh.float(), x)
+            return recon + vq.commitment_loss, {"recon_mse": recon.detach(), "commitment": vq.commitment_loss.detach(), "perplexity": vq.perplexity}
+
+        res = train_loop(stage="train_vqvae", model=model, kind="vqvae", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_x), out_dir=out, device=device, bf16=cfg["bf16"])
+        test_m = evaluate_vqvae(model, test_x)
+        train_m = evaluate_vqvae(model, train_x)
+        metrics.update(
+            test_recon_mse=test_m["recon_mse"],
+            test_perplexity=test_m["perplexity"],
+            test_codes_in_use=test_m["codes_in_use"],
+            train_recon_mse=train_m["recon_mse"],
+            train_codes_in_use=train_m["codes_in_use"],
+            num_embeddings=sec["num_embeddings"],
+            codebook_restarts=int(model.quantizer.restarts),
+            steps=sec["steps"],
+            train_seconds=round(res["elapsed_s"], 2),
+        )
+        with torch.no_grad():
+            originals = test_x[:20]
+            recons = model(originals)[0].float()
+        grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
+        save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
+        metrics["resumed_wall_time_s"] = res["resumed_s"]
+        save_model(paths.vqvae_model, "vqvae", args, model, metrics=dict(metrics))
+        _finish(out)
+        log.info("train_vqvae: test MSE %.5f, perplexity %.1f, %d/%d codes in use", test_m["recon_mse"], test_m["perplexity"], test_m["codes_in_use"], sec["num_embeddings"])
+    return metrics
+
+
+# --- stage 4: PixelCNN prior --------------------------------------------------------------------
+def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
+    ``pixelcnn/model.pt``, ``metrics.json`` (test NLL in nats and bits per code) and ``train_log.csv``."""
+    from pipeline.latents import read_split
+
+    paths = RunPaths(run_dir)
+    sec = cfg["pixelcnn"]
+    out = paths.pixelcnn_model.parent
+    with stage_record("train_pixelcnn", cfg, out, threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        vq_sha = sha256_file(paths.vqvae_model)
+        train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
+        test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
+        train_c = torch.from_numpy(train.codes.astype(np.int64)).to(device)
+        test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
+        args = {"num_embeddings": info.num_embeddings, "hidden_channels": sec["hidden_channels"], "num_layers": sec["num_layers"], "kernel_size": sec["kernel_size"]}
+        seed_everything(int(sec["seed"]))
+        model = build_model("pixelcnn", args).to(device)
+
+        def compute_loss(idx):
+            c = train_c[idx]
+            return F.cross_entropy(model(c).float(), c), {}
+
+        res = train_loop(stage="train_pixelcnn", model=model, kind="pixelcnn", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_c), out_dir=out, device=device, bf16=cfg["bf16"])
+        with torch.no_grad():
+            nll = sum(float(F.cross_entropy(model(test_c[s : s + 500]).float(), test_c[s : s + 500], reduction="sum")) for s in range(0, len(test_c), 500)) / test_c.numel()
+        metrics.update(test_nll_nats_per_code=nll, test_nll_bits_per_code=nll / math.log(2), train_final_loss=res["final_loss"], steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
+        metrics["resumed_wall_time_s"] = res["resumed_s"]
+        save_model(paths.pixelcnn_model, "pixelcnn", args, model, metrics=dict(metrics), vqvae_sha256=vq_sha)
+        _finish(out)
+        log.info("train_pixelcnn: test NLL %.4f nats/code (%.4f bits/code)", nll, nll / math.log(2))
+    return metrics
+
+
+# --- stage 5: latent diffusion ------------------------------------------------------------------
+def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Stage 5: train a DDPM (epsilon-prediction, MSE) on the train latents scaled to unit
+    variance per channel; write ``diffusion/model.pt`` (raw and EMA weights, the schedule and
+    the scaling), ``metrics.json`` (final train loss, test loss of the EMA weights) and
+    ``train_log.csv``."""
+    from pipeline.diffusion import GaussianDiffusion
+    from pipeline.latents import read_split
+
+    paths = RunPaths(run_dir)
+    sec = cfg["diffusion"]
+    out = paths.diffusion_model.parent
+    with stage_record("train_diffusion", cfg, out, threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        vq_sha = sha256_file(paths.vqvae_model)
+        train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
+        test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
+        mean = torch.tensor(info.latent_mean, dtype=torch.float32, device=device)[None, :, None, None]
+        std = torch.tensor(info.latent_std, dtype=torch.float32, device=device)[None, :, None, None]
+        train_z = (torch.from_numpy(train.latents).to(device) - mean) / std
+        test_z = (torch.from_numpy(test.latents).to(device) - mean) / std
+        args = {"in_channels": info.embedding_dim, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
+        seed_everything(int(sec["seed"]))
+        model = build_model("unet", args).to(device)
+        diffusion = GaussianDiffusion(sec["schedule"], int(sec["timesteps"])).to(device)
+        T = diffusion.num_timesteps
+
+        def compute_loss(idx):
+            z = train_z[idx]
+            t = torch.randint(0, T, (len(idx),), device=device)
+            return diffusion.training_losses(model, z, t).mean(), {}
+
+        res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
+        ema = res["ema"]
+        g = torch.Generator(device=device).manual_seed(int(sec["seed"]) + 1)
+        losses = {}
+        with torch.no_grad():
+            for name, net in (("ema", ema.module), ("raw", model)):
+                total = 0.0
+                for s in range(0, len(test_z), 500):
+                    z = test_z[s : s + 500]
+                    t = torch.randint(0, T, (len(z),), device=device, generator=g)
+                    noise = torch.randn(z.shape, device=device, generator=g)
+                    total += float(diffusion.training_losses(net, z, t, noise).sum())
+                losses[name] = total / len(test_z)
+                g.manual_seed(int(sec["seed"]) + 1)
+        metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], schedule=sec["schedule"], timesteps=T, steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
+        metrics["resumed_wall_time_s"] = res["resumed_s"]
+        save_model(
+            paths.diffusion_model,
+            "unet",
+            args,
+            model,
+            ema=ema,
+            diffusion={"schedule": sec["schedule"], "timesteps": T},
+            latent_mean=torch.tensor(info.latent_mean),
+            latent_std=torch.tensor(info.latent_std),
+            metrics=dict(metrics),
+            vqvae_sha256=vq_sha,
+        )
+        _finish(out)
+        log.info("train_diffusion: final train loss %.4f, test loss EMA %.4f / raw %.4f", res["final_loss"], losses["ema"], losses["raw"])
+    return metrics
