@@ -32,6 +32,8 @@ __all__ = [
     "validate",
     "write_config",
     "STAGE_SECTIONS",
+    "coerce_strings",
+    "stage_view",
 ]
 
 CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
@@ -47,6 +49,10 @@ STAGE_SECTIONS = {
     "train_diffusion": "diffusion",
     "sample": "sample",
 }
+
+
+#: Top-level keys every stage reads.
+TOP_LEVEL_KEYS = ("run", "device", "bf16")
 
 
 class ConfigError(ValueError):
@@ -110,6 +116,11 @@ def parse_override(item: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     out: dict = {}
     node = out
     for p in parts[:-1]:
@@ -132,6 +143,49 @@ def _check_unknown(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
         sub = props[key]
         if isinstance(value, Mapping) and isinstance(sub, Mapping):
             _check_unknown(value, sub, prefix=f"{dotted}.")
+
+
+def _types(schema: Mapping, root: Mapping) -> set:
+    if "$ref" in schema:
+        node: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    t = schema.get("type", [])
+    return set([t] if isinstance(t, str) else t)
+
+
+def coerce_strings(cfg: Any, schema: Mapping | None = None, _root: Mapping | None = None) -> Any:
+    """Read string values as YAML scalars where the schema expects a number, boolean or null.
+
+    Snakemake parses nested ``--config key={sub: 1}`` values with YAML's BaseLoader, so every
+    nested value arrives as a string; this turns ``"21"`` back into 21 where an integer is
+    expected (and leaves strings the schema wants as strings alone). Returns a new object.
+    """
+    schema = load_schema() if schema is None else schema
+    root = schema if _root is None else _root
+    if isinstance(cfg, Mapping):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for k, v in cfg.items():
+            sub = props.get(k, extra if isinstance(extra, Mapping) else {})
+            out[k] = coerce_strings(v, sub, root)
+        return out
+    if isinstance(cfg, list):
+        return [coerce_strings(v, schema.get("items", {}), root) for v in cfg]
+    if isinstance(cfg, str) and _types(schema, root) & {"integer", "number", "boolean", "null", "array"}:
+        try:
+            value = yaml.safe_load(cfg)
+        except yaml.YAMLError:
+            return cfg
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return cfg
+        return coerce_strings(value, schema, root) if isinstance(value, list) else value
+    return cfg
 
 
 def validate(cfg: Mapping, schema: Mapping | None = None) -> None:
@@ -197,7 +251,7 @@ def resolve(
 def stage_view(cfg: Mapping, stage: str) -> dict:
     """The part of ``cfg`` a stage reads: the top-level scalars and the stage's own section."""
     section = STAGE_SECTIONS[stage]
-    view = {k: v for k, v in cfg.items() if not isinstance(v, Mapping)}
+    view = {k: cfg[k] for k in TOP_LEVEL_KEYS if k in cfg}
     view[section] = copy.deepcopy(cfg[section])
     return view
 

@@ -266,7 +266,7 @@ def read_dataset(path: str | os.PathLike, split: str) -> Split:
     with f:
         version = f.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise DataError(f"{p}: schema_version {version!r}, expected {SCHEMA_VERSION}; re-run prepare_data")
+            raise DataError(f"{p}: schema_version {version}, expected {SCHEMA_VERSION}; re-run prepare_data")
         for key in ("images", "labels"):
             if f"{split}/{key}" not in f:
                 raise DataError(f"{p}: dataset '/{split}/{key}' is missing")

@@ -37,7 +37,7 @@ def make_betas(name: str, timesteps: int) -> np.ndarray:
     Args:
         name: "linear" (Ho et al. 2020 sec. 4: linspace(1e-4, 0.02, T), scaled by 1000/T so
             that other T keep the same total noise, as improved-diffusion does; exact for
-            T=1000) or "cosine" (Nichol & Dhariwal 2021 eq. 17 with s=0.008, beta <= 0.999).
+            T=1000; clipped at 0.999 for very small T) or "cosine" (Nichol & Dhariwal 2021 eq. 17 with s=0.008, beta <= 0.999).
         timesteps: T >= 2.
 
     Raises:
@@ -47,7 +47,7 @@ def make_betas(name: str, timesteps: int) -> np.ndarray:
         raise ValueError(f"timesteps must be >= 2, got {timesteps}")
     if name == "linear":
         scale = 1000.0 / timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+        return np.minimum(np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64), 0.999)
     if name == "cosine":
         s = 0.008
 

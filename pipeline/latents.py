@@ -78,7 +78,7 @@ def _open(path: Path):
 def _validate(f, path: Path, expect_vqvae_sha256: Optional[str]) -> LatentsInfo:
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise LatentsError(f"{path}: schema_version {version!r}, expected {SCHEMA_VERSION}; re-run extract_latents")
+        raise LatentsError(f"{path}: schema_version {version}, expected {SCHEMA_VERSION}; re-run extract_latents")
     for attr in ("K", "D", "vqvae_sha256", "latent_mean", "latent_std"):
         if attr not in f.attrs:
             raise LatentsError(f"{path}: attribute {attr!r} is missing")

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from pipeline.config import write_config
+from pipeline.config import stage_view, write_config
 from pipeline.io import write_json
 
 __all__ = ["log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
@@ -96,7 +96,8 @@ class Progress:
 def stage_record(
     stage: str, cfg: Mapping, out_dir: str | os.PathLike, metrics_name: str = "metrics.json", threads: int | None = None
 ) -> Iterator[dict]:
-    """Run a stage body: log its start and end, write ``config.yaml`` and ``metrics_name``.
+    """Run a stage body: log its start and end, write ``config.yaml`` (the top-level keys and the
+    stage's own section: what it read) and ``metrics_name``.
 
     Yields a dict the body fills with metrics; ``wall_time_s`` (seconds, this invocation plus
     any ``resumed_wall_time_s`` the body sets from a checkpoint), ``stage``, ``host`` and
@@ -109,7 +110,7 @@ def stage_record(
         torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
+    write_config(stage_view(cfg, stage), out / "config.yaml")
     log.info("%s: start (run folder %s, torch threads %d)", stage, out.parent, torch.get_num_threads())
     t0 = time.perf_counter()
     metrics: dict = {}

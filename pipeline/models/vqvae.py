@@ -140,7 +140,7 @@ class VectorQuantizerEMA(nn.Module):
         commitment = self.commitment_cost * F.mse_loss(z_e.float(), quantized.detach())
         quantized_st = z_e + (quantized - z_e).detach()  # straight-through estimator
         probs = torch.bincount(codes, minlength=self.num_embeddings).float() / codes.numel()
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        perplexity = torch.exp(torch.special.entr(probs).sum())
         return VQOutput(quantized_st, commitment, codes.view(b, h, w), perplexity)
 
 

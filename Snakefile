@@ -1,0 +1,210 @@
+# vq-latent-pipeline: prepare_data -> train_vqvae -> extract_latents -> train_pixelcnn + train_diffusion
+#                     -> sample (one job per sampler) -> timings
+#
+#   snakemake --cores 2                           # the whole chain on the embedded default data
+#   snakemake --config run=try2 --cores 2         # writes to results/try2/
+#   snakemake --forcerun train_diffusion --cores 2
+#   snakemake --configfile my.yaml --cores 2      # merged over pipeline/configs/default.yaml
+#
+# Each rule's params is its config section: changing one section re-runs that stage and what
+# depends on it, nothing else. Every stage runs `python -m pipeline <stage>` with the whole
+# validated config as JSON, so the same command works without Snakemake. This file never
+# imports torch.
+import json
+import os
+import sys
+
+from snakemake.utils import min_version, validate
+
+sys.path.insert(0, workflow.basedir)
+from pipeline.config import coerce_strings  # pyyaml only: the Snakefile never imports torch
+
+min_version("9.0")
+
+
+# Packaged defaults first; --configfile and --config are merged over them.
+configfile: os.path.join(workflow.basedir, "pipeline", "configs", "default.yaml")
+
+
+# `--config 'diffusion={steps: 21}'` arrives as strings; read them as the schema's types.
+config.update(coerce_strings(config))
+validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.yaml"))
+
+RUN = f"results/{config['run']}"
+MODELS = config["sample"]["models"]
+CONDA_ENV = config["conda_env"]  # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
+HALF = max(1, workflow.cores // 2)  # two stages run side by side after extract_latents
+
+
+def run_dir(wildcards, output):
+    """results/<run>, from a rule's first output (results/<run>/<stage>/<file>)."""
+    return os.path.dirname(os.path.dirname(output[0]))
+
+
+def stage_config(section):
+    """JSON of what a stage reads: the top-level run/device/bf16 keys and its own section.
+
+    It is the rule's params, so changing this section (or the device) re-runs the stage and
+    its dependents, and changing another section does not.
+    """
+    view = {k: config[k] for k in ("run", "device", "bf16")}
+    view[section] = config[section]
+    return json.dumps(view, sort_keys=True)
+
+
+rule all:
+    input:
+        expand(f"{RUN}/samples/{{model}}.png", model=MODELS),
+        expand(f"{RUN}/samples/{{model}}.npy", model=MODELS),
+        f"{RUN}/vqvae/reconstructions.png",
+        f"{RUN}/timings.json",
+    default_target: True
+
+
+rule prepare_data:
+    output:
+        f"{RUN}/data/dataset.h5",
+    params:
+        run=run_dir,
+        cfg=stage_config("data"),
+    log:
+        f"{RUN}/logs/prepare_data.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        gpu=0,
+    shell:
+        "python -m pipeline prepare_data --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+
+
+rule train_vqvae:
+    input:
+        f"{RUN}/data/dataset.h5",
+    output:
+        model=f"{RUN}/vqvae/model.pt",
+        metrics=f"{RUN}/vqvae/metrics.json",
+        recon=f"{RUN}/vqvae/reconstructions.png",
+        log_csv=f"{RUN}/vqvae/train_log.csv",
+    params:
+        run=run_dir,
+        cfg=stage_config("vqvae"),
+    log:
+        f"{RUN}/logs/train_vqvae.log",
+    conda:
+        CONDA_ENV
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline train_vqvae --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+
+
+rule extract_latents:
+    input:
+        f"{RUN}/data/dataset.h5",
+        f"{RUN}/vqvae/model.pt",
+    output:
+        f"{RUN}/latents/latents.h5",
+    params:
+        run=run_dir,
+        cfg=stage_config("latents"),
+    log:
+        f"{RUN}/logs/extract_latents.log",
+    conda:
+        CONDA_ENV
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline extract_latents --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+
+
+rule train_pixelcnn:
+    input:
+        f"{RUN}/latents/latents.h5",
+    output:
+        model=f"{RUN}/pixelcnn/model.pt",
+        metrics=f"{RUN}/pixelcnn/metrics.json",
+        log_csv=f"{RUN}/pixelcnn/train_log.csv",
+    params:
+        run=run_dir,
+        cfg=stage_config("pixelcnn"),
+    log:
+        f"{RUN}/logs/train_pixelcnn.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline train_pixelcnn --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+
+
+rule train_diffusion:
+    input:
+        f"{RUN}/latents/latents.h5",
+    output:
+        model=f"{RUN}/diffusion/model.pt",
+        metrics=f"{RUN}/diffusion/metrics.json",
+        log_csv=f"{RUN}/diffusion/train_log.csv",
+    params:
+        run=run_dir,
+        cfg=stage_config("diffusion"),
+    log:
+        f"{RUN}/logs/train_diffusion.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline train_diffusion --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+
+
+def sampler_inputs(wildcards):
+    """The trained model a sampler needs, plus the VQ-VAE that decodes its codes."""
+    prior = "pixelcnn" if wildcards.model.startswith("pixelcnn") else "diffusion"
+    return [f"{RUN}/vqvae/model.pt", f"{RUN}/{prior}/model.pt"]
+
+
+rule sample:
+    input:
+        sampler_inputs,
+    output:
+        npy=f"{RUN}/samples/{{model}}.npy",
+        png=f"{RUN}/samples/{{model}}.png",
+        record=f"{RUN}/samples/{{model}}.json",
+    wildcard_constraints:
+        model="pixelcnn|pixelcnn_greedy|diffusion_ddim|diffusion_ddpm",
+    params:
+        run=run_dir,
+        cfg=stage_config("sample"),
+    log:
+        f"{RUN}/logs/sample_{{model}}.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline sample --model {wildcards.model} --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+
+
+rule timings:
+    input:
+        f"{RUN}/data/dataset.h5",
+        f"{RUN}/vqvae/metrics.json",
+        f"{RUN}/latents/latents.h5",
+        expand(f"{RUN}/samples/{{model}}.json", model=MODELS),
+    output:
+        f"{RUN}/timings.json",
+    params:
+        run=lambda wildcards, output: os.path.dirname(output[0]),
+    log:
+        f"{RUN}/logs/timings.log",
+    conda:
+        CONDA_ENV
+    localrule: True
+    shell:
+        "python -m pipeline timings --run {params.run:q} > {log:q} 2>&1"

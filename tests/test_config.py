@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, DEFAULT_PATH, SCHEMA_PATH, deep_merge, load_default, parse_override, resolve, stage_view
+
+
+def test_default_config_is_valid():
+    cfg = resolve()
+    assert cfg == load_default()
+    assert cfg["vqvae"]["num_embeddings"] >= 128 and cfg["vqvae"]["embedding_dim"] >= 16
+
+
+def test_unknown_key_names_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'vqvae.stepz'; did you mean 'vqvae.steps'"):
+        resolve(overrides=["vqvae.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'diffusoin'; did you mean 'diffusion'"):
+        resolve(json_text=json.dumps({"diffusoin": {"steps": 1}}))
+
+
+def test_unknown_key_in_user_file_names_key(tmp_path):
+    f = tmp_path / "user.yaml"
+    f.write_text("pixelcnn:\n  num_layer: 3\n")
+    with pytest.raises(ConfigError, match=r"pixelcnn.num_layer.*pixelcnn.num_layers"):
+        resolve([f])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("vqvae.steps=0", r"'vqvae.steps': 0 is less than the minimum of 1"),
+        ("vqvae.steps=ten", r"'vqvae.steps': 'ten' is not of type 'integer'"),
+        ("diffusion.schedule=quadratic", r"'diffusion.schedule': 'quadratic' is not one of"),
+        ("device=tpu", r"'device': 'tpu' is not one of"),
+        ("sample.models=[vae]", r"'sample.models.0': 'vae' is not one of"),
+        ("run=a b", r"'run': 'a b' does not match"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(overrides=[override])
+
+
+def test_override_types_and_merge():
+    assert parse_override("diffusion.channel_mult=[1, 2]") == {"diffusion": {"channel_mult": [1, 2]}}
+    assert parse_override("data.path=null") == {"data": {"path": None}}
+    cfg = resolve(overrides=["vqvae.lr=3e-4", "sample.temperature=0.8"])
+    assert cfg["vqvae"]["lr"] == pytest.approx(3e-4) and cfg["sample"]["temperature"] == 0.8
+    assert cfg["vqvae"]["steps"] == load_default()["vqvae"]["steps"]
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("vqvae.steps")
+
+
+def test_deep_merge_does_not_mutate():
+    a = {"x": {"y": 1, "z": 2}}
+    b = deep_merge(a, {"x": {"y": 3}})
+    assert b == {"x": {"y": 3, "z": 2}} and a == {"x": {"y": 1, "z": 2}}
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve([tmp_path / "nope.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vqvae: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve([bad])
+
+
+def test_stage_view_holds_only_its_section():
+    view = stage_view(resolve(), "train_diffusion")
+    assert set(view) == {"run", "device", "bf16", "diffusion"}
+
+
+def test_schema_and_default_cover_the_same_keys():
+    """Every default key is in the schema and every schema section key has a default."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    default = yaml.safe_load(DEFAULT_PATH.read_text())
+    assert set(schema["properties"]) == set(default)
+    for section, sub in schema["properties"].items():
+        if "properties" in sub:
+            assert set(sub["properties"]) == set(default[section]), section
