@@ -168,6 +168,7 @@ class GaussianDiffusion(nn.Module):
         generator: Optional[torch.Generator] = None,
         device: torch.device | str = "cpu",
         progress: Optional[Callable[[int], None]] = None,
+        clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """DDPM ancestral sampling over all T steps (Algorithm 2), sigma_t^2 = beta~_t.
 
@@ -176,6 +177,9 @@ class GaussianDiffusion(nn.Module):
             shape: (B, C, H, W) of the samples.
             generator: torch.Generator for x_T and every step's noise (same seed, same samples).
             progress: called with the number of steps done.
+            clip: (low, high) tensors broadcastable to ``shape``: the predicted x_0 is clipped to
+                this range before the posterior mean is formed (DDPM's ``clip_denoised``, which
+                clips images to [-1, 1]; for latents, the data's per-channel range).
 
         Returns:
             float32 x_0 of ``shape``.
@@ -185,6 +189,8 @@ class GaussianDiffusion(nn.Module):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             eps = model(x, t).float()
             x0 = self.predict_start_from_noise(x, t, eps)
+            if clip is not None:
+                x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
             mean, _, log_var = self.q_posterior_mean_variance(x0, x, t)
             if step > 0:
                 noise = torch.randn(shape, generator=generator, device=device)
@@ -205,12 +211,15 @@ class GaussianDiffusion(nn.Module):
         generator: Optional[torch.Generator] = None,
         device: torch.device | str = "cpu",
         progress: Optional[Callable[[int], None]] = None,
+        clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """DDIM sampling (Song et al. 2021 eq. 12) over S = ``steps`` timesteps.
 
         x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
         sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev);
         eta = 0 is deterministic given x_T. The last step goes to abar = 1 (x_0 = x0_hat).
+        With ``clip`` (see :meth:`p_sample_loop`) x0_hat is clipped and eps re-derived from it,
+        as improved-diffusion's ``ddim_sample`` does.
         """
         ts = ddim_timesteps(self.num_timesteps, steps)
         x = torch.randn(shape, generator=generator, device=device)
@@ -221,6 +230,9 @@ class GaussianDiffusion(nn.Module):
             eps = model(x, t).float()
             x0 = self.predict_start_from_noise(x, t, eps)
             a_t = abar[step]
+            if clip is not None:
+                x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
+                eps = (x - torch.sqrt(a_t) * x0) / torch.sqrt(1 - a_t)
             a_prev = abar[prev] if prev >= 0 else torch.ones((), device=abar.device)
             sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
             x = torch.sqrt(a_prev) * x0 + torch.sqrt(torch.clamp(1 - a_prev - sigma**2, min=0.0)) * eps

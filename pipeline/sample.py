@@ -82,16 +82,19 @@ def sample_diffusion_latents(
     device: torch.device | str = "cpu",
     shape: tuple[int, int] = (7, 7),
     progress_name: Optional[str] = None,
+    clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Draw ``num`` scaled latents float (num, channels, H, W) with DDPM or DDIM."""
+    """Draw ``num`` scaled latents float (num, channels, H, W) with DDPM or DDIM.
+
+    ``clip``: optional (low, high) range of the predicted x_0 (see ``GaussianDiffusion``)."""
     full = (num, channels, *shape)
     prog = Progress(progress_name, ddim_steps if method == "ddim" else diffusion.num_timesteps) if progress_name else None
     every = max(1, (ddim_steps if method == "ddim" else diffusion.num_timesteps) // 5)
     cb = (lambda k: prog.line(k) if k % every == 0 else None) if prog else None
     if method == "ddim":
-        return diffusion.ddim_sample_loop(model, full, steps=ddim_steps, eta=eta, generator=generator, device=device, progress=cb)
+        return diffusion.ddim_sample_loop(model, full, steps=ddim_steps, eta=eta, generator=generator, device=device, progress=cb, clip=clip)
     if method == "ddpm":
-        return diffusion.p_sample_loop(model, full, generator=generator, device=device, progress=cb)
+        return diffusion.p_sample_loop(model, full, generator=generator, device=device, progress=cb, clip=clip)
     raise ValueError(f"unknown diffusion sampling method {method!r}; expected 'ddim' or 'ddpm'")
 
 
@@ -145,6 +148,8 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
             mean = state["latent_mean"].float().to(device)[None, :, None, None]
             std = state["latent_std"].float().to(device)[None, :, None, None]
             method = model.split("_", 1)[1]
+            # x_0 is clipped to the per-channel range of the scaled train latents (stored with the model)
+            clip = (state["latent_min"].float().to(device)[None, :, None, None], state["latent_max"].float().to(device)[None, :, None, None]) if sec["clip_denoised"] else None
 
             def eps_model(x, t):
                 with autocast(device, cfg["bf16"]):
@@ -152,12 +157,12 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
 
             for start in range(0, n, bs):
                 m = min(bs, n - start)
-                z = sample_diffusion_latents(eps_model, diffusion, m, vqvae.embedding_dim, method, int(sec["ddim_steps"]), float(sec["ddim_eta"]), g, device, progress_name=f"sample {model} batch {start // bs + 1}")
+                z = sample_diffusion_latents(eps_model, diffusion, m, vqvae.embedding_dim, method, int(sec["ddim_steps"]), float(sec["ddim_eta"]), g, device, progress_name=f"sample {model} batch {start // bs + 1}", clip=clip)
                 with torch.no_grad():
                     codes = vqvae.quantizer.snap(z * std + mean)
                     images.append(vqvae.decode_codes(codes).float().cpu())
                 log.info("sample %s: %d/%d", model, start + m, n)
-            metrics.update(method=method, weights="ema", schedule=diffusion.schedule, timesteps=diffusion.num_timesteps, steps=int(sec["ddim_steps"]) if method == "ddim" else diffusion.num_timesteps, eta=float(sec["ddim_eta"]) if method == "ddim" else None)
+            metrics.update(method=method, weights="ema", clip_denoised=bool(sec["clip_denoised"]), schedule=diffusion.schedule, timesteps=diffusion.num_timesteps, steps=int(sec["ddim_steps"]) if method == "ddim" else diffusion.num_timesteps, eta=float(sec["ddim_eta"]) if method == "ddim" else None)
         arr = torch.cat(images).numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
         _save_npy(out_npy, arr)

@@ -407,6 +407,8 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             diffusion={"schedule": sec["schedule"], "timesteps": T},
             latent_mean=torch.tensor(info.latent_mean),
             latent_std=torch.tensor(info.latent_std),
+            latent_min=train_z.amin(dim=(0, 2, 3)).cpu(),
+            latent_max=train_z.amax(dim=(0, 2, 3)).cpu(),
             metrics=dict(metrics),
             vqvae_sha256=vq_sha,
         )
