@@ -26,7 +26,7 @@ from pipeline.io import RunPaths, atomic_write_text, save_grid_png, sha256_file
 from pipeline.models import build_model
 from pipeline.runtime import Progress, autocast, log, resolve_device, seed_everything, stage_record
 
-__all__ = ["Batcher", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "evaluate_vqvae"]
+__all__ = ["Batcher", "ema_avg_fn", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "evaluate_vqvae"]
 
 
 class Batcher:
@@ -60,6 +60,22 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
+
+
+def ema_avg_fn(decay: float) -> Callable:
+    """EMA update with warm-up for ``torch.optim.swa_utils.AveragedModel(avg_fn=...)``.
+
+    avg <- d * avg + (1 - d) * param with d = min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, diffusers' ``EMAModel``):
+    without the warm-up a 0.999 EMA of a short run still carries the random initialisation.
+    """
+
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+
+    return avg_fn
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -113,9 +129,9 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(warmup, max(1, steps // 10))))
     ema = None
     if ema_decay is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        ema = AveragedModel(model, avg_fn=ema_avg_fn(ema_decay), use_buffers=True)
     batcher = Batcher(n_data, int(section["batch_size"]), int(section["seed"]))
     ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.csv"

@@ -113,3 +113,23 @@ def test_build_model_errors():
         build_model("gan", {})
     with pytest.raises(ValueError, match="cannot build 'unet'"):
         build_model("unet", {"widht": 3})
+
+
+def test_ema_warmup_and_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from pipeline.train import ema_avg_fn
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    ema = AveragedModel(net, avg_fn=ema_avg_fn(0.9))  # first update copies the weights
+    ema.update_parameters(net)
+    net.weight.data.fill_(1.0)
+    ema.update_parameters(net)  # n = 1: d = min(0.9, 2 / 11)
+    assert float(ema.module.weight) == pytest.approx(1 - 2 / 11)
+    for _ in range(200):
+        ema.update_parameters(net)
+    net.weight.data.fill_(2.0)
+    before = float(ema.module.weight)
+    ema.update_parameters(net)  # warm-up over: d = 0.9
+    assert float(ema.module.weight) == pytest.approx(0.9 * before + 0.1 * 2.0)
