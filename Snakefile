@@ -33,7 +33,10 @@ validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.y
 RUN = f"results/{config['run']}"
 MODELS = config["sample"]["models"]
 CONDA_ENV = config["conda_env"]  # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
-HALF = max(1, workflow.cores // 2)  # two stages run side by side after extract_latents
+# PixelCNN and diffusion training (and the samplers) may run side by side. With 4+ cores each
+# gets half; with fewer, each takes them all and they run one after another, which on 2 cores is
+# faster than 1 thread each because the two trainings are unequal in length.
+HALF = workflow.cores // 2 if workflow.cores >= 4 else workflow.cores
 
 
 def run_dir(wildcards, output):

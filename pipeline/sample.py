@@ -9,7 +9,8 @@
 
 Diffusion samples use the EMA weights; the denoised latents are unscaled (x * std + mean),
 snapped to the nearest codebook vectors and decoded by the VQ-VAE decoder. Each model writes
-``samples/<model>.npy`` (float32 (N, 1, 28, 28) in [0, 1]), ``samples/<model>.png`` (a 10x10
+``samples/<model>.npy`` (float32 (N, 1, 28, 28) in [0, 1]; N = ``sample.num_samples``,
+or ``sample.ddpm_num_samples`` for DDPM), ``samples/<model>.png`` (a 10x10
 grid of the first 100) and ``samples/<model>.json`` (settings and seconds).
 """
 from __future__ import annotations
@@ -106,7 +107,8 @@ def _save_npy(path, arr: np.ndarray) -> None:
 def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", threads: int | None = None) -> dict:
     """Stage 6 for one sampler ``model`` (one of :data:`SAMPLERS`).
 
-    Reads ``sample`` (seed, num_samples, batch_size, temperature, ddim_steps, ddim_eta).
+    Reads ``sample`` (seed, num_samples, ddpm_num_samples, batch_size, temperature, ddim_steps,
+    ddim_eta, clip_denoised).
 
     Raises:
         ValueError: unknown sampler name.
@@ -125,6 +127,8 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
         vqvae, _ = load_model(paths.vqvae_model, device=device)
         vq_sha = sha256_file(paths.vqvae_model)
         n, bs = int(sec["num_samples"]), int(sec["batch_size"])
+        if model == "diffusion_ddpm" and sec.get("ddpm_num_samples"):
+            n = int(sec["ddpm_num_samples"])
         g = torch.Generator(device=device).manual_seed(int(sec["seed"]))
         t0 = time.perf_counter()
         images = []

@@ -80,3 +80,14 @@ def test_schema_and_default_cover_the_same_keys():
     for section, sub in schema["properties"].items():
         if "properties" in sub:
             assert set(sub["properties"]) == set(default[section]), section
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    default = yaml.safe_load(DEFAULT_PATH.read_text())
+    keys = [f"{s}.{k}" for s, sub in default.items() if isinstance(sub, dict) for k in sub]
+    keys += [k for k, v in default.items() if not isinstance(v, dict)]
+    missing = [k for k in keys if f"| `{k}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}"

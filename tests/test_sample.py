@@ -32,8 +32,8 @@ def test_temperature_sharpens(tiny_run):
 
 
 def test_sample_files(tiny_run, tiny_cfg):
-    n = tiny_cfg["sample"]["num_samples"]
     for model in tiny_cfg["sample"]["models"]:
+        n = tiny_cfg["sample"]["ddpm_num_samples"] if model == "diffusion_ddpm" else tiny_cfg["sample"]["num_samples"]
         arr = np.load(tiny_run / "samples" / f"{model}.npy")
         assert arr.dtype == np.float32 and arr.shape == (n, 1, 28, 28)
         assert arr.min() >= 0 and arr.max() <= 1

@@ -63,7 +63,8 @@ def test_every_output_and_schema(workflow_run):
         assert len(f.attrs["vqvae_sha256"]) == 64
     for m in MODELS:
         arr = np.load(run / "samples" / f"{m}.npy")
-        assert arr.shape == (cfg["sample"]["num_samples"], 1, 28, 28) and arr.dtype == np.float32
+        n = cfg["sample"]["ddpm_num_samples"] if m == "diffusion_ddpm" else cfg["sample"]["num_samples"]
+        assert arr.shape == (n, 1, 28, 28) and arr.dtype == np.float32
         assert (run / "samples" / f"{m}.png").stat().st_size > 0
     diff_log = (run / "diffusion" / "train_log.csv").read_text().splitlines()
     assert diff_log[0].startswith("step,lr,loss") and diff_log[-1].startswith(str(cfg["diffusion"]["steps"]))
