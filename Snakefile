@@ -18,6 +18,7 @@ from snakemake.utils import min_version, validate
 
 sys.path.insert(0, workflow.basedir)
 from pipeline.config import coerce_strings  # pyyaml only: the Snakefile never imports torch
+from pipeline.dispatch import shell_args  # submitit is imported only inside the jobs' commands
 
 min_version("9.0")
 
@@ -37,6 +38,24 @@ CONDA_ENV = config["conda_env"]  # envs/cpu.yaml here; the Big Red 200 profile s
 # gets half; with fewer, each takes them all and they run one after another, which on 2 cores is
 # faster than 1 thread each because the two trainings are unequal in length.
 HALF = workflow.cores // 2 if workflow.cores >= 4 else workflow.cores
+
+# SLURM dispatch (the cluster profiles set slurm.enabled): every GPU stage's command gets
+# `--submit --cluster-config ... --account ...` and waits for its own submitit job; otherwise
+# `--local`. It is a resource, not a param, so switching it does not re-run finished stages.
+SLURM = config["slurm"]
+if SLURM["enabled"]:
+    _account = SLURM["account"] or os.environ.get("SLURM_ACCOUNT")
+    if not _account:
+        raise WorkflowError(
+            "SLURM dispatch needs an account: add --config slurm={account: <name>} "
+            "or export SLURM_ACCOUNT=<name> (nothing was submitted)"
+        )
+    _cluster = SLURM["cluster_config"]
+    if not os.path.isabs(_cluster):
+        _cluster = os.path.join(workflow.basedir, _cluster)
+    DISPATCH = shell_args(True, _cluster, _account)
+else:
+    DISPATCH = shell_args(False, None, None)
 
 
 def run_dir(wildcards, output):
@@ -99,8 +118,9 @@ rule train_vqvae:
     threads: workflow.cores
     resources:
         gpu=1,
+        dispatch=DISPATCH,
     shell:
-        "python -m pipeline train_vqvae --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+        "python -m pipeline train_vqvae --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
 rule extract_latents:
@@ -119,8 +139,9 @@ rule extract_latents:
     threads: workflow.cores
     resources:
         gpu=1,
+        dispatch=DISPATCH,
     shell:
-        "python -m pipeline extract_latents --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+        "python -m pipeline extract_latents --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
 rule train_pixelcnn:
@@ -140,8 +161,9 @@ rule train_pixelcnn:
     threads: HALF
     resources:
         gpu=1,
+        dispatch=DISPATCH,
     shell:
-        "python -m pipeline train_pixelcnn --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+        "python -m pipeline train_pixelcnn --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
 rule train_diffusion:
@@ -161,8 +183,9 @@ rule train_diffusion:
     threads: HALF
     resources:
         gpu=1,
+        dispatch=DISPATCH,
     shell:
-        "python -m pipeline train_diffusion --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+        "python -m pipeline train_diffusion --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
 def sampler_inputs(wildcards):
@@ -190,8 +213,9 @@ rule sample:
     threads: HALF
     resources:
         gpu=1,
+        dispatch=DISPATCH,
     shell:
-        "python -m pipeline sample --model {wildcards.model} --run {params.run:q} --threads {threads} --config-json {params.cfg:q} 2>&1 | tee {log:q}"
+        "python -m pipeline sample --model {wildcards.model} --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
 rule timings:

@@ -4,6 +4,7 @@
     python -m pipeline sample --run results/<run> --model diffusion_ddim
     python -m pipeline config [--configfile F] [--set ...]      # print the resolved config
     python -m pipeline timings --run results/<run>               # write timings.json
+    python -m pipeline train_diffusion --run results/<run> --submit [--account A]  # as a SLURM job
 
 Every stage reads the packaged defaults, then ``--configfile`` files, then ``--config-json``
 (what the Snakefile passes), then ``--set`` overrides; the result is validated and written
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override one key; value parsed as YAML")
     p.add_argument("--model", default="pixelcnn", help="sampler for the sample stage: pixelcnn, pixelcnn_greedy, diffusion_ddim, diffusion_ddpm")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="submit", action="store_false", help="run in this process (the default)")
+    where.add_argument("--submit", dest="submit", action="store_true", help="run as a SLURM job through submitit and wait for it")
+    p.add_argument("--cluster-config", default="cluster/bigred200/slurm.yaml", help="per-stage SLURM parameters for --submit (default: %(default)s)")
+    p.add_argument("--account", default=None, help="SLURM account for --submit (default: $SLURM_ACCOUNT)")
+    p.set_defaults(submit=False)
     return p
 
 
@@ -53,5 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"threads": args.threads}
     if args.stage == "sample":
         kwargs["model"] = args.model
+    if args.submit:
+        from pipeline.dispatch import DispatchError, submit_stage
+
+        try:
+            submit_stage(args.stage, cfg, str(run_dir), args.cluster_config, args.account, **kwargs)
+        except DispatchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     get_stage(args.stage)(cfg, str(run_dir), **kwargs)
     return 0

@@ -21,9 +21,18 @@ import numpy as np
 from pipeline.config import stage_view, write_config
 from pipeline.io import write_json
 
-__all__ = ["log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
+__all__ = ["dist_info", "log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
 
 log = logging.getLogger("pipeline")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the torch.distributed group, or (0, 1) when there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -101,21 +110,25 @@ def stage_record(
 
     Yields a dict the body fills with metrics; ``wall_time_s`` (seconds, this invocation plus
     any ``resumed_wall_time_s`` the body sets from a checkpoint), ``stage``, ``host`` and
-    ``finished`` are added. Nothing is written if the body raises.
+    ``finished`` are added. Nothing is written if the body raises. Under torch.distributed only
+    rank 0 writes and logs (other ranks log warnings only).
     """
     import torch
 
-    setup_logging()
+    rank, world = dist_info()
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)  # one copy of each line
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_config(stage_view(cfg, stage), out / "config.yaml")
+    if rank == 0:
+        write_config(stage_view(cfg, stage), out / "config.yaml")
     log.info("%s: start (run folder %s, torch threads %d)", stage, out.parent, torch.get_num_threads())
     t0 = time.perf_counter()
     metrics: dict = {}
     yield metrics
     wall = time.perf_counter() - t0 + float(metrics.pop("resumed_wall_time_s", 0.0))
-    record = {"stage": stage, **metrics, "wall_time_s": round(wall, 3), "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(out / metrics_name, record)
+    record = {"stage": stage, **metrics, "wall_time_s": round(wall, 3), "world_size": world, "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if rank == 0:
+        write_json(out / metrics_name, record)
     log.info("%s: done in %.1f s", stage, wall)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint as ckpt_io
 from pipeline.io import RunPaths, atomic_write_text, save_grid_png, sha256_file
 from pipeline.models import build_model
-from pipeline.runtime import Progress, autocast, log, resolve_device, seed_everything, stage_record
+from pipeline.runtime import Progress, autocast, dist_info, log, resolve_device, seed_everything, stage_record
 
 __all__ = ["Batcher", "ema_avg_fn", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "evaluate_vqvae"]
 
@@ -95,7 +95,7 @@ def train_loop(
     kind: str,
     args: Mapping[str, Any],
     section: Mapping[str, Any],
-    compute_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+    compute_loss: Callable[..., tuple[torch.Tensor, dict]],
     n_data: int,
     out_dir: Path,
     device: torch.device,
@@ -112,7 +112,12 @@ def train_loop(
         kind, args: the factory arguments, stored in the checkpoint.
         section: the stage's config section (steps, batch_size, lr, seed, log_every,
             checkpoint_every); a checkpoint made for another section is not resumed.
-        compute_loss: batch indices (B,) int64 -> (scalar loss, dict of float tensors to log).
+        compute_loss: ``(net, idx, shard) -> (scalar loss, dict of float tensors to log)``: ``net``
+            is the model (wrapped in DistributedDataParallel when there are several ranks),
+            ``idx`` the global batch's indices (B,) int64, and ``shard(t)`` takes this rank's
+            part ``t[rank::world]`` of a tensor made for the whole batch. Draw per-step
+            randomness for the whole batch and shard it: every rank then sees what a single
+            process would, and the mean of the ranks' gradients is the single-process gradient.
         n_data: number of training examples.
         out_dir: the stage folder (``checkpoint.pt`` and ``train_log.csv`` go there).
         ema_decay: keep an EMA of the weights with this decay (``torch.optim.swa_utils``).
@@ -124,6 +129,9 @@ def train_loop(
         including earlier interrupted runs, "final_loss": mean loss of the last log window}.
     """
     steps = int(section["steps"])
+    rank, world = dist_info()
+    if int(section["batch_size"]) % world:
+        raise ValueError(f"{stage}: batch_size {section['batch_size']} is not divisible by the {world} ranks (batch_size is the global batch)")
     seed_everything(int(section["seed"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=float(section["lr"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(warmup, max(1, steps // 10))))
@@ -152,6 +160,15 @@ def train_loop(
 
     import time
 
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def shard(t: torch.Tensor) -> torch.Tensor:
+        return t[rank::world] if world > 1 else t
+
     t0 = time.perf_counter()
     progress = Progress(stage, steps, start)
     log_every, ckpt_every = int(section["log_every"]), int(section["checkpoint_every"])
@@ -160,6 +177,8 @@ def train_loop(
     model.train()
 
     def save_checkpoint(step: int) -> None:
+        if rank != 0:
+            return
         ckpt_io.save(
             ckpt_path,
             {
@@ -180,7 +199,7 @@ def train_loop(
     for step in range(start, steps):
         idx = batcher(step).to(device)
         with autocast(device, bf16):
-            loss, logs = compute_loss(idx)
+            loss, logs = compute_loss(net, idx, shard)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -197,7 +216,8 @@ def train_loop(
         if done % log_every == 0 or done == steps:
             row = {"step": done, "lr": scheduler.get_last_lr()[0], **{k: v / window_n for k, v in window.items()}}
             rows.append(row)
-            _write_csv(log_path, rows)
+            if rank == 0:
+                _write_csv(log_path, rows)
             progress.line(done, **{k: v for k, v in row.items() if k != "step"})
             window, window_n = {}, 0
         if done % ckpt_every == 0 and done < steps:
@@ -208,7 +228,10 @@ def train_loop(
 
 
 def save_model(path: Path, kind: str, args: Mapping, model: torch.nn.Module, ema=None, **extra: Any) -> None:
-    """Write the final ``model.pt`` (raw weights, EMA weights if any, factory args, extras)."""
+    """Write the final ``model.pt`` (raw weights, EMA weights if any, factory args, extras);
+    rank 0 only under torch.distributed."""
+    if dist_info()[0] != 0:
+        return
     ckpt_io.save(path, {"kind": kind, "args": dict(args), "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None, **extra})
 
 
@@ -238,7 +261,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weig
 
 
 def _finish(out_dir: Path) -> None:
-    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    if dist_info()[0] == 0:
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
 
 
 # --- stage 2: VQ-VAE --------------------------------------------------------------------------
@@ -299,9 +323,9 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         seed_everything(int(sec["seed"]))
         model = build_model("vqvae", args).to(device)
 
-        def compute_loss(idx):
-            x = train_x[idx]
-            xh, vq = model(x)
+        def compute_loss(net, idx, shard):
+            x = shard(train_x[idx])
+            xh, vq = net(x)
             recon = F.mse_loss(xh.float(), x)
             return recon + vq.commitment_loss, {"recon_mse": recon.detach(), "commitment": vq.commitment_loss.detach(), "perplexity": vq.perplexity}
 
@@ -323,7 +347,8 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
             originals = test_x[:20]
             recons = model(originals)[0].float()
         grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
-        save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
+        if dist_info()[0] == 0:
+            save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
         metrics["resumed_wall_time_s"] = res["resumed_s"]
         save_model(paths.vqvae_model, "vqvae", args, model, metrics=dict(metrics))
         _finish(out)
@@ -351,9 +376,9 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
         seed_everything(int(sec["seed"]))
         model = build_model("pixelcnn", args).to(device)
 
-        def compute_loss(idx):
-            c = train_c[idx]
-            return F.cross_entropy(model(c).float(), c), {}
+        def compute_loss(net, idx, shard):
+            c = shard(train_c[idx])
+            return F.cross_entropy(net(c).float(), c), {}
 
         res = train_loop(stage="train_pixelcnn", model=model, kind="pixelcnn", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_c), out_dir=out, device=device, bf16=cfg["bf16"])
         with torch.no_grad():
@@ -393,10 +418,10 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         diffusion = GaussianDiffusion(sec["schedule"], int(sec["timesteps"])).to(device)
         T = diffusion.num_timesteps
 
-        def compute_loss(idx):
-            z = train_z[idx]
+        def compute_loss(net, idx, shard):
             t = torch.randint(0, T, (len(idx),), device=device)
-            return diffusion.training_losses(model, z, t).mean(), {}
+            noise = torch.randn((len(idx), *train_z.shape[1:]), device=device)
+            return diffusion.training_losses(net, shard(train_z[idx]), shard(t), shard(noise)).mean(), {}
 
         res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
         ema = res["ema"]

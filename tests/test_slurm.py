@@ -1,0 +1,134 @@
+"""The pipeline against a real single-node SLURM on localhost (cluster/local/start-slurm.sh).
+
+Skipped where no SLURM answers, except under CI=true, where a missing SLURM is a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+ACCOUNT = os.environ.get("VQLP_SLURM_ACCOUNT", "vqtest")
+GPU_STAGES = ["train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion"]
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sinfo") or not shutil.which("sacct"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(re.search(r"idle|mix|alloc", out.stdout)) and acct.returncode == 0
+
+
+pytestmark = pytest.mark.slurm
+
+if not _slurm_up():
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("CI=true but no SLURM answers: .ci/run must start cluster/local/start-slurm.sh")
+    pytest.skip("no SLURM on this machine (bash cluster/local/start-slurm.sh starts one)", allow_module_level=True)
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--profile", str(ROOT / "cluster" / "local"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def sacct(job_id: str) -> tuple[str, str]:
+    """(job name, state) of a job from the accounting database."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,State"], capture_output=True, text=True, check=True).stdout
+    name, state = out.strip().splitlines()[0].split("|")
+    return name, state.split()[0]
+
+
+def job_ids(log: Path) -> list[str]:
+    return re.findall(r"submitted SLURM job (\d+)", log.read_text())
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("slurmwf")
+    proc = snakemake(wd, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY), "--config", f"slurm={{account: {ACCOUNT}}}")
+    return wd, proc
+
+
+def test_every_gpu_stage_is_its_own_slurm_job(slurm_run):
+    wd, proc = slurm_run
+    run = wd / "results" / "tiny"
+    seen = {}
+    for stage in GPU_STAGES + [f"sample_{m}" for m in yaml.safe_load(TINY.read_text())["sample"]["models"]]:
+        log = run / "logs" / f"{stage}.log"
+        ids = job_ids(log)
+        assert len(ids) == 1, f"{stage}: {log.read_text()[-1000:]}"
+        name, state = sacct(ids[0])
+        assert state == "COMPLETED", (stage, state)
+        assert name == f"tiny-{stage}"
+        seen[stage] = ids[0]
+        assert list((run / "logs" / stage).glob("*/*_log.out")), f"no submitit log folder for {stage}"
+    assert len(set(seen.values())) == len(seen)  # distinct jobs
+    # prepare_data stayed local: no SLURM job in its log
+    assert not job_ids(run / "logs" / "prepare_data.log")
+    for m in yaml.safe_load(TINY.read_text())["sample"]["models"]:
+        assert np.load(run / "samples" / f"{m}.npy").dtype == np.float32
+
+
+def test_ddp_two_tasks_world_size_two(slurm_run, tmp_path):
+    """train_diffusion with gpus_per_node: 2 runs 2 DDP tasks (gloo on CPU) and matches one process."""
+    wd, _ = slurm_run
+    run = tmp_path / "tiny"
+    shutil.copytree(wd / "results" / "tiny", run)
+    single = torch.load(run / "diffusion" / "model.pt", weights_only=True)
+    cluster = tmp_path / "ddp.yaml"
+    cluster.write_text(yaml.safe_dump({"defaults": {"partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--configfile", str(TINY),
+         "--submit", "--cluster-config", str(cluster), "--account", ACCOUNT],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "finished (2 task(s))" in proc.stdout
+    metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    ddp = torch.load(run / "diffusion" / "model.pt", weights_only=True)
+    assert ddp["model"].keys() == single["model"].keys()
+    for k, v in single["model"].items():
+        assert ddp["model"][k].shape == v.shape
+    # global-batch semantics: 2 ranks follow the single-process path up to reduction order
+    diffs = [float((ddp["model"][k].float() - v.float()).abs().max()) for k, v in single["model"].items()]
+    assert max(diffs) < 1e-3, max(diffs)
+
+
+def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_path):
+    wd, _ = slurm_run
+    shutil.copytree(wd / "results", tmp_path / "results")
+    (tmp_path / "results" / "tiny" / "latents" / "latents.h5").write_bytes(b"not hdf5")  # breaks the trainers
+    proc = snakemake(tmp_path, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY),
+                     "--config", f"slurm={{account: {ACCOUNT}}}", "--forcerun", "train_pixelcnn", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(r"SLURM job \d+ ended in state FAILED", out), out[-3000:]
+    assert "not a readable HDF5 file" in out  # the tail of the job's stderr
+
+
+def test_profile_without_account_fails_before_submitting(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "local"), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0
+    assert "SLURM dispatch needs an account" in proc.stdout + proc.stderr
