@@ -27,6 +27,28 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "pipeline", "configs", "default.yaml")
 
 
+
+def _profile_site_config():
+    """The site config file (`<profile>/pipeline.yaml`) of the profile in use, if it has one."""
+    argv, profile = sys.argv, os.environ.get("SNAKEMAKE_PROFILE")
+    for i, arg in enumerate(argv):
+        if arg == "--profile" and i + 1 < len(argv):
+            profile = argv[i + 1]
+        elif arg.startswith("--profile="):
+            profile = arg.split("=", 1)[1]
+    site = os.path.abspath(os.path.join(profile, "pipeline.yaml")) if profile else None
+    return site if site and os.path.isfile(site) else None
+
+
+# A --configfile on the command line replaces the profile's `configfiles`, which would silently
+# drop the site settings (SLURM dispatch!) and train on the login node: refuse that.
+_site = _profile_site_config()
+if _site and _site not in [str(p) for p in workflow.config_settings.configfiles]:
+    raise WorkflowError(
+        f"--configfile replaced the profile's site config {os.path.relpath(_site)}; "
+        f"list it first: --configfile {os.path.relpath(_site)} <your files>"
+    )
+
 # `--config 'diffusion={steps: 21}'` arrives as strings; read them as the schema's types.
 config.update(coerce_strings(config))
 validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.yaml"))

@@ -119,6 +119,23 @@ def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]
     return {"rank": rank, "world_size": world, **(result or {})}
 
 
+_ACTIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "UNKNOWN", "READY"}
+
+
+def _final_state(job, wait_s: float = 30.0) -> str:
+    """The job's SLURM state once accounting has recorded its end (polled up to ``wait_s``)."""
+    state = "UNKNOWN"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            state = str(job.watcher.get_state(job.job_id, mode="force"))
+        except Exception:  # sacct unreachable: report what we have
+            return state
+        if state.split()[0] not in _ACTIVE_STATES or time.monotonic() > deadline:
+            return state
+        time.sleep(1.0)
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -180,11 +197,7 @@ def submit_stage(
     try:
         results = job.results()
     except Exception as exc:  # submitit raises FailedJobError / UncompletedJobError
-        state = "UNKNOWN"
-        try:
-            state = job.watcher.get_state(job.job_id, mode="force")
-        except Exception:
-            pass
+        state = _final_state(job)
         stderr = Path(str(job.paths.stderr).replace("%t", "0"))
         raise DispatchError(
             f"{stage}{suffix}: SLURM job {job.job_id} ended in state {state}.\n"

@@ -132,3 +132,57 @@ def test_profile_without_account_fails_before_submitting(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "SLURM dispatch needs an account" in proc.stdout + proc.stderr
+
+
+def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):
+    """The Big Red 200 profile itself, with only the per-stage SLURM sizes swapped for this node's."""
+    site = ROOT / "cluster" / "bigred200" / "pipeline.yaml"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "bigred200"),
+           "--configfile", str(site), str(TINY), "--config", f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}", "run=br200"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "results" / "br200"
+    ids = job_ids(run / "logs" / "train_diffusion.log")
+    assert sacct(ids[0]) == ("br200-train_diffusion", "COMPLETED")
+    assert (run / "timings.json").is_file()
+
+
+def test_run_stage_sbatch_quotes_arguments_and_checks_the_stage(tmp_path):
+    script = ROOT / "cluster" / "bigred200" / "run_stage.sbatch"
+    small = ["-A", ACCOUNT, "-p", "gpu", "-c", "1", "--mem=1G", "--gpus-per-node=1", "--wait", "-D", str(ROOT)]
+    # an argument with spaces and a quote reaches Python as one value: the config check names it
+    out = tmp_path / "stage-%j.out"
+    proc = subprocess.run(["sbatch", *small, "-o", str(out), str(script), "prepare_data", "--run", str(tmp_path / "r"), "--set", "run=it's a; test"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # the job failed (exit 2 from the config check)
+    text = next(tmp_path.glob("stage-*.out")).read_text()
+    assert "config key 'run': \"it's a; test\" does not match" in text
+    assert not (tmp_path / "r").exists()
+    # a stage name that is not one of ours is refused before anything runs
+    bad = subprocess.run(["sbatch", *small, "-o", str(tmp_path / "bad-%j.out"), str(script), "train; rm -rf /"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "unknown stage 'train; rm -rf /'" in next(tmp_path.glob("bad-*.out")).read_text()
+    # and a real stage runs
+    good = subprocess.run(["sbatch", *small, "-o", str(tmp_path / "good-%j.out"), str(script), "prepare_data", "--run", str(tmp_path / "g"), "--configfile", str(TINY)],
+                          capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, next(tmp_path.glob("good-*.out")).read_text()
+    assert (tmp_path / "g" / "data" / "dataset.h5").is_file()
+
+
+def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
+    """The driver wrapper as a SLURM job (1 CPU here) runs Snakemake, which submits each GPU stage."""
+    script = ROOT / "cluster" / "bigred200" / "run_pipeline.sbatch"
+    wd = tmp_path / "wd"
+    proc = subprocess.run(
+        ["sbatch", "-A", ACCOUNT, "-p", "gpu", "-c", "1", "--mem=2G", "--wait", "-D", str(ROOT), "-o", str(tmp_path / "driver-%j.out"),
+         "--export", "ALL,VQLP_PROFILE=cluster/local", str(script),
+         "-d", str(wd), "--configfile", "cluster/local/pipeline.yaml", str(TINY), "--config", "run=driver", "sample={models: [pixelcnn]}"],
+        capture_output=True, text=True, timeout=900,
+    )
+    log = next(tmp_path.glob("driver-*.out")).read_text()
+    assert proc.returncode == 0, log[-4000:]
+    driver_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    assert sacct(driver_id)[1] == "COMPLETED"
+    ids = job_ids(wd / "results" / "driver" / "logs" / "train_vqvae.log")
+    assert sacct(ids[0]) == ("driver-train_vqvae", "COMPLETED") and ids[0] != driver_id
+    assert (wd / "results" / "driver" / "samples" / "pixelcnn.png").is_file()
