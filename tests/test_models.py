@@ -126,10 +126,10 @@ def test_ema_warmup_and_decay():
     ema.update_parameters(net)
     net.weight.data.fill_(1.0)
     ema.update_parameters(net)  # n = 1: d = min(0.9, 2 / 11)
-    assert float(ema.module.weight) == pytest.approx(1 - 2 / 11)
+    assert float(ema.module.weight.detach()) == pytest.approx(1 - 2 / 11)
     for _ in range(200):
         ema.update_parameters(net)
     net.weight.data.fill_(2.0)
-    before = float(ema.module.weight)
+    before = float(ema.module.weight.detach())
     ema.update_parameters(net)  # warm-up over: d = 0.9
-    assert float(ema.module.weight) == pytest.approx(0.9 * before + 0.1 * 2.0)
+    assert float(ema.module.weight.detach()) == pytest.approx(0.9 * before + 0.1 * 2.0)
