@@ -86,12 +86,12 @@ def run_dir(wildcards, output):
 
 
 def stage_config(section):
-    """JSON of what a stage reads: the top-level run/device/bf16 keys and its own section.
+    """JSON of what a stage reads: the top-level run/device/bf16/deterministic keys and its own section.
 
     It is the rule's params, so changing this section (or the device) re-runs the stage and
     its dependents, and changing another section does not.
     """
-    view = {k: config[k] for k in ("run", "device", "bf16")}
+    view = {k: config[k] for k in ("run", "device", "bf16", "deterministic")}
     view[section] = config[section]
     return json.dumps(view, sort_keys=True)
 

@@ -52,7 +52,7 @@ STAGE_SECTIONS = {
 
 
 #: Top-level keys every stage reads.
-TOP_LEVEL_KEYS = ("run", "device", "bf16")
+TOP_LEVEL_KEYS = ("run", "device", "bf16", "deterministic")
 
 
 class ConfigError(ValueError):

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import submitit
 import yaml
 
 from pipeline.stages import get_stage
 
-__all__ = ["DispatchError", "load_cluster_config", "stage_parameters", "run_in_job", "submit_stage", "resolve_account"]
+__all__ = ["DispatchError", "StageJob", "load_cluster_config", "stage_parameters", "run_in_job", "submit_stage", "resolve_account"]
 
 #: keys of a stage entry in the cluster YAML and the submitit parameter each becomes
 _PARAM_MAP = {
@@ -91,7 +93,6 @@ def resolve_account(account: str | None) -> str:
 
 def _init_distributed() -> tuple[int, int]:
     """Join the torch.distributed group of a multi-task SLURM job; (rank, world_size)."""
-    import submitit
     import torch
 
     env = submitit.JobEnvironment()
@@ -110,6 +111,14 @@ def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]
     stage, leave the group. Returns the stage's metrics (from every rank)."""
     import torch
 
+    from pipeline import runtime
+
+    # submitit bound SLURM's pre-timeout signal to its checkpoint-and-requeue handler. Defer it:
+    # the training loop saves at the next step boundary, then calls that handler (requeue + exit).
+    usr_sig = signal.SIGUSR2
+    submitit_handler = signal.getsignal(usr_sig)
+    if callable(submitit_handler):
+        runtime.set_requeue_hook(lambda signum: submitit_handler(signum, None), signals=(usr_sig,))
     rank, world = _init_distributed()
     try:
         result = get_stage(stage)(dict(cfg), run_dir, **dict(kwargs))
@@ -134,6 +143,16 @@ def _final_state(job, wait_s: float = 30.0) -> str:
         if state.split()[0] not in _ACTIVE_STATES or time.monotonic() > deadline:
             return state
         time.sleep(1.0)
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """The callable submitted to SLURM: ``StageJob()(stage, cfg, run_dir, kwargs)`` runs
+    :func:`run_in_job`. Being ``Checkpointable``, a job that hits its time limit (or is
+    preempted) is requeued with the same arguments, up to ``max_num_timeout`` times; the stage
+    then resumes from its ``checkpoint.pt``."""
+
+    def __call__(self, stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]) -> dict:
+        return run_in_job(stage, cfg, run_dir, kwargs)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -169,8 +188,6 @@ def submit_stage(
         DispatchError: no account, a bad cluster YAML, or a job that failed, timed out or was
             cancelled: the message holds the job id, its SLURM state and the tail of its stderr.
     """
-    import submitit
-
     cluster_cfg = load_cluster_config(cluster_config)
     params = stage_parameters(cluster_cfg, stage)
     acc = resolve_account(account)
@@ -190,7 +207,7 @@ def submit_stage(
         executor.update_parameters(slurm_account=acc, slurm_setup=setup)
     kw = dict(kwargs)
     kw["threads"] = int(params.get("cpus_per_task", kw.get("threads") or 1))
-    job = executor.submit(run_in_job, stage, dict(cfg), run_dir, kw)
+    job = executor.submit(StageJob(), stage, dict(cfg), run_dir, kw)
     print(f"{stage}{suffix}: submitted SLURM job {job.job_id} ({executor.cluster}); logs: {folder}", flush=True)
     if not wait:
         return job

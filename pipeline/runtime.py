@@ -10,7 +10,9 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
+import threading
 import sys
 import time
 from pathlib import Path
@@ -21,9 +23,53 @@ import numpy as np
 from pipeline.config import stage_view, write_config
 from pipeline.io import write_json
 
-__all__ = ["dist_info", "log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
+__all__ = ["StopSignals", "set_requeue_hook", "dist_info", "log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
 
 log = logging.getLogger("pipeline")
+
+
+_REQUEUE: dict = {"hook": None, "signals": ()}
+
+
+def set_requeue_hook(hook, signals=()) -> None:
+    """Register what a training loop calls after saving on ``signals`` (inside a SLURM job:
+    submitit's checkpoint-and-requeue handler). Set by :mod:`pipeline.dispatch` only."""
+    _REQUEUE["hook"], _REQUEUE["signals"] = hook, tuple(signals)
+
+
+class StopSignals:
+    """Turn SIGTERM (and, inside a SLURM job, the pre-timeout signal) into a flag.
+
+    A training loop checks :attr:`requested` at each step boundary, saves its checkpoint and
+    calls :meth:`after_checkpoint`: inside a submitit job that hands over to submitit's
+    checkpoint-and-requeue (the job is requeued and resumes from the checkpoint); otherwise it
+    raises ``SystemExit(128 + signal)``. The signal handler itself never touches training state,
+    so the checkpoint is always taken between two optimizer steps. Handlers are installed in the
+    main thread only and restored on exit.
+    """
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def _flag(self, signum, frame) -> None:
+        self.requested = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, *_REQUEUE["signals"]):
+                self._previous[sig] = signal.signal(sig, self._flag)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def after_checkpoint(self) -> None:
+        signum = self.requested
+        if _REQUEUE["hook"] is not None and signum in _REQUEUE["signals"]:
+            _REQUEUE["hook"](signum)
+        raise SystemExit(128 + int(signum or 0))
 
 
 def dist_info() -> tuple[int, int]:
@@ -119,6 +165,9 @@ def stage_record(
     setup_logging(logging.INFO if rank == 0 else logging.WARNING)  # one copy of each line
     if threads:
         torch.set_num_threads(threads)
+    if cfg.get("deterministic"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:

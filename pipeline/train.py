@@ -14,6 +14,8 @@ import csv
 import io
 import math
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint as ckpt_io
 from pipeline.io import RunPaths, atomic_write_text, save_grid_png, sha256_file
 from pipeline.models import build_model
-from pipeline.runtime import Progress, autocast, dist_info, log, resolve_device, seed_everything, stage_record
+from pipeline.runtime import Progress, StopSignals, autocast, dist_info, log, resolve_device, seed_everything, stage_record
 
 __all__ = ["Batcher", "ema_avg_fn", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "evaluate_vqvae"]
 
@@ -144,6 +146,7 @@ def train_loop(
     ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.csv"
     start, rows, elapsed_before = 0, [], 0.0
+    resumed_window: tuple[dict, int] = ({}, 0)
     if ckpt_path.exists():
         state = ckpt_io.load(ckpt_path, map_location=device)
         if state.get("section") != dict(section) or state.get("args") != dict(args):
@@ -156,9 +159,8 @@ def train_loop(
                 ema.load_state_dict(state["ema"])
             ckpt_io.set_rng_state(state["rng"])
             start, rows, elapsed_before = int(state["step"]), list(state["rows"]), float(state["elapsed_s"])
+            resumed_window = (dict(state["window"]), int(state["window_n"]))
             log.info("%s: resumed from %s at step %d/%d", stage, ckpt_path, start, steps)
-
-    import time
 
     net = model
     if world > 1:
@@ -172,8 +174,7 @@ def train_loop(
     t0 = time.perf_counter()
     progress = Progress(stage, steps, start)
     log_every, ckpt_every = int(section["log_every"]), int(section["checkpoint_every"])
-    window: dict[str, float] = {}
-    window_n = 0
+    window, window_n = resumed_window
     model.train()
 
     def save_checkpoint(step: int) -> None:
@@ -192,11 +193,14 @@ def train_loop(
                 "step": step,
                 "rng": ckpt_io.rng_state(),
                 "rows": rows,
+                "window": dict(window),
+                "window_n": window_n,
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
             },
         )
 
-    for step in range(start, steps):
+    def one_step(step: int) -> None:
+        nonlocal window, window_n
         idx = batcher(step).to(device)
         with autocast(device, bf16):
             loss, logs = compute_loss(net, idx, shard)
@@ -222,6 +226,23 @@ def train_loop(
             window, window_n = {}, 0
         if done % ckpt_every == 0 and done < steps:
             save_checkpoint(done)
+
+    # SIGTERM (and SLURM's pre-timeout signal inside a job) only sets a flag; the checkpoint is
+    # taken here, between two steps, and then the stage exits or is requeued.
+    with StopSignals() as stop:
+        for step in range(start, steps):
+            one_step(step)
+            requested = stop.requested is not None
+            if world > 1:  # every rank stops at the same boundary, or one would wait forever in all-reduce
+                flag = torch.tensor([float(requested)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                requested = bool(flag.item())
+                if requested and stop.requested is None:
+                    stop.requested = int(signal.SIGTERM)
+            if requested and step + 1 < steps:
+                save_checkpoint(step + 1)
+                log.warning("%s: signal %d received; checkpoint saved at step %d/%d in %s", stage, stop.requested, step + 1, steps, ckpt_path)
+                stop.after_checkpoint()
     model.eval()
     final_loss = rows[-1]["loss"] if rows else float("nan")
     return {"ema": ema, "rows": rows, "elapsed_s": elapsed_before + time.perf_counter() - t0, "resumed_s": elapsed_before, "final_loss": final_loss}

@@ -186,3 +186,32 @@ def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
     ids = job_ids(wd / "results" / "driver" / "logs" / "train_vqvae.log")
     assert sacct(ids[0]) == ("driver-train_vqvae", "COMPLETED") and ids[0] != driver_id
     assert (wd / "results" / "driver" / "samples" / "pixelcnn.png").is_file()
+
+
+def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
+    """A 1-minute limit and ~62 s of pure compute (2,300 tiny steps at ~37/s): SLURM's
+    pre-timeout signal makes the stage checkpoint between two steps, submitit requeues the job,
+    and the stage resumes where it stopped, as often as needed. (SLURM may send the signal up to
+    60 s early, here ~30 s into each run, hence several requeues.)"""
+    wd, _ = slurm_run
+    run = tmp_path / "tiny"
+    shutil.copytree(wd / "results" / "tiny", run)
+    for f in ("model.pt", "metrics.json", "train_log.csv"):
+        (run / "diffusion" / f).unlink()
+    cluster = tmp_path / "short.yaml"
+    cluster.write_text(yaml.safe_dump({"max_num_timeout": 8, "defaults": {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 1, "signal_delay_s": 25}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--configfile", str(TINY),
+         "--set", "diffusion.steps=2300", "--set", "diffusion.log_every=100", "--set", "diffusion.checkpoint_every=100000",
+         "--submit", "--cluster-config", str(cluster), "--account", ACCOUNT],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
+    logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
+    assert "Caught signal SIGUSR2" in logs and "checkpoint saved at step" in logs
+    assert re.search(r"resumed from .* at step \d+/2300", logs)
+    assert sacct(job_id)[1] == "COMPLETED"
+    steps = [int(line.split(",")[0]) for line in (run / "diffusion" / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(100, 2301, 100))  # continuous across the requeues
+    assert (run / "diffusion" / "model.pt").is_file()

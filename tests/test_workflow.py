@@ -70,7 +70,7 @@ def test_every_output_and_schema(workflow_run):
     assert diff_log[0].startswith("step,lr,loss") and diff_log[-1].startswith(str(cfg["diffusion"]["steps"]))
     # each stage wrote the part of the config it read
     written = yaml.safe_load((run / "diffusion" / "config.yaml").read_text())
-    assert set(written) == {"run", "device", "bf16", "diffusion"} and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
+    assert set(written) == {"run", "device", "bf16", "deterministic", "diffusion"} and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
     timings = json.loads((run / "timings.json").read_text())
     assert {"train_vqvae", "train_diffusion", "sample_diffusion_ddpm"} <= set(timings["stages"])
 

@@ -4,7 +4,7 @@
 set -u
 scancel --user=root >/dev/null 2>&1 || true
 for d in slurmd slurmctld slurmdbd; do pkill -x "$d" 2>/dev/null; done
-for _ in $(seq 40); do pgrep -x 'slurmd|slurmctld|slurmdbd' >/dev/null || break; sleep 0.25; done
+for _ in $(seq 40); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || pgrep -x slurmdbd >/dev/null || break; sleep 0.25; done
 mariadb-admin --socket=/run/mysqld/mysqld.sock shutdown >/dev/null 2>&1 || pkill -x mariadbd 2>/dev/null
 pkill -x munged 2>/dev/null
 exit 0
