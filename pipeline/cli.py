@@ -69,5 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    get_stage(args.stage)(cfg, str(run_dir), **kwargs)
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataError
+    from pipeline.io import DiskFullError
+    from pipeline.latents import LatentsError
+    from pipeline.runtime import DeviceError
+
+    try:
+        get_stage(args.stage)(cfg, str(run_dir), **kwargs)
+    except (DataError, LatentsError, CheckpointError, DiskFullError, DeviceError, ConfigError) as exc:
+        print(f"error: {args.stage}: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -21,6 +21,7 @@ Sources:
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pipeline.io import RunPaths, atomic_path, sha256_file
+from pipeline.io import DiskFullError, RunPaths, atomic_path, sha256_file
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -162,12 +163,16 @@ def download_file(name: str, dest: Path, mirrors: list[str], sha256: str | None,
                     shutil.copyfileobj(resp, out)
                     length = resp.headers.get("Content-Length")
                 if length is not None and tmp.stat().st_size != int(length):
-                    raise DataError(f"connection dropped: got {tmp.stat().st_size} of {length} bytes")
+                    raise DataError(f"connection dropped after {tmp.stat().st_size} of {length} bytes")
                 got = sha256_file(tmp)
                 if sha256 and got != sha256:
                     raise DataError(f"SHA-256 mismatch: got {got}, expected {sha256}")
             return dest
-        except (OSError, urllib.error.URLError, DataError, ValueError) as exc:
+        except DiskFullError:
+            raise
+        except http.client.IncompleteRead as exc:
+            failures.append(f"{url}: connection dropped after {len(exc.partial)} of {len(exc.partial) + (exc.expected or 0)} bytes")
+        except (OSError, urllib.error.URLError, http.client.HTTPException, DataError, ValueError) as exc:
             failures.append(f"{url}: {exc}")
     raise DataError(f"could not download {name!r}; tried:\n  " + "\n  ".join(failures or ["(no mirrors configured)"]))
 
@@ -232,19 +237,30 @@ def load_mnist5k(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
 
 # --- dataset.h5 ---------------------------------------------------------------------------
 def write_dataset(path: str | os.PathLike, splits: Mapping[str, Split], source: str, digests: Mapping[str, str], seed: int) -> None:
-    """Write ``dataset.h5`` (schema above), chunked and gzip-compressed, atomically."""
+    """Write ``dataset.h5`` (schema above), chunked and gzip-compressed, atomically.
+
+    The file is built in memory and written with plain file I/O: HDF5 itself can crash the
+    process when a write fails (disk full), and an MNIST-sized file fits in memory easily.
+
+    Raises:
+        pipeline.io.DiskFullError: no space to write it; nothing is replaced.
+    """
+    import io
+
     import h5py
 
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["source"] = source
+        f.attrs["sha256"] = json.dumps(dict(digests), sort_keys=True)
+        f.attrs["seed"] = seed
+        for name, split in splits.items():
+            g = f.create_group(name)
+            g.create_dataset("images", data=split.images.astype(np.uint8), chunks=(max(1, min(len(split.images), 1024)), 1, 28, 28), compression="gzip")
+            g.create_dataset("labels", data=split.labels.astype(np.int64))
     with atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["source"] = source
-            f.attrs["sha256"] = json.dumps(dict(digests), sort_keys=True)
-            f.attrs["seed"] = seed
-            for name, split in splits.items():
-                g = f.create_group(name)
-                g.create_dataset("images", data=split.images.astype(np.uint8), chunks=(min(len(split.images), 1024), 1, 28, 28), compression="gzip")
-                g.create_dataset("labels", data=split.labels.astype(np.int64))
+        tmp.write_bytes(buf.getbuffer())
 
 
 def read_dataset(path: str | os.PathLike, split: str) -> Split:

@@ -7,6 +7,7 @@ complete or is not there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 __all__ = [
+    "DiskFullError",
     "RunPaths",
     "atomic_path",
     "atomic_write_text",
@@ -77,12 +79,34 @@ class RunPaths:
         return self.root / "timings.json"
 
 
+class DiskFullError(OSError):
+    """Writing a file failed because the disk (or a quota, or a file size limit) is full."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXT = ("No space left", "File too large", "Disk quota exceeded", "file write failed")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(exc) for t in _FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
     On an exception the temporary file is removed and ``path`` is left as it was.
     ``suffix`` is kept at the end of the temporary name (some writers look at it).
+
+    Raises:
+        DiskFullError: the write failed for lack of space (ENOSPC, EDQUOT, EFBIG, or h5py's
+            and torch's wrappers of them); the message names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,9 +116,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and _is_disk_full(exc):
+            raise DiskFullError(errno.ENOSPC, f"disk full while writing {path} (nothing was replaced; free space and re-run): {str(exc)[:300]}") from exc
         raise
 
 

@@ -134,6 +134,30 @@ def read_split(path: str | os.PathLike, split: str, expect_vqvae_sha256: Optiona
         return LatentSplit(g["codes"][...], g["latents"][...], g["labels"][...]), info
 
 
+def _check_free_space(dest: Path, dataset: Path, d: int) -> None:
+    """Refuse to start when the uncompressed size of ``latents.h5`` exceeds the free space.
+
+    HDF5 can crash the process on a failed write, so a full disk is detected before writing.
+
+    Raises:
+        pipeline.io.DiskFullError: naming the file, the bytes needed and the bytes free.
+    """
+    import errno
+    import shutil
+
+    import h5py
+
+    from pipeline.io import DiskFullError
+
+    with h5py.File(dataset, "r") as f:
+        n = sum(f[f"{s}/labels"].shape[0] for s in SPLITS if f"{s}/labels" in f)
+    need = n * (d * 49 * 4 + 49 * 2 + 8) + (1 << 20)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest.parent).free
+    if need > free:
+        raise DiskFullError(errno.ENOSPC, f"disk full: writing {dest} needs up to {need / 1e6:.1f} MB but {free / 1e6:.1f} MB are free; nothing was written")
+
+
 def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 3: encode every image of ``dataset.h5`` with the trained VQ-VAE into ``latents.h5``.
 
@@ -141,6 +165,9 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
 
     Returns:
         metrics dict (N per split, codes in use, wall time).
+
+    Raises:
+        pipeline.io.DiskFullError: not enough free space for the file (checked before writing).
     """
     import h5py
     import torch
@@ -157,6 +184,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         vqvae.eval()
         k, d = vqvae.num_embeddings, vqvae.embedding_dim
         vq_sha = sha256_file(paths.vqvae_model)
+        _check_free_space(paths.latents, paths.dataset, d)
         used = np.zeros(k, dtype=np.int64)
         s1 = np.zeros(d, dtype=np.float64)
         s2 = np.zeros(d, dtype=np.float64)

@@ -23,9 +23,13 @@ import numpy as np
 from pipeline.config import stage_view, write_config
 from pipeline.io import write_json
 
-__all__ = ["StopSignals", "set_requeue_hook", "dist_info", "log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
+__all__ = ["DeviceError", "StopSignals", "set_requeue_hook", "dist_info", "log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
 
 log = logging.getLogger("pipeline")
+
+
+class DeviceError(RuntimeError):
+    """The configured device is not available."""
 
 
 _REQUEUE: dict = {"hook": None, "signals": ()}
@@ -95,7 +99,7 @@ def resolve_device(name: str):
     """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` (error if no GPU).
 
     Raises:
-        RuntimeError: ``device: cuda`` on a machine where ``torch.cuda.is_available()`` is false.
+        DeviceError: ``device: cuda`` on a machine where ``torch.cuda.is_available()`` is false.
     """
     import torch
 
@@ -103,7 +107,7 @@ def resolve_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use device: auto or cpu")
+            raise DeviceError("config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use device: auto or cpu")
         local = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
     if name == "cpu":
