@@ -50,11 +50,18 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = 
     return proc
 
 
-def sacct(job_id: str) -> tuple[str, str]:
-    """(job name, state) of a job from the accounting database."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,State"], capture_output=True, text=True, check=True).stdout
-    name, state = out.strip().splitlines()[0].split("|")
-    return name, state.split()[0]
+def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
+    """(job name, final state) of a job from the accounting database (which lags a little)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,State"], capture_output=True, text=True, check=True).stdout
+        name, state = out.strip().splitlines()[-1].split("|")
+        state = state.split()[0]
+        if state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.monotonic() > deadline:
+            return name, state
+        time.sleep(1)
 
 
 def job_ids(log: Path) -> list[str]:
