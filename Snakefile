@@ -44,9 +44,10 @@ def _profile_site_config():
 # drop the site settings (SLURM dispatch!) and train on the login node: refuse that.
 _site = _profile_site_config()
 if _site and _site not in [str(p) for p in workflow.config_settings.configfiles]:
+    _shown = os.path.relpath(_site, workflow.basedir)  # as typed from the repository root
     raise WorkflowError(
-        f"--configfile replaced the profile's site config {os.path.relpath(_site)}; "
-        f"list it first: --configfile {os.path.relpath(_site)} <your files>"
+        f"--configfile replaced the profile's site config {_shown}; "
+        f"list it first: --configfile {_shown} <your files>"
     )
 
 # `--config 'diffusion={steps: 21}'` arrives as strings; read them as the schema's types.
@@ -67,6 +68,9 @@ HALF = workflow.cores // 2 if workflow.cores >= 4 else workflow.cores
 SLURM = config["slurm"]
 if SLURM["enabled"]:
     _account = SLURM["account"] or os.environ.get("SLURM_ACCOUNT")
+    _dry = any(a in ("--dry-run", "--dryrun", "--lint") or (a.startswith("-") and not a.startswith("--") and "n" in a[1:]) for a in sys.argv[1:])
+    if not _account and _dry:
+        _account = "<set slurm.account or SLURM_ACCOUNT>"  # a dry run submits nothing
     if not _account:
         raise WorkflowError(
             "SLURM dispatch needs an account: add --config slurm={account: <name>} "

@@ -211,8 +211,19 @@ def submit_stage(
     print(f"{stage}{suffix}: submitted SLURM job {job.job_id} ({executor.cluster}); logs: {folder}", flush=True)
     if not wait:
         return job
+
+    # If this waiting command is stopped (Snakemake shutting down after another job failed,
+    # Ctrl-C, scancel of the driver), cancel the SLURM job instead of leaving it running.
+    def _stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         results = job.results()
+    except KeyboardInterrupt:
+        job.cancel(check=False)
+        print(f"{stage}{suffix}: interrupted; cancelled SLURM job {job.job_id}", flush=True)
+        raise
     except Exception as exc:  # submitit raises FailedJobError / UncompletedJobError
         state = _final_state(job)
         stderr = Path(str(job.paths.stderr).replace("%t", "0"))
@@ -220,6 +231,8 @@ def submit_stage(
             f"{stage}{suffix}: SLURM job {job.job_id} ended in state {state}.\n"
             f"stderr: {stderr}\n--- last lines ---\n{_tail(stderr)}\n--- submitit ---\n{str(exc)[-2000:]}"
         ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{stage}{suffix}: SLURM job {job.job_id} finished ({len(results)} task(s))", flush=True)
     return results[0]
 

@@ -377,20 +377,30 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
     return metrics
 
 
+def _read_latents(paths: RunPaths):
+    """Both splits of ``latents.h5``, refusing a file made from another ``vqvae/model.pt``.
+
+    Returns:
+        (SHA-256 of vqvae/model.pt, train LatentSplit, test LatentSplit, LatentsInfo).
+    """
+    from pipeline.latents import read_split
+
+    vq_sha = sha256_file(paths.vqvae_model)
+    train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
+    test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
+    return vq_sha, train, test, info
+
+
 # --- stage 4: PixelCNN prior --------------------------------------------------------------------
 def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
     ``pixelcnn/model.pt``, ``metrics.json`` (test NLL in nats and bits per code) and ``train_log.csv``."""
-    from pipeline.latents import read_split
-
     paths = RunPaths(run_dir)
     sec = cfg["pixelcnn"]
     out = paths.pixelcnn_model.parent
     with stage_record("train_pixelcnn", cfg, out, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        vq_sha = sha256_file(paths.vqvae_model)
-        train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
-        test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
+        vq_sha, train, test, info = _read_latents(paths)
         train_c = torch.from_numpy(train.codes.astype(np.int64)).to(device)
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
         args = {"num_embeddings": info.num_embeddings, "hidden_channels": sec["hidden_channels"], "num_layers": sec["num_layers"], "kernel_size": sec["kernel_size"]}
@@ -419,16 +429,13 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     the scaling), ``metrics.json`` (final train loss, test loss of the EMA weights) and
     ``train_log.csv``."""
     from pipeline.diffusion import GaussianDiffusion
-    from pipeline.latents import read_split
 
     paths = RunPaths(run_dir)
     sec = cfg["diffusion"]
     out = paths.diffusion_model.parent
     with stage_record("train_diffusion", cfg, out, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        vq_sha = sha256_file(paths.vqvae_model)
-        train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
-        test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
+        vq_sha, train, test, info = _read_latents(paths)
         mean = torch.tensor(info.latent_mean, dtype=torch.float32, device=device)[None, :, None, None]
         std = torch.tensor(info.latent_std, dtype=torch.float32, device=device)[None, :, None, None]
         train_z = (torch.from_numpy(train.latents).to(device) - mean) / std

@@ -131,14 +131,26 @@ def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_pa
     assert proc.returncode != 0
     assert re.search(r"SLURM job \d+ ended in state FAILED", out), out[-3000:]
     assert "not a readable HDF5 file" in out  # the tail of the job's stderr
+    # the concurrent diffusion job was cancelled when Snakemake stopped, not left running
+    import time
+
+    for _ in range(30):
+        names = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
+        if not any(n.startswith("tiny-") for n in names):
+            break
+        time.sleep(1)
+    assert not any(n.startswith("tiny-") for n in names), names
 
 
 def test_profile_without_account_fails_before_submitting(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "local"), "-n"]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "local")]
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "SLURM dispatch needs an account" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()  # nothing ran, nothing was submitted
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
 
 
 def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -121,3 +122,16 @@ def test_single_stage_cli_writes_where_told(tiny_run, tmp_path):
     assert (run / "pixelcnn" / "model.pt").read_bytes() == before
     bad = subprocess.run([sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--set", "diffusion.stepz=5"], capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'diffusion.steps'" in bad.stderr
+
+
+def test_cluster_profiles_dry_run_without_account_and_guard_site_config(tmp_path):
+    """`snakemake --profile cluster/bigred200 -n` prints the plan anywhere; a --configfile that
+    would silently drop the profile's site config (SLURM dispatch) is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
+    base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
+    plan = subprocess.run([*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "-p"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "--submit --cluster-config" in plan.stdout and "train_diffusion" in plan.stdout
+    guard = subprocess.run([*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "--configfile", str(TINY)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert guard.returncode != 0
+    assert "--configfile replaced the profile's site config cluster/bigred200/pipeline.yaml; list it first" in guard.stdout + guard.stderr
