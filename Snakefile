@@ -7,7 +7,7 @@
 #   snakemake --configfile my.yaml --cores 2      # merged over pipeline/configs/default.yaml
 #
 # Each rule's params is its config section: changing one section re-runs that stage and what
-# depends on it, nothing else. Every stage runs `python -m pipeline <stage>` with the whole
+# depends on it, nothing else. Every stage runs `python -m pipeline <stage>` with that part of the
 # validated config as JSON, so the same command works without Snakemake. This file never
 # imports torch.
 import json
@@ -18,7 +18,7 @@ from snakemake.utils import min_version, validate
 
 sys.path.insert(0, workflow.basedir)
 from pipeline.config import coerce_strings  # pyyaml only: the Snakefile never imports torch
-from pipeline.dispatch import shell_args  # submitit is imported only inside the jobs' commands
+from pipeline.dispatch import shell_args  # submitit and yaml, no torch
 
 min_version("9.0")
 
