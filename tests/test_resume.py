@@ -124,3 +124,33 @@ def test_sigkill_during_latent_extraction_leaves_no_latents_file(tiny_run, tmp_p
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     with h5py.File(run / "latents" / "latents.h5") as f:
         assert f["train/codes"].shape[0] == 300
+
+
+def test_snakemake_killed_mid_training_recovers_with_rerun_incomplete(tmp_path):
+    """SIGKILL to Snakemake and its job mid-training: no output is taken as finished, and
+    `snakemake --rerun-incomplete` completes the run, resuming the stage from its checkpoint."""
+    base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--configfile", str(TINY), "--cores", "2",
+            "--config", "diffusion={steps: 600, log_every: 20, checkpoint_every: 100}", "sample={models: [diffusion_ddim]}"]
+    proc = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(r"train_diffusion (2\d\d|3\d\d)/600", line):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any("train_diffusion" in l for l in seen), "".join(seen)[-2000:]
+    run = tmp_path / "results" / "tiny"
+    assert not (run / "diffusion" / "model.pt").exists()
+    assert (run / "diffusion" / "checkpoint.pt").exists()
+    # a killed driver leaves Snakemake's directory lock: --unlock, then --rerun-incomplete
+    subprocess.run([*base, "--unlock"], check=True, capture_output=True, cwd=ROOT, timeout=120)
+    done = subprocess.run([*base, "--rerun-incomplete"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in (run / "logs" / "train_diffusion.log").read_text()
+    assert torch.load(run / "diffusion" / "model.pt", weights_only=True)["kind"] == "unet"
+    assert (run / "samples" / "diffusion_ddim.png").is_file()
