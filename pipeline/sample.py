@@ -112,8 +112,10 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
 
     Raises:
         ValueError: unknown sampler name.
-        pipeline.checkpoint.CheckpointError: a model file that is not ours or does not fit.
+        pipeline.checkpoint.CheckpointError: a model file that is not ours, does not fit, or was
+            trained on latents of another ``vqvae/model.pt``.
     """
+    from pipeline.checkpoint import CheckpointError
     from pipeline.diffusion import GaussianDiffusion
     from pipeline.train import load_model
 
@@ -135,7 +137,7 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
         if model.startswith("pixelcnn"):
             prior, state = load_model(paths.pixelcnn_model, device=device)
             if state.get("vqvae_sha256") not in (None, vq_sha):
-                raise ValueError(f"{paths.pixelcnn_model} was trained on latents of another vqvae/model.pt; re-run train_pixelcnn")
+                raise CheckpointError(f"{paths.pixelcnn_model} was trained on latents of another vqvae/model.pt; re-run train_pixelcnn")
             greedy = model == "pixelcnn_greedy"
             for start in range(0, n, bs):
                 with autocast(device, cfg["bf16"]):
@@ -147,7 +149,7 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
         else:
             net, state = load_model(paths.diffusion_model, device=device, weights="ema")
             if state.get("vqvae_sha256") not in (None, vq_sha):
-                raise ValueError(f"{paths.diffusion_model} was trained on latents of another vqvae/model.pt; re-run train_diffusion")
+                raise CheckpointError(f"{paths.diffusion_model} was trained on latents of another vqvae/model.pt; re-run train_diffusion")
             diffusion = GaussianDiffusion(state["diffusion"]["schedule"], int(state["diffusion"]["timesteps"])).to(device)
             mean = state["latent_mean"].float().to(device)[None, :, None, None]
             std = state["latent_std"].float().to(device)[None, :, None, None]

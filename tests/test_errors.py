@@ -178,3 +178,16 @@ def test_disk_full_before_writing_latents(tiny_run, tiny_fs):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"disk full: writing {run / 'latents' / 'latents.h5'} needs up to" in proc.stderr
     assert not (run / "latents" / "latents.h5").exists()
+
+
+def test_prior_trained_on_another_vqvae_is_refused_by_the_sampler(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "pixelcnn" / "model.pt", weights_only=True)
+    state["vqvae_sha256"] = "0" * 64
+    torch.save(state, run / "pixelcnn" / "model.pt")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "pixelcnn", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert f"error: sample: {run / 'pixelcnn' / 'model.pt'} was trained on latents of another vqvae/model.pt; re-run train_pixelcnn" in proc.stderr
