@@ -43,10 +43,6 @@ class RunPaths:
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
 
-    # stage folders
-    def stage_dir(self, name: str) -> Path:
-        return self.root / name
-
     @property
     def dataset(self) -> Path:
         return self.root / "data" / "dataset.h5"
@@ -70,9 +66,11 @@ class RunPaths:
     def samples(self, model: str, ext: str) -> Path:
         return self.root / "samples" / f"{model}.{ext}"
 
-    def checkpoint(self, stage_dir: str) -> Path:
-        """The fixed-name resume checkpoint of a training stage (one name for save and load)."""
-        return self.root / stage_dir / "checkpoint.pt"
+    @staticmethod
+    def checkpoint(stage_dir: str | os.PathLike) -> Path:
+        """The fixed-name resume checkpoint in a training stage's folder: the one name used to
+        save, to resume and to remove it."""
+        return Path(stage_dir) / "checkpoint.pt"
 
     @property
     def timings(self) -> Path:

@@ -4,7 +4,7 @@ Every training stage counts optimizer steps, not epochs. The data order is a see
 permutation per epoch derived from (seed, epoch), so the position in the data is a function
 of the step alone. Every ``checkpoint_every`` steps the full state (model, EMA, optimizer, LR
 schedule, step, RNG states, log rows, elapsed time) goes into ``<stage>/checkpoint.pt`` (one
-fixed name, :meth:`pipeline.io.RunPaths.checkpoint`); every start resumes from it if present and
+fixed name from :meth:`pipeline.io.RunPaths.checkpoint`); every start resumes from it if present and
 made for the same config. The final ``<stage>/model.pt`` holds ``kind`` and ``args`` so that
 :func:`load_model` rebuilds the network through the one factory, ``pipeline.models.build_model``.
 """
@@ -143,7 +143,7 @@ def train_loop(
 
         ema = AveragedModel(model, avg_fn=ema_avg_fn(ema_decay), use_buffers=True)
     batcher = Batcher(n_data, int(section["batch_size"]), int(section["seed"]))
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path = RunPaths.checkpoint(out_dir)
     log_path = out_dir / "train_log.csv"
     start, rows, elapsed_before = 0, [], 0.0
     resumed_window: tuple[dict, int] = ({}, 0)
@@ -283,7 +283,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weig
 
 def _finish(out_dir: Path) -> None:
     if dist_info()[0] == 0:
-        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+        RunPaths.checkpoint(out_dir).unlink(missing_ok=True)
 
 
 # --- stage 2: VQ-VAE --------------------------------------------------------------------------
