@@ -2,9 +2,10 @@
 
 The only module that imports submitit. The SLURM parameters of every stage live in one YAML file
 per cluster (``cluster/<name>/slurm.yaml``; dinov2's ``get_slurm_executor_parameters``), read by
-:func:`load_cluster_config`. The callable that runs in the job is :func:`run_in_job`, a
-module-level function (it pickles by reference) that calls the same stage callable that
-``python -m pipeline <stage>`` calls in-process.
+:func:`load_cluster_config`. The callable submitted is a :class:`StageJob` (a module-level,
+``Checkpointable`` class: it pickles by reference and is requeued after a time limit), which
+runs :func:`run_in_job`, which calls the same stage callable that ``python -m pipeline <stage>``
+calls in-process.
 
 Multi-GPU: a stage with ``gpus_per_node: N > 1`` runs N tasks per node; each task exports the
 torch.distributed variables with ``submitit.helpers.TorchDistributedEnvironment().export()``,
