@@ -82,16 +82,30 @@ class DiskFullError(OSError):
 
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-_FULL_TEXT = ("No space left", "File too large", "Disk quota exceeded", "file write failed")
+_FULL_TEXT = ("No space left", "File too large", "Disk quota exceeded")
+_NEARLY_FULL_BYTES = 64 << 20
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def _is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether ``exc`` (or what caused it) is a write failure for lack of space in ``folder``.
+
+    An errno or message that says so counts. torch's writer gives no reason ("iostream error",
+    "unexpected pos ..."), so an OSError or RuntimeError raised while writing counts too when
+    the filesystem really has under 64 MiB free.
+    """
+    io_error = False
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
             return True
         if any(t in str(exc) for t in _FULL_TEXT):
             return True
+        io_error = io_error or isinstance(exc, (OSError, RuntimeError))
         exc = exc.__cause__ or exc.__context__
+    if io_error:
+        import shutil
+
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
     return False
 
 
@@ -104,7 +118,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
     Raises:
         DiskFullError: the write failed for lack of space (ENOSPC, EDQUOT, EFBIG, or h5py's
-            and torch's wrappers of them); the message names ``path``.
+            and torch's wrappers of them; torch's reason-less write errors count only when the
+            filesystem has under 64 MiB free); the message names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +132,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and _is_disk_full(exc):
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and _is_disk_full(exc, path.parent):
             raise DiskFullError(errno.ENOSPC, f"disk full while writing {path} (nothing was replaced; free space and re-run): {str(exc)[:300]}") from exc
         raise
 

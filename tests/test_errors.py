@@ -191,3 +191,22 @@ def test_prior_trained_on_another_vqvae_is_refused_by_the_sampler(tiny_run, tmp_
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "pixelcnn", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
     assert f"error: sample: {run / 'pixelcnn' / 'model.pt'} was trained on latents of another vqvae/model.pt; re-run train_pixelcnn" in proc.stderr
+
+
+@pytest.mark.parametrize("tiny_fs", ["256k"], indirect=True)
+def test_disk_full_while_saving_a_checkpoint(tiny_fs):
+    """torch gives no reason for a failed write; on a full filesystem that is a DiskFullError."""
+    from pipeline.io import DiskFullError
+
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*model.pt \(nothing was replaced"):
+        save(tiny_fs / "model.pt", {"model": {"w": torch.zeros(512, 1024)}})
+    assert not list(tiny_fs.iterdir())  # neither the file nor its temporary remains
+
+
+def test_other_write_failures_are_not_called_disk_full(tmp_path):
+    from pipeline.io import DiskFullError, atomic_path
+
+    with pytest.raises(RuntimeError, match="file write failed") as info:
+        with atomic_path(tmp_path / "x.pt"):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert not isinstance(info.value, DiskFullError)  # plenty of space here: not a full disk
