@@ -1,6 +1,8 @@
 # vq-latent-pipeline: prepare_data -> train_vqvae -> extract_latents -> train_pixelcnn + train_diffusion
-#                     -> sample (one job per sampler) -> timings
+#                     -> sample (one job per sample set) -> evaluate (judged by train_classifier) -> timings
+#                     (+ train_pixel_diffusion, the pixel-space baseline, when a pixeldiff_* set is listed)
 #
+#   snakemake --report results/default/report.html   # Snakemake's report: grids, curves, tables
 #   snakemake --cores 2                           # the whole chain on the embedded default data
 #   snakemake --config run=try2 --cores 2         # writes to results/try2/
 #   snakemake --forcerun train_diffusion --cores 2
@@ -19,8 +21,11 @@ from snakemake.utils import min_version, validate
 sys.path.insert(0, workflow.basedir)
 from pipeline.config import coerce_strings  # pyyaml only: the Snakefile never imports torch
 from pipeline.dispatch import shell_args  # submitit and yaml, no torch
+from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for  # no torch
 
 min_version("9.0")
+
+report: "pipeline/report/workflow.rst"
 
 
 # Packaged defaults first; --configfile and --config are merged over them.
@@ -56,6 +61,8 @@ validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.y
 
 RUN = f"results/{config['run']}"
 MODELS = config["sample"]["models"]
+PRIORS = sorted({parse_sample_set(m).prior for m in MODELS})  # pixelcnn, diffusion, pixeldiff
+STUDIES = studies_for(MODELS)
 CONDA_ENV = config["conda_env"]  # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
 # PixelCNN and diffusion training (and the samplers) may run side by side. With 4+ cores each
 # gets half; with fewer, each takes them all and they run one after another, which on 2 cores is
@@ -89,14 +96,18 @@ def run_dir(wildcards, output):
     return os.path.dirname(os.path.dirname(output[0]))
 
 
-def stage_config(section):
-    """JSON of what a stage reads: the top-level run/device/bf16/deterministic keys and its own section.
+def stage_config(*sections, drop=()):
+    """JSON of what a stage reads: the top-level run/device/bf16/deterministic keys and its own section(s).
 
     It is the rule's params, so changing this section (or the device) re-runs the stage and
-    its dependents, and changing another section does not.
+    its dependents, and changing another section does not. ``drop``: keys of the first section
+    the stage does not read (sample.models: adding a sample set re-runs no other set).
     """
     view = {k: config[k] for k in ("run", "device", "bf16", "deterministic")}
-    view[section] = config[section]
+    for section in sections:
+        view[section] = dict(config[section])
+    for key in drop:
+        view[sections[0]].pop(key, None)
     return json.dumps(view, sort_keys=True)
 
 
@@ -105,6 +116,8 @@ rule all:
         expand(f"{RUN}/samples/{{model}}.png", model=MODELS),
         expand(f"{RUN}/samples/{{model}}.npy", model=MODELS),
         f"{RUN}/vqvae/reconstructions.png",
+        f"{RUN}/report/metrics.json",
+        f"{RUN}/report/summary.md",
         f"{RUN}/timings.json",
     default_target: True
 
@@ -132,7 +145,7 @@ rule train_vqvae:
     output:
         model=f"{RUN}/vqvae/model.pt",
         metrics=f"{RUN}/vqvae/metrics.json",
-        recon=f"{RUN}/vqvae/reconstructions.png",
+        recon=report(f"{RUN}/vqvae/reconstructions.png", caption="pipeline/report/reconstructions.rst", category="VQ-VAE"),
         log_csv=f"{RUN}/vqvae/train_log.csv",
     params:
         run=run_dir,
@@ -214,10 +227,78 @@ rule train_diffusion:
         "python -m pipeline train_diffusion --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
+rule train_classifier:
+    input:
+        f"{RUN}/data/dataset.h5",
+    output:
+        model=f"{RUN}/classifier/model.pt",
+        metrics=f"{RUN}/classifier/metrics.json",
+        log_csv=f"{RUN}/classifier/train_log.csv",
+    params:
+        run=run_dir,
+        cfg=stage_config("classifier"),
+    log:
+        f"{RUN}/logs/train_classifier.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    shell:
+        "python -m pipeline train_classifier --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
+
+
+rule train_pixel_diffusion:
+    input:
+        f"{RUN}/data/dataset.h5",
+        # steps: null trains as long as the latent model did (equal wall time), so it waits for it
+        [f"{RUN}/diffusion/metrics.json"] if config["pixel_diffusion"]["steps"] is None else [],
+    output:
+        model=f"{RUN}/pixel_diffusion/model.pt",
+        metrics=f"{RUN}/pixel_diffusion/metrics.json",
+        log_csv=f"{RUN}/pixel_diffusion/train_log.csv",
+    params:
+        run=run_dir,
+        cfg=stage_config("pixel_diffusion"),
+    log:
+        f"{RUN}/logs/train_pixel_diffusion.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    shell:
+        "python -m pipeline train_pixel_diffusion --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
+
+
+PRIOR_MODEL = {"pixelcnn": "pixelcnn", "diffusion": "diffusion", "pixeldiff": "pixel_diffusion"}
+
+
+def sample_config(name):
+    """stage_config("sample") narrowed to the keys sample set ``name`` reads, so that changing,
+    say, sample.ddim_steps re-runs the DDIM sets without an _s<S> and nothing else."""
+    spec = parse_sample_set(name)
+    keys = ["seed", "num_samples", "batch_size"]
+    if spec.prior == "pixelcnn":
+        keys += ["temperature"] if spec.method == "categorical" and spec.temperature is None else []
+    else:
+        keys.append("clip_denoised")
+        if spec.method == "ddim":
+            keys += ["ddim_eta"] + (["ddim_steps"] if spec.steps is None else [])
+        else:
+            keys.append("ddpm_num_samples")
+    view = json.loads(stage_config("sample"))
+    view["sample"] = {k: config["sample"][k] for k in keys}
+    return json.dumps(view, sort_keys=True)
+
+
 def sampler_inputs(wildcards):
-    """The trained model a sampler needs, plus the VQ-VAE that decodes its codes."""
-    prior = "pixelcnn" if wildcards.model.startswith("pixelcnn") else "diffusion"
-    return [f"{RUN}/vqvae/model.pt", f"{RUN}/{prior}/model.pt"]
+    """The trained model a sample set needs, plus the VQ-VAE that decodes latent codes."""
+    prior = parse_sample_set(wildcards.model).prior
+    vqvae = [] if prior == "pixeldiff" else [f"{RUN}/vqvae/model.pt"]
+    return vqvae + [f"{RUN}/{PRIOR_MODEL[prior]}/model.pt"]
 
 
 rule sample:
@@ -225,13 +306,13 @@ rule sample:
         sampler_inputs,
     output:
         npy=f"{RUN}/samples/{{model}}.npy",
-        png=f"{RUN}/samples/{{model}}.png",
+        png=report(f"{RUN}/samples/{{model}}.png", caption="pipeline/report/samples.rst", category="Samples", labels={"sample set": "{model}"}),
         record=f"{RUN}/samples/{{model}}.json",
     wildcard_constraints:
-        model="pixelcnn|pixelcnn_greedy|diffusion_ddim|diffusion_ddpm",
+        model=SAMPLE_SET_PATTERN,
     params:
         run=run_dir,
-        cfg=stage_config("sample"),
+        cfg=lambda wildcards: sample_config(wildcards.model),
     log:
         f"{RUN}/logs/sample_{{model}}.log",
     conda:
@@ -244,12 +325,44 @@ rule sample:
         "python -m pipeline sample --model {wildcards.model} --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
+STUDY_CAPTIONS = {s: f"pipeline/report/{s}.rst" for s in ("sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance")}
+
+
+rule evaluate:
+    input:
+        f"{RUN}/data/dataset.h5",
+        f"{RUN}/classifier/model.pt",
+        expand(f"{RUN}/samples/{{model}}.{{ext}}", model=MODELS, ext=("npy", "json")),
+        # carried into the table: every trained model's own metrics and training log
+        expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + [PRIOR_MODEL[p] for p in PRIORS], f=("metrics.json", "train_log.csv")),
+    output:
+        metrics=report(f"{RUN}/report/metrics.json", caption="pipeline/report/metrics.rst", category="Metrics"),
+        summary=f"{RUN}/report/summary.md",
+        sets=report(f"{RUN}/report/sets.tsv", caption="pipeline/report/sets.rst", category="Metrics", labels={"table": "all sample sets"}),
+        curves=report(f"{RUN}/report/training_curves.png", caption="pipeline/report/curves.rst", category="Training"),
+        studies=[report(f"{RUN}/report/{s}.tsv", caption=STUDY_CAPTIONS[s], category="Studies", labels={"study": s}) for s in STUDIES],
+    params:
+        run=run_dir,
+        cfg=stage_config("evaluate", "sample"),
+    log:
+        f"{RUN}/logs/evaluate.log",
+    conda:
+        CONDA_ENV
+    threads: workflow.cores
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    shell:
+        "python -m pipeline evaluate --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
+
+
 rule timings:
     input:
         f"{RUN}/data/dataset.h5",
         f"{RUN}/vqvae/metrics.json",
         f"{RUN}/latents/latents.h5",
         expand(f"{RUN}/samples/{{model}}.json", model=MODELS),
+        f"{RUN}/report/metrics.json",
     output:
         f"{RUN}/timings.json",
     params:

@@ -1,7 +1,8 @@
 """Command line: run one stage, show the resolved config, or collect timings.
 
     python -m pipeline <stage> --run results/<run> [--configfile F] [--set key.sub=value ...]
-    python -m pipeline sample --run results/<run> --model diffusion_ddim
+    python -m pipeline sample --run results/<run> --model diffusion_ddim_s25
+    python -m pipeline evaluate --run results/<run>              # report/metrics.json, summary.md
     python -m pipeline config [--configfile F] [--set ...]      # print the resolved config
     python -m pipeline timings --run results/<run>               # write timings.json
     python -m pipeline train_diffusion --run results/<run> --submit [--account A]  # as a SLURM job
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configfile", action="append", default=[], help="YAML file(s) merged over the packaged defaults")
     p.add_argument("--config-json", help="JSON object merged after the files (the Snakefile passes its config so)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override one key; value parsed as YAML")
-    p.add_argument("--model", default="pixelcnn", help="sampler for the sample stage: pixelcnn, pixelcnn_greedy, diffusion_ddim, diffusion_ddpm")
+    p.add_argument("--model", default="pixelcnn", help="sample set for the sample stage, e.g. pixelcnn, pixelcnn_greedy, pixelcnn_t0.8, diffusion_ddim_s25, diffusion_ddpm, diffusion_ddim_g2, pixeldiff_ddim (grammar in the README)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", dest="submit", action="store_false", help="run in this process (the default)")
@@ -71,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
-    from pipeline.io import DiskFullError
+    from pipeline.io import DiskFullError, StageInputError
     from pipeline.latents import LatentsError
     from pipeline.runtime import DeviceError
 
     try:
         get_stage(args.stage)(cfg, str(run_dir), **kwargs)
-    except (DataError, LatentsError, CheckpointError, DiskFullError, DeviceError, ConfigError) as exc:
+    except (DataError, LatentsError, CheckpointError, DiskFullError, DeviceError, ConfigError, StageInputError) as exc:
         print(f"error: {args.stage}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -47,7 +47,10 @@ STAGE_SECTIONS = {
     "extract_latents": "latents",
     "train_pixelcnn": "pixelcnn",
     "train_diffusion": "diffusion",
+    "train_classifier": "classifier",
+    "train_pixel_diffusion": "pixel_diffusion",
     "sample": "sample",
+    "evaluate": ("evaluate", "sample"),  # the sample sets to judge are sample.models
 }
 
 
@@ -204,6 +207,13 @@ def validate(cfg: Mapping, schema: Mapping | None = None) -> None:
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.path) or "<top level>"
+        if list(err.path)[:2] == ["sample", "models"] and err.validator == "pattern":
+            from pipeline.sets import parse_sample_set
+
+            try:
+                parse_sample_set(str(err.instance))
+            except ValueError as exc:  # the grammar in words, not the regular expression
+                raise ConfigError(f"config key {where!r}: {exc}") from None
         raise ConfigError(f"config key {where!r}: {err.message}")
 
 
@@ -249,10 +259,11 @@ def resolve(
 
 
 def stage_view(cfg: Mapping, stage: str) -> dict:
-    """The part of ``cfg`` a stage reads: the top-level scalars and the stage's own section."""
-    section = STAGE_SECTIONS[stage]
+    """The part of ``cfg`` a stage reads: the top-level scalars and the stage's own section(s)."""
+    sections = STAGE_SECTIONS[stage]
     view = {k: cfg[k] for k in TOP_LEVEL_KEYS if k in cfg}
-    view[section] = copy.deepcopy(cfg[section])
+    for section in (sections,) if isinstance(sections, str) else sections:
+        view[section] = copy.deepcopy(cfg[section])
     return view
 
 

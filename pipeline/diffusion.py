@@ -13,6 +13,8 @@ with ``.to(device)`` (lucidrains/denoising-diffusion-pytorch). Sources:
   beta_t clipped at 0.999.
 * Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM): the update of eq. 12
   on a sub-sequence of S timesteps, deterministic when eta = 0.
+* Ho & Salimans 2022, "Classifier-Free Diffusion Guidance": one network trained with label
+  dropout gives eps(z, c) and eps(z); sampling uses (1 + w) eps(z, c) - w eps(z) (eq. 6).
 
 Named schedules never change once committed: a trained checkpoint stores the name and T.
 Timesteps are integers in [0, T); index t here is DDPM's t+1.
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "make_betas", "GaussianDiffusion", "ddim_timesteps"]
+__all__ = ["SCHEDULES", "make_betas", "GaussianDiffusion", "ddim_timesteps", "guidance_combine", "classifier_free_guidance"]
 
 SCHEDULES = ("linear", "cosine")
 
@@ -150,13 +152,15 @@ class GaussianDiffusion(nn.Module):
         x_start: torch.Tensor,
         t: torch.Tensor,
         noise: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-example simple loss ||eps - eps_theta(x_t, t)||^2, averaged over non-batch dims
-        (DDPM eq. 14). Returns float (B,)."""
+        (DDPM eq. 14). ``labels`` int (B,), if given, is passed as ``model(x_t, t, labels)``
+        (class-conditional training). Returns float (B,)."""
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        eps = model(x_t, t)
+        eps = model(x_t, t) if labels is None else model(x_t, t, labels)
         return (eps.float() - noise).pow(2).flatten(1).mean(1)
 
     # sampling ---------------------------------------------------------------------------
@@ -241,3 +245,49 @@ class GaussianDiffusion(nn.Module):
             if progress is not None:
                 progress(i + 1)
         return x
+
+
+def guidance_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + s * (cond - uncond): classifier-free guidance of two predictions.
+
+    Convention (diffusers' ``guidance_scale`` s): s = 0 is the unconditional prediction, s = 1
+    the conditional one (no guidance), s > 1 guides. Ho & Salimans 2022 (eq. 6) write
+    (1 + w) eps(z, c) - w eps(z), i.e. w = s - 1. Works on any same-shape float tensors (noise
+    predictions, or PixelCNN logits).
+    """
+    return uncond + scale * (cond - uncond)
+
+
+def classifier_free_guidance(
+    model: Callable[..., torch.Tensor], labels: torch.Tensor, scale: float, null_label: int, batched: Optional[bool] = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A guided eps(x_t, t) for the samplers (Ho & Salimans 2022, sec. 3.2 and eq. 6).
+
+    Args:
+        model: conditional network ``model(x, t, labels)``; label ``null_label`` is "no label".
+        labels: int (B,) requested classes.
+        scale: guidance scale s >= 0 (see :func:`guidance_combine`).
+        null_label: the null label index (the networks' ``num_classes``).
+        batched: run the conditional and the unconditional pass as one batch of 2B. Default:
+            only when both are needed (s != 1); s = 1 is one conditional pass.
+
+    Returns:
+        ``eps(x, t)`` -> float (B, ...) guided prediction.
+
+    Raises:
+        ValueError: scale < 0.
+    """
+    if scale < 0:
+        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+    if batched is None:
+        batched = scale != 1.0
+    null = torch.full_like(labels, null_label)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not batched:
+            return model(x, t, labels)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
+        cond, uncond = out.chunk(2)
+        return guidance_combine(cond, uncond, scale)
+
+    return eps

@@ -28,6 +28,7 @@ __all__ = [
     "sha256_file",
     "save_grid_png",
     "image_grid",
+    "StageInputError",
 ]
 
 
@@ -63,6 +64,19 @@ class RunPaths:
     def diffusion_model(self) -> Path:
         return self.root / "diffusion" / "model.pt"
 
+    @property
+    def classifier_model(self) -> Path:
+        return self.root / "classifier" / "model.pt"
+
+    @property
+    def pixel_diffusion_model(self) -> Path:
+        return self.root / "pixel_diffusion" / "model.pt"
+
+    @property
+    def report(self) -> Path:
+        """The evaluate stage's folder (metrics.json, summary.md, tables, plots)."""
+        return self.root / "report"
+
     def samples(self, model: str, ext: str) -> Path:
         return self.root / "samples" / f"{model}.{ext}"
 
@@ -75,6 +89,10 @@ class RunPaths:
     @property
     def timings(self) -> Path:
         return self.root / "timings.json"
+
+
+class StageInputError(ValueError):
+    """A stage's input is missing or not what it needs (the file, key or value is named)."""
 
 
 class DiskFullError(OSError):

@@ -21,7 +21,10 @@ STAGES: dict[str, str] = {
     "extract_latents": "pipeline.latents:extract_latents",
     "train_pixelcnn": "pipeline.train:train_pixelcnn",
     "train_diffusion": "pipeline.train:train_diffusion",
+    "train_classifier": "pipeline.train:train_classifier",
+    "train_pixel_diffusion": "pipeline.train:train_pixel_diffusion",
     "sample": "pipeline.sample:sample",
+    "evaluate": "pipeline.evaluate:evaluate",
 }
 
 
@@ -40,16 +43,17 @@ def get_stage(name: str) -> Callable:
 def collect_timings(run_dir: str | os.PathLike) -> dict:
     """Sum the ``wall_time_s`` of every stage record of a run into ``<run>/timings.json``.
 
-    Reads ``data/``, ``vqvae/``, ``latents/``, ``pixelcnn/``, ``diffusion/`` ``metrics.json``
-    and ``samples/<model>.json``; missing records are skipped.
+    Reads ``data/``, ``vqvae/``, ``latents/``, ``classifier/``, ``pixelcnn/``, ``diffusion/``,
+    ``pixel_diffusion/`` ``metrics.json``, ``report/record.json`` and ``samples/<set>.json``;
+    missing records are skipped.
 
     Returns:
         {"stages": {name: seconds}, "total_s": seconds}.
     """
     paths = RunPaths(run_dir)
     stages: dict[str, float] = {}
-    for folder, name in (("data", "prepare_data"), ("vqvae", "train_vqvae"), ("latents", "extract_latents"), ("pixelcnn", "train_pixelcnn"), ("diffusion", "train_diffusion")):
-        f = paths.root / folder / "metrics.json"
+    for folder, name in (("data", "prepare_data"), ("vqvae", "train_vqvae"), ("latents", "extract_latents"), ("classifier", "train_classifier"), ("pixelcnn", "train_pixelcnn"), ("diffusion", "train_diffusion"), ("pixel_diffusion", "train_pixel_diffusion"), ("report", "evaluate")):
+        f = paths.root / folder / ("record.json" if folder == "report" else "metrics.json")
         if f.is_file():
             stages[name] = float(read_json(f)["wall_time_s"])
     for f in sorted((paths.root / "samples").glob("*.json")):

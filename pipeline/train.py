@@ -24,11 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.io import RunPaths, atomic_write_text, save_grid_png, sha256_file
+from pipeline.io import RunPaths, StageInputError, atomic_write_text, save_grid_png, sha256_file
 from pipeline.models import build_model
 from pipeline.runtime import Progress, StopSignals, autocast, dist_info, log, resolve_device, seed_everything, stage_record
 
-__all__ = ["Batcher", "ema_avg_fn", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "evaluate_vqvae"]
+#: Classes of the digit datasets (MNIST, Fashion-MNIST); label NUM_CLASSES is the null label.
+NUM_CLASSES = 10
+
+__all__ = ["NUM_CLASSES", "drop_labels", "Batcher", "ema_avg_fn", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "train_classifier", "evaluate_vqvae", "random_affine"]
 
 
 class Batcher:
@@ -392,9 +395,24 @@ def _read_latents(paths: RunPaths):
 
 
 # --- stage 4: PixelCNN prior --------------------------------------------------------------------
+def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+    """Label dropout for classifier-free guidance (Ho & Salimans 2022, Algorithm 1): each label of
+    int (B,) ``labels`` is replaced by ``null_label`` with probability ``p`` (global torch RNG,
+    so it is checkpointed and equal on every rank)."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
 def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
-    ``pixelcnn/model.pt``, ``metrics.json`` (test NLL in nats and bits per code) and ``train_log.csv``."""
+    ``pixelcnn/model.pt``, ``metrics.json`` (test NLL in nats and bits per code; with
+    ``conditional``, also the class-conditional NLL) and ``train_log.csv``.
+
+    With ``pixelcnn.conditional`` the prior is p(c | y) with a null label 10 that training
+    substitutes with probability ``label_dropout``; ``test_nll_*`` is then the NLL under the
+    null label (the unconditional prior) and ``test_nll_conditional_*`` under the true label."""
     paths = RunPaths(run_dir)
     sec = cfg["pixelcnn"]
     out = paths.pixelcnn_model.parent
@@ -403,22 +421,42 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
         vq_sha, train, test, info = _read_latents(paths)
         train_c = torch.from_numpy(train.codes.astype(np.int64)).to(device)
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
+        train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
+        n_cls = NUM_CLASSES if sec.get("conditional") else 0
         args = {"num_embeddings": info.num_embeddings, "hidden_channels": sec["hidden_channels"], "num_layers": sec["num_layers"], "kernel_size": sec["kernel_size"]}
+        if n_cls:
+            args["num_classes"] = n_cls
+        p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("pixelcnn", args).to(device)
 
         def compute_loss(net, idx, shard):
             c = shard(train_c[idx])
-            return F.cross_entropy(net(c).float(), c), {}
+            if not n_cls:
+                return F.cross_entropy(net(c).float(), c), {}
+            y = shard(drop_labels(train_y[idx], p_drop, n_cls))
+            return F.cross_entropy(net(c, y).float(), c), {}
 
         res = train_loop(stage="train_pixelcnn", model=model, kind="pixelcnn", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_c), out_dir=out, device=device, bf16=cfg["bf16"])
-        with torch.no_grad():
-            nll = sum(float(F.cross_entropy(model(test_c[s : s + 500]).float(), test_c[s : s + 500], reduction="sum")) for s in range(0, len(test_c), 500)) / test_c.numel()
-        metrics.update(test_nll_nats_per_code=nll, test_nll_bits_per_code=nll / math.log(2), train_final_loss=res["final_loss"], steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
+
+        @torch.no_grad()
+        def nll(labels: Optional[torch.Tensor]) -> float:
+            total = 0.0
+            for s in range(0, len(test_c), 500):
+                y = None if labels is None else labels[s : s + 500]
+                total += float(F.cross_entropy(model(test_c[s : s + 500], y).float(), test_c[s : s + 500], reduction="sum"))
+            return total / test_c.numel()
+
+        uncond = nll(None)
+        metrics.update(test_nll_nats_per_code=uncond, test_nll_bits_per_code=uncond / math.log(2))
+        if n_cls:
+            cond = nll(test_y)
+            metrics.update(test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2))
+        metrics.update(conditional=bool(n_cls), train_final_loss=res["final_loss"], steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
         metrics["resumed_wall_time_s"] = res["resumed_s"]
         save_model(paths.pixelcnn_model, "pixelcnn", args, model, metrics=dict(metrics), vqvae_sha256=vq_sha)
         _finish(out)
-        log.info("train_pixelcnn: test NLL %.4f nats/code (%.4f bits/code)", nll, nll / math.log(2))
+        log.info("train_pixelcnn: test NLL %.4f nats/code (%.4f bits/code)%s", uncond, uncond / math.log(2), f", conditional {metrics['test_nll_conditional_nats_per_code']:.4f}" if n_cls else "")
     return metrics
 
 
@@ -427,7 +465,9 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     """Stage 5: train a DDPM (epsilon-prediction, MSE) on the train latents scaled to unit
     variance per channel; write ``diffusion/model.pt`` (raw and EMA weights, the schedule and
     the scaling), ``metrics.json`` (final train loss, test loss of the EMA weights) and
-    ``train_log.csv``."""
+    ``train_log.csv``. With ``diffusion.conditional`` the U-Net takes labels (null label 10 with
+    probability ``label_dropout``: classifier-free guidance training); the test losses are
+    then those of the null label, and ``test_loss_conditional_ema`` that of the true labels."""
     from pipeline.diffusion import GaussianDiffusion
 
     paths = RunPaths(run_dir)
@@ -441,6 +481,11 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         train_z = (torch.from_numpy(train.latents).to(device) - mean) / std
         test_z = (torch.from_numpy(test.latents).to(device) - mean) / std
         args = {"in_channels": info.embedding_dim, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
+        n_cls = NUM_CLASSES if sec.get("conditional") else 0
+        if n_cls:
+            args["num_classes"] = n_cls
+        train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
+        p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("unet", args).to(device)
         diffusion = GaussianDiffusion(sec["schedule"], int(sec["timesteps"])).to(device)
@@ -449,23 +494,28 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         def compute_loss(net, idx, shard):
             t = torch.randint(0, T, (len(idx),), device=device)
             noise = torch.randn((len(idx), *train_z.shape[1:]), device=device)
-            return diffusion.training_losses(net, shard(train_z[idx]), shard(t), shard(noise)).mean(), {}
+            y = shard(drop_labels(train_y[idx], p_drop, n_cls)) if n_cls else None
+            return diffusion.training_losses(net, shard(train_z[idx]), shard(t), shard(noise), labels=y).mean(), {}
 
         res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
         ema = res["ema"]
         g = torch.Generator(device=device).manual_seed(int(sec["seed"]) + 1)
         losses = {}
         with torch.no_grad():
-            for name, net in (("ema", ema.module), ("raw", model)):
+            for name, net, labels in (("ema", ema.module, None), ("raw", model, None), ("conditional_ema", ema.module, test_y)):
+                if labels is not None and not n_cls:
+                    continue
                 total = 0.0
                 for s in range(0, len(test_z), 500):
                     z = test_z[s : s + 500]
                     t = torch.randint(0, T, (len(z),), device=device, generator=g)
                     noise = torch.randn(z.shape, device=device, generator=g)
-                    total += float(diffusion.training_losses(net, z, t, noise).sum())
+                    total += float(diffusion.training_losses(net, z, t, noise, labels=None if labels is None else labels[s : s + 500]).sum())
                 losses[name] = total / len(test_z)
                 g.manual_seed(int(sec["seed"]) + 1)
-        metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], schedule=sec["schedule"], timesteps=T, steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
+        metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], conditional=bool(n_cls), schedule=sec["schedule"], timesteps=T, steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1), vqvae_sha256=vq_sha)
+        if n_cls:
+            metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
         metrics["resumed_wall_time_s"] = res["resumed_s"]
         save_model(
             paths.diffusion_model,
@@ -483,4 +533,187 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         )
         _finish(out)
         log.info("train_diffusion: final train loss %.4f, test loss EMA %.4f / raw %.4f", res["final_loss"], losses["ema"], losses["raw"])
+    return metrics
+
+
+# --- the judge: a digit classifier -------------------------------------------------------------
+def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random rotation and translation of a batch (data augmentation for the classifier).
+
+    Args:
+        x: float (B, C, H, W) images, background 0.
+        max_degrees: rotation drawn uniformly in [-max_degrees, max_degrees] degrees.
+        max_shift: translation per axis drawn uniformly in [-max_shift, max_shift] pixels.
+        generator: RNG of the draws (CPU).
+
+    Returns:
+        float (B, C, H, W), bilinear resampling with zero padding.
+    """
+    b, _, h, w = x.shape
+    u = torch.rand(b, 3, generator=generator).to(x.device) * 2 - 1
+    ang = u[:, 0] * math.radians(max_degrees)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 1] * 2 * max_shift / w], 1), torch.stack([sin, cos, u[:, 2] * 2 * max_shift / h], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def classifier_accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction in [0, 1] of ``images`` float (N, 1, 28, 28) whose argmax class equals ``labels`` int (N,)."""
+    probs, _ = model.predict(images)
+    return float((probs.argmax(1) == labels.cpu()).float().mean())
+
+
+def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Train the digit classifier that judges samples (``pipeline.evaluate``) on the run's train
+    split, with random rotation/translation; write ``classifier/model.pt`` and ``metrics.json``
+    (train and test accuracy in [0, 1]) and ``train_log.csv``.
+
+    Reads ``classifier`` (seed, channels, feature_dim, dropout, augment_degrees, augment_shift,
+    steps, batch_size, lr, log_every, checkpoint_every)."""
+    paths = RunPaths(run_dir)
+    sec = cfg["classifier"]
+    out = paths.classifier_model.parent
+    with stage_record("train_classifier", cfg, out, threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        train_x, train_y = _images(paths, "train", device)
+        test_x, test_y = _images(paths, "test", device)
+        train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
+        args = {"num_classes": 10, "channels": sec["channels"], "feature_dim": sec["feature_dim"], "dropout": sec["dropout"]}
+        seed_everything(int(sec["seed"]))
+        model = build_model("classifier", args).to(device)
+        def compute_loss(net, idx, shard):
+            x = train_x[idx]
+            if sec["augment_degrees"] or sec["augment_shift"]:
+                x = random_affine(x, float(sec["augment_degrees"]), float(sec["augment_shift"]))  # global RNG: checkpointed, same on every rank
+            logits = net(shard(x))
+            y = shard(train_y[idx])
+            loss = F.cross_entropy(logits.float(), y)
+            return loss, {"accuracy": (logits.argmax(1) == y).float().mean()}
+
+        res = train_loop(stage="train_classifier", model=model, kind="classifier", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_x), out_dir=out, device=device, bf16=cfg["bf16"])
+        test_acc = classifier_accuracy(model, test_x, test_y)
+        train_acc = classifier_accuracy(model, train_x, train_y)
+        metrics.update(test_accuracy=test_acc, train_accuracy=train_acc, num_test=len(test_x), steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2))
+        metrics["resumed_wall_time_s"] = res["resumed_s"]
+        save_model(paths.classifier_model, "classifier", args, model, metrics=dict(metrics))
+        _finish(out)
+        log.info("train_classifier: test accuracy %.4f (%d images), train accuracy %.4f", test_acc, len(test_x), train_acc)
+    return metrics
+
+
+# --- baseline: diffusion in pixel space ---------------------------------------------------------
+PIXEL_PAD = 2  # 28x28 -> 32x32 (value -1 = background after scaling to [-1, 1])
+
+
+def images_to_pixel_space(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 1, 28, 28) in [0, 1] -> float (N, 1, 32, 32) in [-1, 1] (padded with -1, the
+    background), the input range of pixel-space DDPM (Ho et al. 2020 sec. 4)."""
+    return F.pad(x * 2 - 1, (PIXEL_PAD,) * 4, value=-1.0)
+
+
+def pixel_space_to_images(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`images_to_pixel_space`: crop to 28x28 and map [-1, 1] to [0, 1] (clamped)."""
+    return ((x[..., PIXEL_PAD:-PIXEL_PAD, PIXEL_PAD:-PIXEL_PAD] + 1) / 2).clamp(0, 1)
+
+
+def _steps_for_budget(model: torch.nn.Module, diffusion, x: torch.Tensor, batch_size: int, lr: float, budget_s: float, probe_steps: int = 10) -> tuple[int, float]:
+    """Optimizer steps of ``model`` that fit in ``budget_s`` seconds, measured on a throwaway copy
+    (its own RNG, so the real run's RNG is untouched). Returns (steps >= 1, seconds per step)."""
+    import copy
+
+    probe = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    g = torch.Generator(device=x.device).manual_seed(12345)
+    b = min(batch_size, len(x))
+    times = []
+    for _ in range(probe_steps + 2):
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(x), (b,), device=x.device, generator=g)
+        t = torch.randint(0, diffusion.num_timesteps, (b,), device=x.device, generator=g)
+        noise = torch.randn((b, *x.shape[1:]), device=x.device, generator=g)
+        loss = diffusion.training_losses(probe, x[idx], t, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    per_step = float(np.median(times[2:]))  # the first steps warm up allocators and kernels
+    return max(1, int(budget_s / per_step)), per_step
+
+
+def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Baseline stage: the same U-Net family and noise schedule as ``train_diffusion``, trained on
+    the train images themselves (28x28 in [-1, 1], padded to 32x32) instead of the VQ-VAE latents.
+
+    With ``pixel_diffusion.steps: null`` the step count is chosen so that training takes as long
+    as ``train_diffusion``'s training did (``diffusion/metrics.json`` ``train_seconds``),
+    measured from a 10-step probe: the equal-wall-time comparison of latent vs pixel space
+    (Rombach et al. 2022's argument). A resumed run keeps the step count of its checkpoint.
+    Writes ``pixel_diffusion/model.pt``, ``metrics.json`` (train images/s, seconds, final and
+    test loss) and ``train_log.csv``.
+
+    Raises:
+        pipeline.io.StageInputError: ``steps: null`` but ``diffusion/metrics.json`` does not exist.
+    """
+    from pipeline.diffusion import GaussianDiffusion
+    from pipeline.io import read_json
+
+    paths = RunPaths(run_dir)
+    sec = dict(cfg["pixel_diffusion"])
+    out = paths.pixel_diffusion_model.parent
+    with stage_record("train_pixel_diffusion", cfg, out, threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        train_x, _ = _images(paths, "train", device)
+        test_x, _ = _images(paths, "test", device)
+        train_p, test_p = images_to_pixel_space(train_x), images_to_pixel_space(test_x)
+        args = {"in_channels": 1, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
+        seed_everything(int(sec["seed"]))
+        model = build_model("unet", args).to(device)
+        diffusion = GaussianDiffusion(sec["schedule"], int(sec["timesteps"])).to(device)
+        T = diffusion.num_timesteps
+        budget = None
+        if sec["steps"] is None:
+            latent_metrics = paths.diffusion_model.parent / "metrics.json"
+            if not latent_metrics.is_file():
+                raise StageInputError(f"pixel_diffusion.steps is null (match the latent model's training time) but {latent_metrics} does not exist; run train_diffusion first or set pixel_diffusion.steps")
+            budget = float(read_json(latent_metrics)["train_seconds"])
+            ckpt = RunPaths.checkpoint(out)
+            resumed_steps = None
+            if ckpt.exists():
+                state = ckpt_io.load(ckpt, map_location="cpu")
+                if {k: v for k, v in state.get("section", {}).items() if k != "steps"} == {k: v for k, v in sec.items() if k != "steps"}:
+                    resumed_steps = int(state["section"]["steps"])
+            if resumed_steps is not None:
+                sec["steps"] = resumed_steps
+            else:
+                sec["steps"], per_step = _steps_for_budget(model, diffusion, train_p, int(sec["batch_size"]), float(sec["lr"]), budget)
+                log.info("train_pixel_diffusion: %.3f s/step measured; %d steps fit in the latent model's %.1f training seconds", per_step, sec["steps"], budget)
+            sec["log_every"] = min(int(sec["log_every"]), int(sec["steps"]))
+
+        def compute_loss(net, idx, shard):
+            t = torch.randint(0, T, (len(idx),), device=device)
+            noise = torch.randn((len(idx), *train_p.shape[1:]), device=device)
+            return diffusion.training_losses(net, shard(train_p[idx]), shard(t), shard(noise)).mean(), {}
+
+        res = train_loop(stage="train_pixel_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_p), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
+        g = torch.Generator(device=device).manual_seed(int(sec["seed"]) + 1)
+        with torch.no_grad():
+            total = 0.0
+            for s in range(0, len(test_p), 500):
+                z = test_p[s : s + 500]
+                t = torch.randint(0, T, (len(z),), device=device, generator=g)
+                total += float(diffusion.training_losses(res["ema"].module, z, t, torch.randn(z.shape, device=device, generator=g)).sum())
+        steps = int(sec["steps"])
+        metrics.update(
+            final_train_loss=res["final_loss"], test_loss_ema=total / len(test_p), schedule=sec["schedule"], timesteps=T, steps=steps,
+            time_budget_s=budget, train_seconds=round(res["elapsed_s"], 2),
+            train_images_per_s=round(steps * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1),
+        )
+        metrics["resumed_wall_time_s"] = res["resumed_s"]
+        save_model(paths.pixel_diffusion_model, "unet", args, model, ema=res["ema"], diffusion={"schedule": sec["schedule"], "timesteps": T}, space="pixel", metrics=dict(metrics))
+        _finish(out)
+        log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res["elapsed_s"], total / len(test_p))
     return metrics

@@ -33,7 +33,8 @@ def test_unknown_key_in_user_file_names_key(tmp_path):
         ("vqvae.steps=ten", r"'vqvae.steps': 'ten' is not of type 'integer'"),
         ("diffusion.schedule=quadratic", r"'diffusion.schedule': 'quadratic' is not one of"),
         ("device=tpu", r"'device': 'tpu' is not one of"),
-        ("sample.models=[vae]", r"'sample.models.0': 'vae' is not one of"),
+        ("sample.models=[vae]", r"'sample.models.0': unknown sample set 'vae'; expected pixelcnn\[_greedy\|_t<tau>\]\[_g<s>\]"),
+        ("sample.models=[pixeldiff_ddim_g2]", r"unknown sample set 'pixeldiff_ddim_g2'"),
         ("run=a b", r"'run': 'a b' does not match"),
     ],
 )
@@ -91,3 +92,19 @@ def test_readme_documents_every_config_key():
     keys += [k for k, v in default.items() if not isinstance(v, dict)]
     missing = [k for k in keys if f"| `{k}` |" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_schema_pattern_is_the_sample_set_grammar():
+    from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for
+
+    schema = yaml.safe_load((DEFAULT_PATH.parent / "schema.yaml").read_text())
+    assert schema["properties"]["sample"]["properties"]["models"]["items"]["pattern"] == f"^(?:{SAMPLE_SET_PATTERN})$"
+    spec = parse_sample_set("diffusion_ddim_s25_raw_g3")
+    assert (spec.prior, spec.method, spec.steps, spec.weights, spec.guidance) == ("diffusion", "ddim", 25, "raw", 3.0)
+    assert parse_sample_set("pixelcnn_t0.8").temperature == 0.8 and parse_sample_set("pixelcnn_greedy").method == "greedy"
+    assert not parse_sample_set("diffusion_ddpm").conditional and parse_sample_set("pixelcnn_g1").conditional
+    for bad in ("diffusion_ddpm_s10", "pixeldiff_ddim_g1", "pixelcnn_t0", "vae"):
+        with pytest.raises(ValueError, match="unknown sample set|must be > 0"):
+            parse_sample_set(bad)
+    assert studies_for(["pixelcnn", "diffusion_ddim"]) == []
+    assert studies_for(["pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm", "pixeldiff_ddim", "diffusion_ddim_g2"]) == ["sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance"]

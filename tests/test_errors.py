@@ -210,3 +210,27 @@ def test_other_write_failures_are_not_called_disk_full(tmp_path):
         with atomic_path(tmp_path / "x.pt"):
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     assert not isinstance(info.value, DiskFullError)  # plenty of space here: not a full disk
+
+
+def test_conditional_set_of_an_unconditional_model_and_unknown_sets_are_named(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    subprocess.run([sys.executable, "-m", "pipeline", "train_pixelcnn", "--run", str(run), "--configfile", str(TINY), "--set", "pixelcnn.conditional=false"], check=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "pixelcnn_g2", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert f"error: sample: sample set 'pixelcnn_g2' is class-conditional but {run / 'pixelcnn' / 'model.pt'} is not; train it with pixelcnn.conditional: true" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "diffusion_ddim_t2", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "error: sample: unknown sample set 'diffusion_ddim_t2'; expected pixelcnn[_greedy|_t<tau>][_g<s>]" in proc.stderr
+
+
+def test_pixel_baseline_without_the_latent_models_time_is_named(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "r"
+    (run / "data").mkdir(parents=True)
+    shutil.copy(tiny_run / "data" / "dataset.h5", run / "data" / "dataset.h5")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train_pixel_diffusion", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert f"error: train_pixel_diffusion: pixel_diffusion.steps is null (match the latent model's training time) but {run / 'diffusion' / 'metrics.json'} does not exist" in proc.stderr

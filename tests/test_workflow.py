@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-MODELS = ["pixelcnn", "pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm"]
+MODELS = ["pixelcnn", "pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm", "pixelcnn_g1", "diffusion_ddim_g2"]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,7 +49,9 @@ def test_every_output_and_schema(workflow_run):
     cfg = yaml.safe_load(TINY.read_text())
     for rel in ["data/dataset.h5", "vqvae/model.pt", "vqvae/metrics.json", "vqvae/reconstructions.png", "vqvae/train_log.csv",
                 "latents/latents.h5", "pixelcnn/model.pt", "pixelcnn/metrics.json", "pixelcnn/train_log.csv",
-                "diffusion/model.pt", "diffusion/metrics.json", "diffusion/train_log.csv", "timings.json"]:
+                "diffusion/model.pt", "diffusion/metrics.json", "diffusion/train_log.csv", "timings.json",
+                "classifier/model.pt", "classifier/metrics.json", "report/metrics.json", "report/summary.md", "report/sets.tsv",
+                "report/training_curves.png", "report/sampling_layer.tsv", "report/diffusion_steps.tsv", "report/guidance.tsv"]:
         assert (run / rel).is_file(), rel
     for stage in ["prepare_data", "train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion"]:
         assert (run / "logs" / f"{stage}.log").stat().st_size > 0
@@ -73,25 +75,72 @@ def test_every_output_and_schema(workflow_run):
     written = yaml.safe_load((run / "diffusion" / "config.yaml").read_text())
     assert set(written) == {"run", "device", "bf16", "deterministic", "diffusion"} and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
     timings = json.loads((run / "timings.json").read_text())
-    assert {"train_vqvae", "train_diffusion", "sample_diffusion_ddpm"} <= set(timings["stages"])
+    assert {"train_vqvae", "train_diffusion", "sample_diffusion_ddpm", "train_classifier", "evaluate"} <= set(timings["stages"])
+    assert not (run / "pixel_diffusion").exists()  # the baseline trains only for a pixeldiff_* set
 
 
 @pytest.mark.slow
 def test_reruns_follow_config_sections(workflow_run):
     wd = workflow_run
     assert planned_jobs(wd) == {}  # complete: nothing to do
-    # changing only the diffusion section re-runs diffusion, its samplers and the summary
+    # changing only the diffusion section re-runs diffusion, its three sample sets, the evaluation and the summary
     changed = planned_jobs(wd, "--config", "diffusion={steps: 21}")
-    assert changed == {"train_diffusion": 1, "sample": 2, "timings": 1, "all": 1}
+    assert changed == {"train_diffusion": 1, "sample": 3, "evaluate": 1, "timings": 1, "all": 1}
     # so does --forcerun train_diffusion
     assert planned_jobs(wd, "--forcerun", "train_diffusion") == changed
-    # a PixelCNN temperature change re-runs the sampling only (all four samplers read `sample`)
-    assert planned_jobs(wd, "--config", "sample={temperature: 0.9}") == {"sample": 4, "timings": 1, "all": 1}
+    # each sample set reads only its own keys: the temperature re-runs the two categorical PixelCNN
+    # sets (not greedy, not diffusion), ddim_steps the two DDIM sets without _s<S>
+    after = {"evaluate": 1, "timings": 1, "all": 1}
+    assert planned_jobs(wd, "--config", "sample={temperature: 0.9}") == {"sample": 2, **after}
+    assert planned_jobs(wd, "--config", "sample={ddim_steps: 7}") == {"sample": 2, **after}
+    # the judge and the evaluation settings re-run the evaluation only
+    assert planned_jobs(wd, "--config", "classifier={steps: 21}") == {"train_classifier": 1, **after}
+    assert planned_jobs(wd, "--config", "evaluate={num_images: 10}") == after
+    # adding a sample set runs that set alone (and the evaluation)
+    extra = wd / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"sample": {"models": [*MODELS, "pixelcnn_t0.5"]}}))
+    assert planned_jobs(wd, "--configfile", str(TINY), str(extra)) == {"sample": 1, **after}
     # a VQ-VAE change invalidates everything downstream, not the dataset
     vq = planned_jobs(wd, "--config", "vqvae={steps: 21}")
     assert "prepare_data" not in vq and vq["train_vqvae"] == 1 and vq["train_pixelcnn"] == 1
     # another run name is a separate, complete plan
     assert planned_jobs(wd, "--config", "run=try2")["prepare_data"] == 1
+
+
+@pytest.mark.slow
+def test_snakemake_report_holds_grids_curves_and_tables(workflow_run):
+    """`snakemake --report` (Snakemake's own report) with every report() output and its caption."""
+    import zipfile
+
+    out = workflow_run / "report.zip"  # a .zip keeps the files; the .html variant embeds them
+    snakemake(workflow_run, "--report", str(out))
+    names = zipfile.ZipFile(out).namelist()
+    text = " ".join(names)
+    for part in ["reconstructions.png", "training_curves.png", "sets.tsv", "guidance.tsv", "sampling_layer.tsv", "metrics.json", *[f"{m}.png" for m in MODELS]]:
+        assert part in text, part
+    html = snakemake(workflow_run, "--report", str(workflow_run / "report.html"))
+    page = (workflow_run / "report.html").read_text()
+    assert "Greedy decoding is deterministic" in page  # a caption, rendered
+    assert "classifier-free" in page.lower() or "guidance scale" in page
+
+
+@pytest.mark.slow
+def test_pixel_baseline_trains_for_the_latent_models_wall_time(workflow_run):
+    """A pixeldiff_* set trains the pixel-space baseline for the latent model's training seconds
+    and adds the latent-vs-pixel table."""
+    extra = workflow_run / "pixel.yaml"
+    extra.write_text(yaml.safe_dump({"sample": {"models": [*MODELS, "pixeldiff_ddim"]}}))
+    snakemake(workflow_run, "--cores", "2", "--configfile", str(TINY), str(extra))
+    run = workflow_run / "results" / "tiny"
+    pix = json.loads((run / "pixel_diffusion" / "metrics.json").read_text())
+    lat = json.loads((run / "diffusion" / "metrics.json").read_text())
+    assert pix["time_budget_s"] == lat["train_seconds"] and pix["steps"] >= 1
+    assert np.load(run / "samples" / "pixeldiff_ddim.npy").shape == (12, 1, 28, 28)
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    rows = report["studies"]["latent_vs_pixel"]
+    assert [r["name"] for r in rows] == ["diffusion_ddim", "pixeldiff_ddim"]
+    assert all(r["train_images_per_s"] > 0 for r in rows)
+    assert (run / "report" / "latent_vs_pixel.tsv").is_file()
 
 
 @pytest.mark.slow

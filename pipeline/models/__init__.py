@@ -10,17 +10,18 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from pipeline.models.classifier import DigitClassifier
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import UNet
 from pipeline.models.vqvae import VQVAE
 
-__all__ = ["MODEL_KINDS", "build_model", "VQVAE", "GatedPixelCNN", "UNet"]
+__all__ = ["MODEL_KINDS", "build_model", "VQVAE", "GatedPixelCNN", "UNet", "DigitClassifier"]
 
-MODEL_KINDS: dict[str, type[nn.Module]] = {"vqvae": VQVAE, "pixelcnn": GatedPixelCNN, "unet": UNet}
+MODEL_KINDS: dict[str, type[nn.Module]] = {"vqvae": VQVAE, "pixelcnn": GatedPixelCNN, "unet": UNet, "classifier": DigitClassifier}
 
 
 def build_model(kind: str, args: Mapping[str, Any]) -> nn.Module:
-    """Build a model of ``kind`` ("vqvae", "pixelcnn", "unet") from keyword ``args``.
+    """Build a model of ``kind`` ("vqvae", "pixelcnn", "unet", "classifier") from keyword ``args``.
 
     Raises:
         ValueError: unknown kind, or arguments the constructor does not take (named).

@@ -13,6 +13,11 @@ previous layer's features, which themselves never saw it). The logits at (i, j) 
 depend only on codes at positions before (i, j) in raster order, which ``tests/test_models.py``
 checks with gradients.
 
+Class conditioning (paper sec. 2.3, eq. 4): a label embedding h is projected in every gated layer
+and added to the pre-activations of both stacks, tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h).
+Label ``num_classes`` is the *null* label: trained with label dropout, one model is both
+p(c | y) and p(c), and classifier-free guidance can mix their logits (``pipeline.sample``).
+
 The model is generative only through its categorical sampling layer (``pipeline.sample``):
 drawing each code from softmax(logits / tau); argmax decoding collapses to one output.
 """
@@ -50,11 +55,13 @@ class GatedMaskedLayer(nn.Module):
         kernel_size: odd k; the vertical kernel is (k//2 + 1, k), the horizontal (1, k//2 + 1).
         residual: add the input of the horizontal stack to its output (not for type A,
             whose input is the raw embedding of the current code).
+        cond_dim: size of the conditioning vector (0: unconditional layer).
 
-    Shapes: ``forward(v, h)`` takes and returns two float (B, channels, H, W) tensors.
+    Shapes: ``forward(v, h, cond=None)`` takes and returns two float (B, channels, H, W)
+    tensors; ``cond`` is float (B, cond_dim).
     """
 
-    def __init__(self, mask_type: str, channels: int, kernel_size: int = 3, residual: bool = True):
+    def __init__(self, mask_type: str, channels: int, kernel_size: int = 3, residual: bool = True, cond_dim: int = 0):
         super().__init__()
         if mask_type not in ("A", "B"):
             raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -73,18 +80,26 @@ class GatedMaskedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_conv = MaskedConv2d(channels, 2 * channels, (1, k // 2 + 1), padding=(0, k // 2), mask=h_mask)
         self.h_out = nn.Conv2d(channels, channels, 1)
+        # V_f, V_g of eq. 4 for the vertical and the horizontal stack (bias-free: the convs have biases)
+        self.cond = nn.Linear(cond_dim, 4 * channels, bias=False) if cond_dim else None
 
     @staticmethod
     def _gate(x: torch.Tensor) -> torch.Tensor:
         f, g = x.chunk(2, dim=1)
         return torch.tanh(f) * torch.sigmoid(g)
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = v.shape[-2:]
         v_feat = self.v_conv(v)[:, :, :height, :]
         h_feat = self.h_conv(h)[:, :, :, :width]
-        v_out = self._gate(v_feat)
-        h_gated = self._gate(h_feat + self.v_to_h(v_feat))
+        v_pre, h_pre = v_feat, h_feat + self.v_to_h(v_feat)
+        if self.cond is not None:
+            if cond is None:
+                raise ValueError("this layer is class-conditional: pass cond (B, cond_dim)")
+            cv, ch = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
+            v_pre, h_pre = v_pre + cv, h_pre + ch
+        v_out = self._gate(v_pre)
+        h_gated = self._gate(h_pre)
         h_out = self.h_out(h_gated)
         if self.residual:
             h_out = h_out + h
@@ -99,20 +114,26 @@ class GatedPixelCNN(nn.Module):
         hidden_channels: h, width of the stacks and of the code embedding.
         num_layers: gated layers (first type A, the rest type B); >= 1.
         kernel_size: odd kernel size k of the gated layers.
+        num_classes: 0 for an unconditional prior; n > 0 for p(c | y) with labels y in [0, n]
+            where y = n is the null label (the unconditional model, trained by label dropout).
 
-    ``forward(codes)`` takes int (B, H, W) codes in [0, K) and returns float logits
-    (B, K, H, W); ``cross_entropy(logits, codes)`` is the training loss (nats per code).
+    ``forward(codes, labels=None)`` takes int (B, H, W) codes in [0, K) (and int (B,) labels;
+    None = the null label) and returns float logits (B, K, H, W); ``cross_entropy(logits,
+    codes)`` is the training loss (nats per code).
     """
 
-    def __init__(self, num_embeddings: int = 128, hidden_channels: int = 64, num_layers: int = 8, kernel_size: int = 3):
+    def __init__(self, num_embeddings: int = 128, hidden_channels: int = 64, num_layers: int = 8, kernel_size: int = 3, num_classes: int = 0):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_embeddings = num_embeddings
+        self.num_classes = num_classes
         self.embedding = nn.Embedding(num_embeddings, hidden_channels)
+        self.label_embedding = nn.Embedding(num_classes + 1, hidden_channels) if num_classes else None
+        cond_dim = hidden_channels if num_classes else 0
         self.layers = nn.ModuleList(
-            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False)]
-            + [GatedMaskedLayer("B", hidden_channels, kernel_size) for _ in range(num_layers - 1)]
+            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False, cond_dim=cond_dim)]
+            + [GatedMaskedLayer("B", hidden_channels, kernel_size, cond_dim=cond_dim) for _ in range(num_layers - 1)]
         )
         self.head = nn.Sequential(
             nn.Conv2d(hidden_channels, 4 * hidden_channels, 1),
@@ -120,14 +141,31 @@ class GatedPixelCNN(nn.Module):
             nn.Conv2d(4 * hidden_channels, num_embeddings, 1),
         )
 
-    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
+    def _cond(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        if self.label_embedding is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional PixelCNN (num_classes=0)")
+            return None
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if labels.shape != (batch,) or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+            raise ValueError(f"labels must be int ({batch},) in [0, {self.num_classes}] ({self.num_classes} = null), got shape {tuple(labels.shape)}")
+        return self.label_embedding(labels.long())
+
+    def forward_embedded(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K, H, W) from already-embedded codes x (B, h, H, W) (used by the causality test)."""
+        cond = self._cond(labels, x.shape[0], x.device)
         v, h = x, x
         for layer in self.layers:
-            v, h = layer(v, h)
+            v, h = layer(v, h, cond)
         return self.head(h)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes int (B, H, W) in [0, K) -> logits float (B, K, H, W)."""
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes int (B, H, W) in [0, K), labels int (B,) in [0, num_classes] or None (null label)
+        -> logits float (B, K, H, W).
+
+        Raises:
+            ValueError: labels for an unconditional model, or labels out of range.
+        """
         x = self.embedding(codes.long()).permute(0, 3, 1, 2)
-        return self.forward_embedded(x)
+        return self.forward_embedded(x, labels)

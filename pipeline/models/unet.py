@@ -6,6 +6,11 @@ their two convolutions, self-attention at the lowest resolution, skip connection
 down and up paths, and a zero-initialised output convolution. Odd latent sizes (7x7) are padded
 with zeros to the next multiple of 2**(levels-1) (8x8) and the output is cropped back, so the
 network maps (B, D, H, W) to (B, D, H, W) for any H, W.
+
+Class conditioning (``num_classes`` > 0): a learned label embedding is added to the time
+embedding, with label ``num_classes`` as the null label, so that one network trained with label
+dropout gives both eps(x_t, t, y) and eps(x_t, t) for classifier-free guidance (Ho & Salimans
+2022, sec. 3.2; ``pipeline.diffusion.classifier_free_guidance``).
 """
 from __future__ import annotations
 
@@ -94,8 +99,10 @@ class UNet(nn.Module):
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attention: add self-attention at the lowest resolution (down, middle and up).
         dropout: dropout inside residual blocks.
+        num_classes: 0 (unconditional) or n > 0: labels in [0, n], n = the null label.
 
-    ``forward(x, t)``: x float (B, D, H, W), t int or float (B,) in [0, T) -> float (B, D, H, W).
+    ``forward(x, t, labels=None)``: x float (B, D, H, W), t int or float (B,) in [0, T),
+    labels int (B,) or None (the null label) -> float (B, D, H, W).
     """
 
     def __init__(
@@ -106,13 +113,16 @@ class UNet(nn.Module):
         num_res_blocks: int = 1,
         attention: bool = True,
         dropout: float = 0.0,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.in_channels = in_channels
+        self.num_classes = num_classes
         self.levels = len(channel_mult)
         temb_dim = 4 * base_channels
         self.base_channels = base_channels
         self.temb = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -148,13 +158,26 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise float (B, D, H, W).
+
+        Raises:
+            ValueError: labels for an unconditional network, or labels out of [0, num_classes].
+        """
         height, width = x.shape[-2:]
         m = 2 ** (self.levels - 1)
         pad_h, pad_w = (-height) % m, (-width) % m
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         temb = self.temb(timestep_embedding(t, self.base_channels))
+        if self.label_emb is not None:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            if labels.shape != (x.shape[0],) or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+                raise ValueError(f"labels must be int ({x.shape[0]},) in [0, {self.num_classes}] ({self.num_classes} = null), got shape {tuple(labels.shape)}")
+            temb = temb + self.label_emb(labels.long())
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional UNet (num_classes=0)")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

@@ -1,0 +1,412 @@
+"""The evaluate stage: sample-quality numbers for every sample set, in one table per run.
+
+The judge is the run's own digit classifier (``train_classifier``; its test accuracy is part of
+the report: below ~97 % the numbers mean little). For every sample set and for the real test
+images (the *floor*: what real data scores) the stage computes
+
+* ``confidence``: mean max softmax probability of the classifier, in [0.1, 1];
+* ``class_entropy``: entropy (nats) of the histogram of predicted classes, in [0, ln 10 = 2.303];
+  low = some digits are never drawn (mode dropping);
+* ``fd_train`` / ``fd_test``: the **Fréchet distance** between Gaussians fitted to the
+  classifier's penultimate features of the first N samples and of the real train images (all
+  of them) / the first N real test images, d^2 = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
+  (Dowson & Landau 1982; Heusel et al. 2017 eq. 6), computed with ``scipy.linalg.sqrtm`` as
+  pytorch-fid does. N = ``evaluate.num_images`` (or fewer when a set has fewer images; the FD
+  of the first n real test images against train, ``fd_floor_same_n``, is then the fair floor,
+  since the FD estimate is biased upwards at small N);
+* ``duplicates``: fraction of samples whose nearest other sample is within RMS pixel distance
+  ``duplicate_threshold`` (mode collapse; greedy decoding gives 1.0);
+* ``memorised``: fraction of samples closer (RMS) to a train image than the
+  ``memorisation_quantile`` quantile of the real test images' distances to their nearest train image;
+* ``label_accuracy`` (conditional sets): fraction the classifier assigns to the requested label.
+
+The training stages' metrics (VQ-VAE MSE and perplexity, PixelCNN NLL, diffusion losses,
+training speed) are carried into the same file. Outputs in ``report/``: ``metrics.json`` (keys
+documented in the README), ``summary.md`` (the tables), ``sets.tsv`` and one TSV per study, and
+``training_curves.png``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from pipeline.io import RunPaths, StageInputError, atomic_path, atomic_write_text, read_json, write_json
+from pipeline.runtime import log, resolve_device, stage_record
+
+__all__ = [
+    "frechet_distance",
+    "feature_statistics",
+    "class_entropy",
+    "nearest_neighbour_rms",
+    "near_duplicate_fraction",
+    "judge_images",
+    "plot_training_curves",
+    "evaluate",
+]
+
+
+def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean float64 (F,) and covariance float64 (F, F) (unbiased, rows = observations) of
+    features (N, F), N >= 2.
+
+    Raises:
+        ValueError: fewer than 2 rows.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need features (N >= 2, F), got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """Squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) (Dowson & Landau 1982;
+    the FID of Heusel et al. 2017, eq. 6). The matrix square root is ``scipy.linalg.sqrtm``;
+    as in pytorch-fid, a singular product is regularised with ``eps`` I and a negligible
+    imaginary part from round-off is dropped.
+
+    Args:
+        mu1, mu2: float (F,) means; sigma1, sigma2: float (F, F) covariances.
+
+    Returns:
+        d^2 >= 0 (float, in squared feature units).
+
+    Raises:
+        ValueError: shapes differ, or sqrtm has a significant imaginary part.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    import warnings
+
+    diff = mu1 - mu2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if caught or not np.isfinite(covmean).all():  # singular product (fewer samples than features)
+        offset = np.eye(len(mu1)) * eps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, float(np.abs(covmean).max()))):
+            raise ValueError(f"sqrtm has a significant imaginary part: {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(max(0.0, diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)))
+
+
+def class_entropy(predicted: np.ndarray, num_classes: int = 10) -> float:
+    """Entropy in nats of the histogram of int (N,) predicted classes: 0 (one class) to ln(num_classes)."""
+    counts = np.bincount(np.asarray(predicted, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(max(0.0, -(p * np.log(p)).sum()))  # max: no -0.0 for a single class
+
+
+def nearest_neighbour_rms(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False, chunk: int = 1024) -> np.ndarray:
+    """RMS pixel distance from each query to its nearest reference image.
+
+    Args:
+        queries: float (N, ...) images; refs: float (M, ...) images of the same shape.
+        exclude_self: ``queries`` is ``refs``: skip each image's distance to itself.
+
+    Returns:
+        float64 (N,) distances, sqrt(mean squared pixel difference) (images in [0, 1] give [0, 1]).
+    """
+    q, r = queries.flatten(1).double(), refs.flatten(1).double()
+    d = q.shape[1]
+    out = []
+    for s in range(0, len(q), chunk):
+        dist = torch.cdist(q[s : s + chunk], r)
+        if exclude_self:
+            rows = torch.arange(len(dist))
+            dist[rows, rows + s] = float("inf")
+        out.append(dist.min(dim=1).values)
+    return (torch.cat(out) / math.sqrt(d)).numpy()
+
+
+def near_duplicate_fraction(images: torch.Tensor, threshold: float) -> float:
+    """Fraction in [0, 1] of ``images`` (N >= 2, ...) whose nearest other image is within RMS
+    pixel distance ``threshold``."""
+    if len(images) < 2:
+        return 0.0
+    return float((nearest_neighbour_rms(images, images, exclude_self=True) < threshold).mean())
+
+
+def judge_images(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> dict:
+    """Classifier outputs for float (N, 1, 28, 28) images in [0, 1]: {"probs": (N, 10),
+    "features": (N, F), "pred": int (N,), "confidence": mean max softmax, "class_entropy": nats}."""
+    probs, feats = classifier.predict(images, batch_size=batch_size)
+    pred = probs.argmax(1).numpy()
+    return {"probs": probs.numpy(), "features": feats.numpy(), "pred": pred, "confidence": float(probs.max(1).values.mean()), "class_entropy": class_entropy(pred)}
+
+
+def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) -> list[str]:
+    """One panel per training stage's ``train_log.csv`` (loss against step, log scale); returns
+    the stages drawn. Writes ``path`` (PNG) atomically."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(run_dir)
+    stages = [s for s in ("vqvae", "classifier", "pixelcnn", "diffusion", "pixel_diffusion") if (root / s / "train_log.csv").is_file()]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(3.2 * max(1, len(stages)), 2.8), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        with open(root / stage / "train_log.csv") as f:
+            rows = list(csv.DictReader(f))
+        steps = [int(r["step"]) for r in rows]
+        ax.plot(steps, [float(r["loss"]) for r in rows], marker=".")
+        ax.set_yscale("log")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return stages
+
+
+def _carry(paths: RunPaths) -> dict:
+    """The training stages' own metrics (those that exist), by stage."""
+    keep = {
+        "vqvae": ("test_recon_mse", "test_perplexity", "test_codes_in_use", "num_embeddings", "train_seconds"),
+        "classifier": ("test_accuracy", "train_accuracy", "num_test", "train_seconds"),
+        "pixelcnn": ("test_nll_nats_per_code", "test_nll_bits_per_code", "test_nll_conditional_nats_per_code", "conditional", "train_seconds"),
+        "diffusion": ("final_train_loss", "test_loss_ema", "test_loss_raw", "test_loss_conditional_ema", "conditional", "train_seconds", "train_images_per_s", "steps"),
+        "pixel_diffusion": ("final_train_loss", "test_loss_ema", "train_seconds", "train_images_per_s", "steps", "time_budget_s"),
+    }
+    out = {}
+    for stage, keys in keep.items():
+        f = paths.root / stage / "metrics.json"
+        if f.is_file():
+            m = read_json(f)
+            out[stage] = {k: m[k] for k in keys if k in m}
+    return out
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1000 or abs(v) < 10 ** -digits):
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> tuple[str, str]:
+    """(markdown, TSV) of ``rows`` with ``columns`` = [(key, header)]."""
+    md = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    tsv = ["\t".join(h for _, h in columns)]
+    for r in rows:
+        md.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |")
+        tsv.append("\t".join(_fmt(r.get(k)) for k, _ in columns))
+    return "\n".join(md) + "\n", "\n".join(tsv) + "\n"
+
+
+SET_COLUMNS = [
+    ("name", "set"), ("n", "N"), ("confidence", "confidence"), ("class_entropy", "class entropy (nats)"),
+    ("fd_train", "FD vs train"), ("fd_test", "FD vs test"), ("fd_ratio", "FD / floor"), ("duplicates", "duplicates"),
+    ("memorised", "memorised"), ("label_accuracy", "label accuracy"), ("seconds_per_1000", "s / 1000 images"),
+]
+
+
+def _studies(sets: dict, stage_metrics: dict) -> dict[str, dict]:
+    """The study tables, built from whichever sample sets the run has: {study: {"rows", "columns", "title"}}."""
+    from pipeline.sets import parse_sample_set, studies_for
+
+    specs = {name: parse_sample_set(name) for name in sets}
+    wanted = set(studies_for(sets))
+    studies: dict[str, dict] = {}
+
+    pcnn = [n for n, s in specs.items() if s.prior == "pixelcnn" and not s.conditional]
+    if "sampling_layer" in wanted:
+        rows = sorted(({"decoding": "greedy (argmax)" if specs[n].method == "greedy" else f"categorical, tau = {sets[n]['temperature']:g}", "_tau": -1.0 if specs[n].method == "greedy" else sets[n]["temperature"], **sets[n]} for n in pcnn), key=lambda r: r["_tau"])
+        studies["sampling_layer"] = {
+            "title": "PixelCNN: the categorical sampling layer (greedy argmax vs sampling at temperature tau)",
+            "rows": rows,
+            "columns": [("decoding", "decoding"), ("name", "set"), ("duplicates", "duplicates"), ("class_entropy", "class entropy (nats)"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("confidence", "confidence")],
+        }
+
+    diff = [n for n, s in specs.items() if s.prior == "diffusion" and not s.conditional]
+    if "diffusion_steps" in wanted:
+        def key(n):
+            s = specs[n]
+            return (s.weights != "ema", s.method == "ddpm", sets[n]["steps"])
+
+        rows = [{"sampler": f"{specs[n].method.upper()}, {sets[n]['steps']} steps", "weights": specs[n].weights, **sets[n]} for n in sorted(diff, key=key)]
+        studies["diffusion_steps"] = {
+            "title": "Latent diffusion: DDPM (all T steps) vs DDIM with S steps; EMA vs raw weights",
+            "rows": rows,
+            "columns": [("sampler", "sampler"), ("weights", "weights"), ("name", "set"), ("n", "N"), ("fd_train", "FD vs train"), ("fd_floor_same_n", "floor at N"), ("fd_ratio", "FD / floor"), ("seconds_per_1000", "s / 1000 images"), ("class_entropy", "class entropy (nats)")],
+        }
+
+    pix = [n for n, s in specs.items() if s.prior == "pixeldiff"]
+    if "latent_vs_pixel" in wanted:
+        rows = []
+        for n in sorted(diff + pix, key=lambda n: (specs[n].method, sets[n]["steps"], specs[n].weights, specs[n].prior != "diffusion")):
+            s = specs[n]
+            partner = ("pixeldiff" if s.prior == "diffusion" else "diffusion") + n[len(s.prior):]
+            if partner not in sets:
+                continue
+            train = stage_metrics.get("diffusion" if s.prior == "diffusion" else "pixel_diffusion", {})
+            rows.append({"space": "latent (VQ-VAE 16x7x7)" if s.prior == "diffusion" else "pixel (1x32x32)", "train_images_per_s": train.get("train_images_per_s"), "train_seconds": train.get("train_seconds"), "train_steps": train.get("steps"), **sets[n]})
+        studies["latent_vs_pixel"] = {
+            "title": "Latent vs pixel space, equal training wall time (same U-Net family and schedule)",
+            "rows": rows,
+            "columns": [("space", "space"), ("name", "set"), ("train_images_per_s", "train images/s"), ("train_steps", "train steps"), ("train_seconds", "train s"), ("seconds_per_1000", "sampling s / 1000"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("class_entropy", "class entropy (nats)")],
+        }
+
+    cond = [n for n, s in specs.items() if s.conditional]
+    if "guidance" in wanted:
+        rows = [{"prior": specs[n].prior, "guidance_scale": specs[n].guidance, "w": specs[n].guidance - 1, **sets[n]} for n in sorted(cond, key=lambda n: (specs[n].prior, specs[n].guidance))]
+        studies["guidance"] = {
+            "title": "Class-conditional samples: label accuracy per guidance scale s (diffusers' convention; Ho & Salimans' w = s - 1; s = 1 is no guidance)",
+            "rows": rows,
+            "columns": [("prior", "prior"), ("name", "set"), ("guidance_scale", "s"), ("w", "w"), ("label_accuracy", "label accuracy"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("class_entropy", "class entropy (nats)"), ("seconds_per_1000", "s / 1000 images")],
+        }
+    return studies
+
+
+def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """The evaluate stage: judge every set of ``sample.models`` and the real test images.
+
+    Reads ``evaluate`` (num_images, duplicate_threshold, memorisation_quantile, batch_size)
+    and ``sample.models``; needs ``classifier/model.pt``, ``data/dataset.h5`` and
+    ``samples/<set>.npy`` + ``.json`` for every set. Writes ``report/metrics.json``,
+    ``report/summary.md``, ``report/sets.tsv``, ``report/<study>.tsv``,
+    ``report/training_curves.png`` and the stage record ``report/record.json``.
+
+    Raises:
+        pipeline.io.StageInputError: a sample set's ``.npy`` or ``.json`` is missing, or holds
+            the wrong shape, dtype or value range (the file is named).
+    """
+    from pipeline.data import read_dataset
+    from pipeline.sets import parse_sample_set, requested_labels
+    from pipeline.train import load_model
+
+    paths = RunPaths(run_dir)
+    sec = cfg["evaluate"]
+    out = paths.report
+    # the stage record (wall time, host) is record.json: metrics.json is the report itself
+    with stage_record("evaluate", cfg, out, metrics_name="record.json", threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        clf, _ = load_model(paths.classifier_model, device=device)
+        bs = int(sec["batch_size"])
+        train = read_dataset(paths.dataset, "train")
+        test = read_dataset(paths.dataset, "test")
+        train_x = torch.from_numpy(train.images).float().div_(255.0)
+        test_x = torch.from_numpy(test.images).float().div_(255.0)
+        n_eval = min(int(sec["num_images"]), len(test_x))
+        if n_eval < int(sec["num_images"]):
+            log.warning("evaluate: the test split has %d images; Fréchet distances use N = %d, not %d", len(test_x), n_eval, sec["num_images"])
+
+        real_train = judge_images(clf, train_x.to(device), bs)
+        mu_tr, sig_tr = feature_statistics(real_train["features"])
+        real_test = judge_images(clf, test_x[:n_eval].to(device), bs)
+        mu_te, sig_te = feature_statistics(real_test["features"])
+        floors: dict[int, float] = {}
+
+        def floor(n: int) -> float:
+            if n not in floors:
+                mu, sig = feature_statistics(real_test["features"][:n])
+                floors[n] = frechet_distance(mu, sig, mu_tr, sig_tr)
+            return floors[n]
+
+        test_nn_train = nearest_neighbour_rms(test_x, train_x)
+        mem_threshold = float(np.quantile(test_nn_train, float(sec["memorisation_quantile"])))
+        dup_threshold = float(sec["duplicate_threshold"])
+
+        def judge(name: str, images: torch.Tensor, labels: Optional[np.ndarray], extra: dict) -> dict:
+            n = min(n_eval, len(images))
+            x = images[:n]
+            j = real_test if name == "real_test" else judge_images(clf, x.to(device), bs)
+            mu, sig = feature_statistics(j["features"][:n])
+            row = {
+                "name": name, "n": n, "confidence": j["confidence"], "class_entropy": j["class_entropy"],
+                "fd_train": frechet_distance(mu, sig, mu_tr, sig_tr), "fd_test": frechet_distance(mu, sig, mu_te, sig_te) if name != "real_test" else 0.0,
+                "fd_floor_same_n": floor(n), "duplicates": near_duplicate_fraction(x, dup_threshold),
+                "memorised": float((nearest_neighbour_rms(x, train_x) < mem_threshold).mean()),
+                "label_accuracy": float((j["pred"][:n] == labels[:n]).mean()) if labels is not None else None,
+                **extra,
+            }
+            row["fd_ratio"] = row["fd_train"] / row["fd_floor_same_n"] if row["fd_floor_same_n"] > 0 else None
+            return row
+
+        floor_row = judge("real_test", test_x, test.labels, {"seconds_per_1000": None})
+        sets: dict[str, dict] = {}
+        for name in cfg["sample"]["models"]:
+            spec = parse_sample_set(name)
+            npy, rec_path = paths.samples(name, "npy"), paths.samples(name, "json")
+            for f in (npy, rec_path):
+                if not f.is_file():
+                    raise StageInputError(f" {f} does not exist; run `python -m pipeline sample --model {name}` (or snakemake) first")
+            arr = np.load(npy)
+            if arr.ndim != 4 or arr.shape[1:] != (1, 28, 28) or arr.dtype != np.float32 or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+                raise StageInputError(f"{npy} must hold float32 (N, 1, 28, 28) images in [0, 1]; got {arr.dtype} {arr.shape}")
+            rec = read_json(rec_path)
+            labels = requested_labels(len(arr)) if spec.conditional else None
+            sets[name] = judge(name, torch.from_numpy(arr), labels, {
+                "seconds_per_1000": rec.get("seconds_per_1000"), "num_samples": len(arr), "steps": rec.get("steps"),
+                "temperature": rec.get("temperature"), "guidance_scale": spec.guidance,
+            })
+            log.info("evaluate %s: FD %.3f (floor %.3f), entropy %.3f, duplicates %.3f", name, sets[name]["fd_train"], sets[name]["fd_floor_same_n"], sets[name]["class_entropy"], sets[name]["duplicates"])
+
+        stage_metrics = _carry(paths)
+        studies = _studies(sets, stage_metrics)
+        curves = plot_training_curves(paths.root, out / "training_curves.png")
+        result = {
+            "run": str(paths.root),
+            "evaluation": {
+                "num_images": n_eval, "num_train_reference": len(train_x), "feature_dim": int(real_train["features"].shape[1]),
+                "duplicate_threshold_rms": dup_threshold, "memorisation_threshold_rms": mem_threshold,
+                "memorisation_quantile": float(sec["memorisation_quantile"]), "classifier_test_accuracy": stage_metrics.get("classifier", {}).get("test_accuracy"),
+            },
+            "floor": floor_row,
+            "sets": sets,
+            "stages": stage_metrics,
+            "studies": {k: [{c: r.get(c) for c, _ in v["columns"]} for r in v["rows"]] for k, v in studies.items()},
+        }
+        write_json(out / "metrics.json", result)
+        md_sets, tsv_sets = _table([floor_row, *sets.values()], SET_COLUMNS)
+        atomic_write_text(out / "sets.tsv", tsv_sets)
+        lines = [
+            f"# Sample quality of run `{paths.root.name}`\n",
+            f"Judge: the run's classifier, test accuracy {_fmt(result['evaluation']['classifier_test_accuracy'])}. "
+            f"Fréchet distances (FD) in its {result['evaluation']['feature_dim']}-d penultimate features, N = {n_eval} images per set "
+            f"against all {len(train_x)} train images (`FD vs train`) and the first {n_eval} test images (`FD vs test`); "
+            f"`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, {floor_row['fd_train']:.3f}). "
+            f"Near-duplicates: nearest other sample within RMS {dup_threshold:g}; memorised: nearer to a train image than "
+            f"{100 * float(sec['memorisation_quantile']):g} % of real test images are (RMS {mem_threshold:.3f}).\n",
+            "## All sample sets\n",
+            md_sets,
+        ]
+        for key, study in studies.items():
+            md, tsv = _table(study["rows"], study["columns"])
+            atomic_write_text(out / f"{key}.tsv", tsv)
+            lines += [f"## {study['title']}\n", md]
+        st = stage_metrics
+        lines += ["## Training stages\n", _table([
+            {"stage": "vqvae", "metric": "test reconstruction MSE / perplexity / codes in use", "value": " / ".join(_fmt(st.get("vqvae", {}).get(k)) for k in ("test_recon_mse", "test_perplexity", "test_codes_in_use"))},
+            {"stage": "classifier", "metric": "test accuracy", "value": _fmt(st.get("classifier", {}).get("test_accuracy"))},
+            {"stage": "pixelcnn", "metric": "test NLL nats/code (unconditional / conditional)", "value": " / ".join(_fmt(st.get("pixelcnn", {}).get(k)) for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code"))},
+            {"stage": "diffusion", "metric": "final train loss / test loss EMA / raw", "value": " / ".join(_fmt(st.get("diffusion", {}).get(k), 4) for k in ("final_train_loss", "test_loss_ema", "test_loss_raw"))},
+        ], [("stage", "stage"), ("metric", "metric"), ("value", "value")])[0]]
+        atomic_write_text(out / "summary.md", "\n".join(lines))
+        metrics.update(num_sets=len(sets), num_images=n_eval, floor_fd=floor_row["fd_train"], curves=curves)
+    return metrics
