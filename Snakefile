@@ -67,7 +67,11 @@ CONDA_ENV = config["conda_env"]  # envs/cpu.yaml here; the Big Red 200 profile s
 # PixelCNN and diffusion training (and the samplers) may run side by side. With 4+ cores each
 # gets half; with fewer, each takes them all and they run one after another, which on 2 cores is
 # faster than 1 thread each because the two trainings are unequal in length.
-HALF = workflow.cores // 2 if workflow.cores >= 4 else workflow.cores
+try:
+    CORES = workflow.cores
+except WorkflowError:  # --report and other modes that run no job set no core count
+    CORES = 1
+HALF = CORES // 2 if CORES >= 4 else CORES
 
 # SLURM dispatch (the cluster profiles set slurm.enabled): every GPU stage's command gets
 # `--submit --cluster-config ... --account ...` and waits for its own submitit job; otherwise
@@ -154,7 +158,7 @@ rule train_vqvae:
         f"{RUN}/logs/train_vqvae.log",
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: CORES
     resources:
         gpu=1,
         dispatch=DISPATCH,
@@ -175,7 +179,7 @@ rule extract_latents:
         f"{RUN}/logs/extract_latents.log",
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: CORES
     resources:
         gpu=1,
         dispatch=DISPATCH,
@@ -348,7 +352,7 @@ rule evaluate:
         f"{RUN}/logs/evaluate.log",
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: CORES
     resources:
         gpu=1,
         dispatch=DISPATCH,

@@ -20,7 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 ACCOUNT = os.environ.get("VQLP_SLURM_ACCOUNT", "vqtest")
-GPU_STAGES = ["train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion"]
+GPU_STAGES = ["train_vqvae", "extract_latents", "train_classifier", "train_pixelcnn", "train_diffusion", "evaluate"]
+SLURM_MODELS = ["pixelcnn", "diffusion_ddim_g2"]  # two sample sets keep the job count (and the test time) down
 
 
 def _slurm_up() -> bool:
@@ -71,7 +72,8 @@ def job_ids(log: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("slurmwf")
-    proc = snakemake(wd, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY), "--config", f"slurm={{account: {ACCOUNT}}}")
+    proc = snakemake(wd, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY), "--config", f"slurm={{account: {ACCOUNT}}}",
+                     f"sample={{models: [{', '.join(SLURM_MODELS)}]}}")
     return wd, proc
 
 
@@ -79,7 +81,7 @@ def test_every_gpu_stage_is_its_own_slurm_job(slurm_run):
     wd, proc = slurm_run
     run = wd / "results" / "tiny"
     seen = {}
-    for stage in GPU_STAGES + [f"sample_{m}" for m in yaml.safe_load(TINY.read_text())["sample"]["models"]]:
+    for stage in GPU_STAGES + [f"sample_{m}" for m in SLURM_MODELS]:
         log = run / "logs" / f"{stage}.log"
         ids = job_ids(log)
         assert len(ids) == 1, f"{stage}: {log.read_text()[-1000:]}"
@@ -91,7 +93,7 @@ def test_every_gpu_stage_is_its_own_slurm_job(slurm_run):
     assert len(set(seen.values())) == len(seen)  # distinct jobs
     # prepare_data stayed local: no SLURM job in its log
     assert not job_ids(run / "logs" / "prepare_data.log")
-    for m in yaml.safe_load(TINY.read_text())["sample"]["models"]:
+    for m in SLURM_MODELS:
         assert np.load(run / "samples" / f"{m}.npy").dtype == np.float32
 
 
@@ -126,7 +128,7 @@ def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_pa
     shutil.copytree(wd / "results", tmp_path / "results")
     (tmp_path / "results" / "tiny" / "latents" / "latents.h5").write_bytes(b"not hdf5")  # breaks the trainers
     proc = snakemake(tmp_path, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY),
-                     "--config", f"slurm={{account: {ACCOUNT}}}", "--forcerun", "train_pixelcnn", check=False)
+                     "--config", f"slurm={{account: {ACCOUNT}}}", f"sample={{models: [{', '.join(SLURM_MODELS)}]}}", "--forcerun", "train_pixelcnn", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert re.search(r"SLURM job \d+ ended in state FAILED", out), out[-3000:]
@@ -157,13 +159,13 @@ def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):
     """The Big Red 200 profile itself, with only the per-stage SLURM sizes swapped for this node's."""
     site = ROOT / "cluster" / "bigred200" / "pipeline.yaml"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "bigred200"),
-           "--configfile", str(site), str(TINY), "--config", f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}", "run=br200"]
+           "--configfile", str(site), str(TINY), "--config", f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}", "run=br200", "sample={models: [diffusion_ddim_g2]}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "results" / "br200"
     ids = job_ids(run / "logs" / "train_diffusion.log")
     assert sacct(ids[0]) == ("br200-train_diffusion", "COMPLETED")
-    assert (run / "timings.json").is_file()
+    assert (run / "timings.json").is_file() and (run / "report" / "metrics.json").is_file()
 
 
 def test_run_stage_sbatch_quotes_arguments_and_checks_the_stage(tmp_path):
