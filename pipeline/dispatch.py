@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -126,6 +127,10 @@ def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    # The work is done and saved: a pre-timeout signal that arrives while the process winds down
+    # must neither requeue the finished job nor kill it (the job would end FAILED; seen in CI).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(usr_sig, signal.SIG_IGN)
     return {"rank": rank, "world_size": world, **(result or {})}
 
 
