@@ -19,7 +19,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 sys.path.insert(0, workflow.basedir)
-from pipeline.config import coerce_strings  # pyyaml only: the Snakefile never imports torch
+from pipeline.config import coerce_strings, stage_view  # pyyaml only: the Snakefile never imports torch
 from pipeline.dispatch import shell_args  # submitit and yaml, no torch
 from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for  # no torch
 
@@ -100,19 +100,14 @@ def run_dir(wildcards, output):
     return os.path.dirname(os.path.dirname(output[0]))
 
 
-def stage_config(*sections, drop=()):
-    """JSON of what a stage reads: the top-level run/device/bf16/deterministic keys and its own section(s).
+def stage_config(stage):
+    """JSON of what ``stage`` reads (``pipeline.config.stage_view``: the top-level run/device/bf16/
+    deterministic keys and its own section(s)), exactly what the stage writes as its config.yaml.
 
     It is the rule's params, so changing this section (or the device) re-runs the stage and
-    its dependents, and changing another section does not. ``drop``: keys of the first section
-    the stage does not read (sample.models: adding a sample set re-runs no other set).
+    its dependents, and changing another section does not.
     """
-    view = {k: config[k] for k in ("run", "device", "bf16", "deterministic")}
-    for section in sections:
-        view[section] = dict(config[section])
-    for key in drop:
-        view[sections[0]].pop(key, None)
-    return json.dumps(view, sort_keys=True)
+    return json.dumps(stage_view(config, stage), sort_keys=True)
 
 
 rule all:
@@ -131,7 +126,7 @@ rule prepare_data:
         f"{RUN}/data/dataset.h5",
     params:
         run=run_dir,
-        cfg=stage_config("data"),
+        cfg=stage_config("prepare_data"),
     log:
         f"{RUN}/logs/prepare_data.log",
     conda:
@@ -153,7 +148,7 @@ rule train_vqvae:
         log_csv=f"{RUN}/vqvae/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("vqvae"),
+        cfg=stage_config("train_vqvae"),
     log:
         f"{RUN}/logs/train_vqvae.log",
     conda:
@@ -174,7 +169,7 @@ rule extract_latents:
         f"{RUN}/latents/latents.h5",
     params:
         run=run_dir,
-        cfg=stage_config("latents"),
+        cfg=stage_config("extract_latents"),
     log:
         f"{RUN}/logs/extract_latents.log",
     conda:
@@ -196,7 +191,7 @@ rule train_pixelcnn:
         log_csv=f"{RUN}/pixelcnn/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("pixelcnn"),
+        cfg=stage_config("train_pixelcnn"),
     log:
         f"{RUN}/logs/train_pixelcnn.log",
     conda:
@@ -218,7 +213,7 @@ rule train_diffusion:
         log_csv=f"{RUN}/diffusion/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("diffusion"),
+        cfg=stage_config("train_diffusion"),
     log:
         f"{RUN}/logs/train_diffusion.log",
     conda:
@@ -240,7 +235,7 @@ rule train_classifier:
         log_csv=f"{RUN}/classifier/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("classifier"),
+        cfg=stage_config("train_classifier"),
     log:
         f"{RUN}/logs/train_classifier.log",
     conda:
@@ -264,7 +259,7 @@ rule train_pixel_diffusion:
         log_csv=f"{RUN}/pixel_diffusion/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("pixel_diffusion"),
+        cfg=stage_config("train_pixel_diffusion"),
     log:
         f"{RUN}/logs/train_pixel_diffusion.log",
     conda:
@@ -293,8 +288,8 @@ def sample_config(name):
             keys += ["ddim_eta"] + (["ddim_steps"] if spec.steps is None else [])
         else:
             keys.append("ddpm_num_samples")
-    view = json.loads(stage_config("sample"))
-    view["sample"] = {k: config["sample"][k] for k in keys}
+    view = stage_view(config, "sample")
+    view["sample"] = {k: view["sample"][k] for k in keys}
     return json.dumps(view, sort_keys=True)
 
 
@@ -347,7 +342,7 @@ rule evaluate:
         studies=[report(f"{RUN}/report/{s}.tsv", caption=STUDY_CAPTIONS[s], category="Studies", labels={"study": s}) for s in STUDIES],
     params:
         run=run_dir,
-        cfg=stage_config("evaluate", "sample"),
+        cfg=stage_config("evaluate"),
     log:
         f"{RUN}/logs/evaluate.log",
     conda:

@@ -208,12 +208,11 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
                 clip = (torch.tensor(-1.0, device=device), torch.tensor(1.0, device=device)) if sec["clip_denoised"] else None
             for start in range(0, n, bs):
                 m = min(bs, n - start)
+                guided = classifier_free_guidance(net, labels_all[start : start + m], spec.guidance, num_classes) if spec.conditional else net
 
-                def eps_model(x, t, _y=labels_all[start : start + m] if spec.conditional else None):
+                def eps_model(x, t):
                     with autocast(device, cfg["bf16"]):
-                        if _y is None:
-                            return net(x, t)
-                        return classifier_free_guidance(net, _y, spec.guidance, num_classes)(x, t)
+                        return guided(x, t)
 
                 z = sample_diffusion_latents(eps_model, diffusion, m, channels, spec.method, steps, float(sec["ddim_eta"]), g, device, shape=shape, progress_name=f"sample {model} batch {start // bs + 1}", clip=clip)
                 with torch.no_grad():

@@ -461,6 +461,20 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
 
 
 # --- stage 5: latent diffusion ------------------------------------------------------------------
+@torch.no_grad()
+def _test_loss(diffusion, net, x: torch.Tensor, seed: int, labels: Optional[torch.Tensor] = None, chunk: int = 500) -> float:
+    """Mean epsilon-MSE (DDPM eq. 14) of ``net`` over test data x (N, ...) with t and noise drawn
+    from a generator seeded with ``seed`` (the same draws for every network compared)."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    total = 0.0
+    for s in range(0, len(x), chunk):
+        z = x[s : s + chunk]
+        t = torch.randint(0, diffusion.num_timesteps, (len(z),), device=x.device, generator=g)
+        noise = torch.randn(z.shape, device=x.device, generator=g)
+        total += float(diffusion.training_losses(net, z, t, noise, labels=None if labels is None else labels[s : s + chunk]).sum())
+    return total / len(x)
+
+
 def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 5: train a DDPM (epsilon-prediction, MSE) on the train latents scaled to unit
     variance per channel; write ``diffusion/model.pt`` (raw and EMA weights, the schedule and
@@ -499,20 +513,10 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
 
         res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
         ema = res["ema"]
-        g = torch.Generator(device=device).manual_seed(int(sec["seed"]) + 1)
-        losses = {}
-        with torch.no_grad():
-            for name, net, labels in (("ema", ema.module, None), ("raw", model, None), ("conditional_ema", ema.module, test_y)):
-                if labels is not None and not n_cls:
-                    continue
-                total = 0.0
-                for s in range(0, len(test_z), 500):
-                    z = test_z[s : s + 500]
-                    t = torch.randint(0, T, (len(z),), device=device, generator=g)
-                    noise = torch.randn(z.shape, device=device, generator=g)
-                    total += float(diffusion.training_losses(net, z, t, noise, labels=None if labels is None else labels[s : s + 500]).sum())
-                losses[name] = total / len(test_z)
-                g.manual_seed(int(sec["seed"]) + 1)
+        seed = int(sec["seed"]) + 1
+        losses = {"ema": _test_loss(diffusion, ema.module, test_z, seed), "raw": _test_loss(diffusion, model, test_z, seed)}
+        if n_cls:
+            losses["conditional_ema"] = _test_loss(diffusion, ema.module, test_z, seed, test_y)
         metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], conditional=bool(n_cls), schedule=sec["schedule"], timesteps=T, steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1), vqvae_sha256=vq_sha)
         if n_cls:
             metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
@@ -580,9 +584,10 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
         train_x, train_y = _images(paths, "train", device)
         test_x, test_y = _images(paths, "test", device)
         train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
-        args = {"num_classes": 10, "channels": sec["channels"], "feature_dim": sec["feature_dim"], "dropout": sec["dropout"]}
+        args = {"num_classes": NUM_CLASSES, "channels": sec["channels"], "feature_dim": sec["feature_dim"], "dropout": sec["dropout"]}
         seed_everything(int(sec["seed"]))
         model = build_model("classifier", args).to(device)
+
         def compute_loss(net, idx, shard):
             x = train_x[idx]
             if sec["augment_degrees"] or sec["augment_shift"]:
@@ -699,21 +704,15 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
             return diffusion.training_losses(net, shard(train_p[idx]), shard(t), shard(noise)).mean(), {}
 
         res = train_loop(stage="train_pixel_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_p), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
-        g = torch.Generator(device=device).manual_seed(int(sec["seed"]) + 1)
-        with torch.no_grad():
-            total = 0.0
-            for s in range(0, len(test_p), 500):
-                z = test_p[s : s + 500]
-                t = torch.randint(0, T, (len(z),), device=device, generator=g)
-                total += float(diffusion.training_losses(res["ema"].module, z, t, torch.randn(z.shape, device=device, generator=g)).sum())
+        test_loss = _test_loss(diffusion, res["ema"].module, test_p, int(sec["seed"]) + 1)
         steps = int(sec["steps"])
         metrics.update(
-            final_train_loss=res["final_loss"], test_loss_ema=total / len(test_p), schedule=sec["schedule"], timesteps=T, steps=steps,
+            final_train_loss=res["final_loss"], test_loss_ema=test_loss, schedule=sec["schedule"], timesteps=T, steps=steps,
             time_budget_s=budget, train_seconds=round(res["elapsed_s"], 2),
             train_images_per_s=round(steps * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1),
         )
         metrics["resumed_wall_time_s"] = res["resumed_s"]
         save_model(paths.pixel_diffusion_model, "unet", args, model, ema=res["ema"], diffusion={"schedule": sec["schedule"], "timesteps": T}, space="pixel", metrics=dict(metrics))
         _finish(out)
-        log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res["elapsed_s"], total / len(test_p))
+        log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res["elapsed_s"], test_loss)
     return metrics
