@@ -19,7 +19,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 sys.path.insert(0, workflow.basedir)
-from pipeline.config import coerce_strings, stage_view  # pyyaml only: the Snakefile never imports torch
+from pipeline.config import coerce_strings, stage_view, variant_config  # pyyaml only: the Snakefile never imports torch
 from pipeline.dispatch import shell_args  # submitit and yaml, no torch
 from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for  # no torch
 
@@ -61,7 +61,7 @@ validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.y
 
 RUN = f"results/{config['run']}"
 MODELS = config["sample"]["models"]
-PRIORS = sorted({parse_sample_set(m).prior for m in MODELS})  # pixelcnn, diffusion, pixeldiff
+MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in MODELS})  # pixelcnn, diffusion_cond, ...
 STUDIES = studies_for(MODELS)
 CONDA_ENV = config["conda_env"]  # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
 # PixelCNN and diffusion training (and the samplers) may run side by side. With 4+ cores each
@@ -108,6 +108,34 @@ def stage_config(stage):
     its dependents, and changing another section does not.
     """
     return json.dumps(stage_view(config, stage), sort_keys=True)
+
+
+def variant_stage_config(prior, conditional=False, budget=None):
+    """stage_config of one model variant of a prior (``pipeline.config.variant_config``): the
+    unconditional model does not read label_dropout or conditional_steps, the conditional one
+    reads conditional_steps as its steps, a budget scales the steps."""
+    cfg = variant_config(config, prior, conditional=conditional, budget=budget)
+    return json.dumps(stage_view(cfg, f"train_{prior}"), sort_keys=True)
+
+
+def parse_variant(variant):
+    """``cond``, ``b<f>`` or ``cond_b<f>`` -> (conditional, budget or None)."""
+    conditional = variant.startswith("cond")
+    rest = variant[len("cond"):].lstrip("_") if conditional else variant
+    return conditional, (float(rest[1:]) if rest else None)
+
+
+def variant_params(wildcards):
+    """The variant's view of its section before the budget is applied: the stage applies
+    ``--budget`` itself (applying it here too would scale the steps twice); the budget is in
+    the output path, so a changed budget is a new model anyway."""
+    conditional, _ = parse_variant(wildcards.variant)
+    return variant_stage_config(wildcards.prior, conditional)
+
+
+def variant_flags(wildcards):
+    conditional, budget = parse_variant(wildcards.variant)
+    return " ".join((["--conditional"] if conditional else []) + ([f"--budget {budget:g}"] if budget is not None else []))
 
 
 rule all:
@@ -191,7 +219,7 @@ rule train_pixelcnn:
         log_csv=f"{RUN}/pixelcnn/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("train_pixelcnn"),
+        cfg=variant_stage_config("pixelcnn"),
     log:
         f"{RUN}/logs/train_pixelcnn.log",
     conda:
@@ -213,7 +241,7 @@ rule train_diffusion:
         log_csv=f"{RUN}/diffusion/train_log.csv",
     params:
         run=run_dir,
-        cfg=stage_config("train_diffusion"),
+        cfg=variant_stage_config("diffusion"),
     log:
         f"{RUN}/logs/train_diffusion.log",
     conda:
@@ -272,7 +300,32 @@ rule train_pixel_diffusion:
         "python -m pipeline train_pixel_diffusion --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
-PRIOR_MODEL = {"pixelcnn": "pixelcnn", "diffusion": "diffusion", "pixeldiff": "pixel_diffusion"}
+rule train_prior_variant:
+    # a prior's class-conditional variant (<prior>_cond/, for _g<s> sets) and the quality-vs-compute
+    # study's models trained at f times their steps (<prior>[_cond]_b<f>/, for _b<f> sets)
+    input:
+        f"{RUN}/latents/latents.h5",
+    output:
+        model=f"{RUN}/{{prior}}_{{variant}}/model.pt",
+        metrics=f"{RUN}/{{prior}}_{{variant}}/metrics.json",
+        log_csv=f"{RUN}/{{prior}}_{{variant}}/train_log.csv",
+    wildcard_constraints:
+        prior="pixelcnn|diffusion",
+        variant=r"cond|(?:cond_)?b\d+(?:\.\d+)?",
+    params:
+        run=run_dir,
+        cfg=variant_params,
+        flags=variant_flags,
+    log:
+        f"{RUN}/logs/train_{{prior}}_{{variant}}.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    shell:
+        "python -m pipeline train_{wildcards.prior} {params.flags} --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
 def sample_config(name):
@@ -286,8 +339,10 @@ def sample_config(name):
         keys.append("clip_denoised")
         if spec.method == "ddim":
             keys += ["ddim_eta"] + (["ddim_steps"] if spec.steps is None else [])
-        else:
+        elif spec.method == "ddpm":
             keys.append("ddpm_num_samples")
+        elif spec.steps is None:  # a diffusers scheduler
+            keys.append("solver_steps")
     view = stage_view(config, "sample")
     view["sample"] = {k: view["sample"][k] for k in keys}
     return json.dumps(view, sort_keys=True)
@@ -295,9 +350,9 @@ def sample_config(name):
 
 def sampler_inputs(wildcards):
     """The trained model a sample set needs, plus the VQ-VAE that decodes latent codes."""
-    prior = parse_sample_set(wildcards.model).prior
-    vqvae = [] if prior == "pixeldiff" else [f"{RUN}/vqvae/model.pt"]
-    return vqvae + [f"{RUN}/{PRIOR_MODEL[prior]}/model.pt"]
+    spec = parse_sample_set(wildcards.model)
+    vqvae = [] if spec.prior == "pixeldiff" else [f"{RUN}/vqvae/model.pt"]
+    return vqvae + [f"{RUN}/{spec.model_folder}/model.pt"]
 
 
 rule sample:
@@ -324,7 +379,7 @@ rule sample:
         "python -m pipeline sample --model {wildcards.model} --run {params.run:q} --threads {threads} --config-json {params.cfg:q} {resources.dispatch} 2>&1 | tee {log:q}"
 
 
-STUDY_CAPTIONS = {s: f"pipeline/report/{s}.rst" for s in ("sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance")}
+STUDY_CAPTIONS = {s: f"pipeline/report/{s}.rst" for s in ("scaling", "sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance")}
 
 
 rule evaluate:
@@ -333,13 +388,14 @@ rule evaluate:
         f"{RUN}/classifier/model.pt",
         expand(f"{RUN}/samples/{{model}}.{{ext}}", model=MODELS, ext=("npy", "json")),
         # carried into the table: every trained model's own metrics and training log
-        expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + [PRIOR_MODEL[p] for p in PRIORS], f=("metrics.json", "train_log.csv")),
+        expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + MODEL_FOLDERS, f=("metrics.json", "train_log.csv")),
     output:
         metrics=report(f"{RUN}/report/metrics.json", caption="pipeline/report/metrics.rst", category="Metrics"),
         summary=f"{RUN}/report/summary.md",
         sets=report(f"{RUN}/report/sets.tsv", caption="pipeline/report/sets.rst", category="Metrics", labels={"table": "all sample sets"}),
         curves=report(f"{RUN}/report/training_curves.png", caption="pipeline/report/curves.rst", category="Training"),
         studies=[report(f"{RUN}/report/{s}.tsv", caption=STUDY_CAPTIONS[s], category="Studies", labels={"study": s}) for s in STUDIES],
+        scaling_plot=[report(f"{RUN}/report/scaling.png", caption="pipeline/report/scaling_plot.rst", category="Studies", labels={"study": "scaling plot"})] if "scaling" in STUDIES else [],
     params:
         run=run_dir,
         cfg=stage_config("evaluate"),

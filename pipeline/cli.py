@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override one key; value parsed as YAML")
     p.add_argument("--model", default="pixelcnn", help="sample set for the sample stage, e.g. pixelcnn, pixelcnn_greedy, pixelcnn_t0.8, diffusion_ddim_s25, diffusion_ddpm, diffusion_ddim_g2, pixeldiff_ddim (grammar in the README)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--budget", type=float, default=None, help="train_pixelcnn / train_diffusion: train for this factor times the configured steps into <prior>_b<f>/ (the quality-vs-compute study)")
+    p.add_argument("--conditional", action="store_true", help="train_pixelcnn / train_diffusion: the class-conditional variant <prior>_cond/ (label dropout, conditional_steps; for _g<s> sets)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", dest="submit", action="store_false", help="run in this process (the default)")
     where.add_argument("--submit", dest="submit", action="store_true", help="run as a SLURM job through submitit and wait for it")
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"threads": args.threads}
     if args.stage == "sample":
         kwargs["model"] = args.model
+    if args.budget is not None or args.conditional:
+        if args.stage not in ("train_pixelcnn", "train_diffusion"):
+            print(f"error: --budget and --conditional apply to train_pixelcnn and train_diffusion, not {args.stage}", file=sys.stderr)
+            return 2
+        kwargs.update(budget=args.budget, conditional=args.conditional)
     if args.submit:
         from pipeline.dispatch import DispatchError, submit_stage
 

@@ -34,6 +34,8 @@ __all__ = [
     "STAGE_SECTIONS",
     "coerce_strings",
     "stage_view",
+    "CONDITIONAL_KEYS",
+    "variant_config",
 ]
 
 CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
@@ -265,6 +267,38 @@ def stage_view(cfg: Mapping, stage: str) -> dict:
     for section in (sections,) if isinstance(sections, str) else sections:
         view[section] = copy.deepcopy(cfg[section])
     return view
+
+
+#: Keys of a prior's section that only its class-conditional variant reads.
+CONDITIONAL_KEYS = ("label_dropout", "conditional_steps")
+
+
+def variant_config(cfg: Mapping, section: str, conditional: bool = False, budget: float | None = None) -> dict:
+    """``cfg`` as one model variant of the prior ``section`` ("pixelcnn" or "diffusion") reads it.
+
+    The unconditional model (the study's subject; sets without ``_g``) reads the section without
+    ``label_dropout`` and ``conditional_steps``; the class-conditional variant (``<prior>_cond/``,
+    sets ``_g<s>``) reads ``steps = conditional_steps`` and ``label_dropout``. A training budget
+    f != 1 (the quality-vs-compute study's ``_b<f>`` models) scales ``steps`` (rounded, >= 1). The
+    result is what the stage writes as its ``config.yaml`` and what the Snakefile uses as the rule's
+    params, so a key re-runs exactly the variants that read it.
+
+    Raises:
+        ConfigError: budget <= 0.
+    """
+    out = copy.deepcopy(dict(cfg))
+    sec = dict(out[section])
+    cond_steps = sec.pop("conditional_steps", None)
+    dropout = sec.pop("label_dropout", None)
+    if conditional:
+        sec["steps"] = int(cond_steps if cond_steps is not None else sec["steps"])
+        sec["label_dropout"] = float(dropout or 0.0)
+    if budget is not None and float(budget) != 1.0:
+        if not float(budget) > 0:
+            raise ConfigError(f"training budget must be > 0, got {budget}")
+        sec["steps"] = max(1, int(round(int(sec["steps"]) * float(budget))))
+    out[section] = sec
+    return out
 
 
 def write_config(cfg: Mapping, path: str | os.PathLike) -> None:

@@ -15,6 +15,18 @@ with ``.to(device)`` (lucidrains/denoising-diffusion-pytorch). Sources:
   on a sub-sequence of S timesteps, deterministic when eta = 0.
 * Ho & Salimans 2022, "Classifier-Free Diffusion Guidance": one network trained with label
   dropout gives eps(z, c) and eps(z); sampling uses (1 + w) eps(z, c) - w eps(z) (eq. 6).
+* Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models": the
+  ``v`` parametrisation v = alpha_t eps - sigma_t x_0 (sec. 4, eq. 9 and appendix D), with
+  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); x_0 = alpha_t x_t - sigma_t v and
+  eps = sigma_t x_t + alpha_t v.
+* Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy": the loss of
+  timestep t weighted by min(SNR_t, gamma) / SNR_t for epsilon-, min(SNR_t, gamma) / (SNR_t + 1)
+  for v- and min(SNR_t, gamma) for x_0-prediction (sec. 3.4; SNR_t = abar_t / (1 - abar_t)), as
+  diffusers' ``train_text_to_image.py`` does.
+* Lu et al. 2022, "DPM-Solver++" and Karras et al. 2022, "Elucidating the Design Space" (EDM):
+  these samplers are not re-implemented here; :func:`scheduler_sample_loop` drives diffusers'
+  tested schedulers (``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``,
+  ``HeunDiscreteScheduler``, ...) with our schedule's betas.
 
 Named schedules never change once committed: a trained checkpoint stores the name and T.
 Timesteps are integers in [0, T); index t here is DDPM's t+1.
@@ -28,9 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "make_betas", "GaussianDiffusion", "ddim_timesteps", "guidance_combine", "classifier_free_guidance"]
+__all__ = ["SCHEDULES", "PREDICTIONS", "LOSS_WEIGHTINGS", "SCHEDULER_SAMPLERS", "make_betas", "GaussianDiffusion", "ddim_timesteps", "guidance_combine", "autoguidance", "classifier_free_guidance", "scheduler_sample_loop"]
 
 SCHEDULES = ("linear", "cosine")
+#: What the network predicts: the noise (DDPM), v (Salimans & Ho 2022) or x_0 itself.
+PREDICTIONS = ("epsilon", "v", "x0")
+#: Per-timestep loss weights: none (DDPM's simple loss in the prediction's own units) or min-SNR-gamma.
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def make_betas(name: str, timesteps: int) -> np.ndarray:
@@ -80,22 +96,39 @@ def _extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class GaussianDiffusion(nn.Module):
-    """The DDPM forward process and its samplers for epsilon-prediction networks.
+    """The DDPM forward process, its training objective and its DDPM/DDIM samplers.
 
     Args:
         schedule: "linear" or "cosine" (see :func:`make_betas`).
         timesteps: T (1000 in DDPM).
+        prediction: what the network outputs (:data:`PREDICTIONS`): "epsilon" (the noise, DDPM
+            eq. 14), "v" (v = alpha_t eps - sigma_t x_0, Salimans & Ho 2022 eq. 9) or "x0".
+        loss_weighting: "none" (the plain MSE of the prediction) or "min_snr" (Hang et al. 2023).
+        min_snr_gamma: gamma of min-SNR weighting (5 in the paper).
 
     Buffers (float32, (T,)): betas, alphas_cumprod (abar_t), alphas_cumprod_prev,
     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, posterior_variance (beta~_t),
-    posterior_log_variance_clipped, posterior_mean_coef1 (c0_t), posterior_mean_coef2 (ct_t).
-    All are computed in float64 and stored in float32.
+    posterior_log_variance_clipped, posterior_mean_coef1 (c0_t), posterior_mean_coef2 (ct_t),
+    snr (abar_t / (1 - abar_t)). All are computed in float64 and stored in float32.
+
+    Raises:
+        ValueError: unknown schedule, prediction or loss weighting (the valid names are listed),
+            T < 2, or gamma <= 0.
     """
 
-    def __init__(self, schedule: str = "linear", timesteps: int = 1000):
+    def __init__(self, schedule: str = "linear", timesteps: int = 1000, prediction: str = "epsilon", loss_weighting: str = "none", min_snr_gamma: float = 5.0):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {list(PREDICTIONS)}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {loss_weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.schedule = schedule
         self.num_timesteps = timesteps
+        self.prediction = prediction
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         betas = make_betas(schedule, timesteps)
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
@@ -114,9 +147,15 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:])),
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            "snr": abar / (1.0 - abar),
         }
         for name, value in buffers.items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
+        self._betas64 = betas
+
+    def config(self) -> dict:
+        """The constructor arguments, as stored in a checkpoint (``diffusion`` entry)."""
+        return {"schedule": self.schedule, "timesteps": self.num_timesteps, "prediction": self.prediction, "loss_weighting": self.loss_weighting, "min_snr_gamma": self.min_snr_gamma}
 
     # forward process -------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -145,6 +184,54 @@ class GaussianDiffusion(nn.Module):
         nd = x_t.dim()
         return _extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * eps
 
+    def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (eq. 4 solved for eps)."""
+        nd = x_t.dim()
+        return (x_t - _extract(self.sqrt_alphas_cumprod, t, nd) * x_start) / _extract(self.sqrt_one_minus_alphas_cumprod, t, nd)
+
+    # parametrisations -------------------------------------------------------------------
+    def target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output at (x_0, eps, t): eps, v = alpha_t eps - sigma_t x_0
+        (Salimans & Ho 2022 eq. 9) or x_0, by ``prediction``. Float, the shape of ``x_start``."""
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "x0":
+            return x_start
+        nd = x_start.dim()
+        return _extract(self.sqrt_alphas_cumprod, t, nd) * noise - _extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start
+
+    def split_output(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from a network output in the ``prediction`` parametrisation.
+
+        For v: x_0 = alpha_t x_t - sigma_t v and eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022,
+        appendix D); for x_0: eps from eq. 4. ``t`` is int64 (B,) in [0, T).
+        """
+        output = output.float()
+        if self.prediction == "epsilon":
+            return self.predict_start_from_noise(x_t, t, output), output
+        if self.prediction == "x0":
+            return output, self.predict_noise_from_start(x_t, t, output)
+        nd = x_t.dim()
+        a, s = _extract(self.sqrt_alphas_cumprod, t, nd), _extract(self.sqrt_one_minus_alphas_cumprod, t, nd)
+        return a * x_t - s * output, s * x_t + a * output
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-example weights float (B,) of timesteps int64 (B,) in [0, T).
+
+        ``none``: 1. ``min_snr`` (Hang et al. 2023 sec. 3.4): min(SNR_t, gamma) divided by SNR_t
+        (epsilon), by SNR_t + 1 (v) or by 1 (x0): the same weight on the implied x_0 error,
+        min(SNR_t, gamma), whatever the network predicts.
+        """
+        if self.loss_weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr.gather(0, t.long())
+        w = torch.clamp(snr, max=self.min_snr_gamma)
+        if self.prediction == "epsilon":
+            return w / snr
+        if self.prediction == "v":
+            return w / (snr + 1.0)
+        return w
+
     # training ---------------------------------------------------------------------------
     def training_losses(
         self,
@@ -154,14 +241,71 @@ class GaussianDiffusion(nn.Module):
         noise: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Per-example simple loss ||eps - eps_theta(x_t, t)||^2, averaged over non-batch dims
-        (DDPM eq. 14). ``labels`` int (B,), if given, is passed as ``model(x_t, t, labels)``
-        (class-conditional training). Returns float (B,)."""
+        """Per-example loss w_t ||target - f_theta(x_t, t)||^2, averaged over non-batch dims: with
+        epsilon-prediction and no weighting, DDPM's simple loss (eq. 14). ``labels`` int (B,), if
+        given, is passed as ``model(x_t, t, labels)`` (class-conditional training). Returns float (B,)."""
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        eps = model(x_t, t) if labels is None else model(x_t, t, labels)
-        return (eps.float() - noise).pow(2).flatten(1).mean(1)
+        out = model(x_t, t) if labels is None else model(x_t, t, labels)
+        mse = (out.float() - self.target(x_start, noise, t)).pow(2).flatten(1).mean(1)
+        return mse * self.loss_weights(t) if self.loss_weighting != "none" else mse
+
+    def eps_mse(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Unweighted ||eps - eps_hat||^2 per example, float (B,), whatever the parametrisation: the
+        one test loss that compares models trained with different objectives."""
+        x_t = self.q_sample(x_start, t, noise)
+        out = model(x_t, t) if labels is None else model(x_t, t, labels)
+        _, eps = self.split_output(x_t, t, out)
+        return (eps - noise).pow(2).flatten(1).mean(1)
+
+    def _denoise(self, model, x: torch.Tensor, t: torch.Tensor, clip) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, eps = self.split_output(x, t, model(x, t))
+        if clip is not None:
+            x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
+            eps = self.predict_noise_from_start(x, t, x0)
+        return x0, eps
+
+    def eps_model(self, model: Callable[..., torch.Tensor], clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The network as an epsilon-predictor at real-valued timesteps, for diffusers' schedulers.
+
+        Returns ``eps(x_t, t)``: x_t float (B, ...) in the VP parametrisation (what a scheduler's
+        ``scale_model_input`` hands back), t a scalar or (B,) tensor of timesteps in [0, T - 1]
+        (Euler/Heun use fractional ones: abar_t is then interpolated linearly in log-SNR between
+        the integer steps). The network's output is turned into (x0_hat, eps_hat); with ``clip``
+        x0_hat is clipped to [low, high] and eps re-derived from it (as :meth:`ddim_sample_loop`).
+        """
+        log_snr = torch.log(self.snr.double())
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tt = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
+            lo = tt.floor().long().clamp(0, self.num_timesteps - 1)
+            hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+            frac = (tt - lo.float()).double()
+            ls = log_snr.to(x.device)
+            lam = ls[lo] * (1 - frac) + ls[hi] * frac
+            abar = torch.sigmoid(lam).float().view(-1, *([1] * (x.dim() - 1)))
+            a, s = abar.sqrt(), (1 - abar).sqrt()
+            out = model(x, tt).float()
+            if self.prediction == "epsilon":
+                x0, e = (x - s * out) / a, out
+            elif self.prediction == "x0":
+                x0, e = out, (x - a * out) / s
+            else:
+                x0, e = a * x - s * out, s * x + a * out
+            if clip is not None:
+                x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
+                e = (x - a * x0) / s
+            return e
+
+        return eps
 
     # sampling ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,7 +321,7 @@ class GaussianDiffusion(nn.Module):
         """DDPM ancestral sampling over all T steps (Algorithm 2), sigma_t^2 = beta~_t.
 
         Args:
-            model: eps_theta(x_t, t).
+            model: the network f_theta(x_t, t) in this object's ``prediction`` parametrisation.
             shape: (B, C, H, W) of the samples.
             generator: torch.Generator for x_T and every step's noise (same seed, same samples).
             progress: called with the number of steps done.
@@ -191,10 +335,7 @@ class GaussianDiffusion(nn.Module):
         x = torch.randn(shape, generator=generator, device=device)
         for i, step in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            eps = model(x, t).float()
-            x0 = self.predict_start_from_noise(x, t, eps)
-            if clip is not None:
-                x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
+            x0, _ = self._denoise(model, x, t, clip)
             mean, _, log_var = self.q_posterior_mean_variance(x0, x, t)
             if step > 0:
                 noise = torch.randn(shape, generator=generator, device=device)
@@ -231,12 +372,8 @@ class GaussianDiffusion(nn.Module):
         for i, step in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            eps = model(x, t).float()
-            x0 = self.predict_start_from_noise(x, t, eps)
+            x0, eps = self._denoise(model, x, t, clip)
             a_t = abar[step]
-            if clip is not None:
-                x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
-                eps = (x - torch.sqrt(a_t) * x0) / torch.sqrt(1 - a_t)
             a_prev = abar[prev] if prev >= 0 else torch.ones((), device=abar.device)
             sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
             x = torch.sqrt(a_prev) * x0 + torch.sqrt(torch.clamp(1 - a_prev - sigma**2, min=0.0)) * eps
@@ -245,6 +382,88 @@ class GaussianDiffusion(nn.Module):
             if progress is not None:
                 progress(i + 1)
         return x
+
+    def diffusers_scheduler(self, sampler: str):
+        """A diffusers scheduler of this schedule's betas (``trained_betas``), epsilon-prediction,
+        for the sampler ``sampler`` of :data:`SCHEDULER_SAMPLERS`.
+
+        Raises:
+            ValueError: unknown sampler name (the valid ones are listed).
+        """
+        if sampler not in SCHEDULER_SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SCHEDULER_SAMPLERS)}")
+        import diffusers
+
+        cls_name, kwargs = SCHEDULER_SAMPLERS[sampler]
+        cls = getattr(diffusers, cls_name)
+        return cls(num_train_timesteps=self.num_timesteps, trained_betas=self._betas64.tolist(), prediction_type="epsilon", **kwargs)
+
+
+#: Samplers run through diffusers' schedulers: name -> (scheduler class, keyword arguments).
+#: ``dpmpp``: DPM-Solver++(2M) (Lu et al. 2022, multistep, second order, data prediction);
+#: ``dpmsde``: its SDE variant (stochastic, same order); ``euler``: Karras et al. 2022 Algorithm
+#: 2's Euler steps (first order, deterministic); ``heun``: the same with Heun's second-order
+#: correction (2 network calls per step); ``eulera``: ancestral Euler (stochastic). All use
+#: "trailing" timestep spacing (the first step at t = T - 1, as our DDIM does).
+SCHEDULER_SAMPLERS: dict[str, tuple[str, dict]] = {
+    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}),
+    "dpmsde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}),
+    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "eulera": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
+@torch.no_grad()
+def scheduler_sample_loop(
+    diffusion: GaussianDiffusion,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    sampler: str = "dpmpp",
+    steps: int = 20,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str = "cpu",
+    progress: Optional[Callable[[int], None]] = None,
+    clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Sample with one of diffusers' schedulers (:data:`SCHEDULER_SAMPLERS`) in ``steps`` steps.
+
+    The standard diffusers loop (``set_timesteps``; x_T ~ N(0, init_noise_sigma^2 I); per step
+    ``scale_model_input``, the network, ``step``) with the network wrapped by
+    :meth:`GaussianDiffusion.eps_model` (any parametrisation, optional x0 clipping). The
+    scheduler is built from this schedule's betas, so its alphas_cumprod equal ours.
+
+    Args:
+        model: the network f(x_t, t) in ``diffusion.prediction``'s parametrisation.
+        shape: (B, C, H, W); steps: number of scheduler steps (Heun calls the network twice per step).
+        generator: RNG of x_T and of the stochastic samplers' noise.
+
+    Returns:
+        float32 samples of ``shape``.
+
+    Raises:
+        ValueError: unknown sampler or steps < 1.
+    """
+    if steps < 1:
+        raise ValueError(f"sampler steps must be >= 1, got {steps}")
+    scheduler = diffusion.diffusers_scheduler(sampler)
+    scheduler.set_timesteps(steps, device=device)
+    eps = diffusion.eps_model(model, clip)
+    x = torch.randn(shape, generator=generator, device=device) * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        inp = scheduler.scale_model_input(x, t)
+        out = eps(inp, t)
+        kwargs = {"generator": generator} if "generator" in _step_params(scheduler) else {}
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+        if progress is not None:
+            progress(i + 1)
+    return x.float()
+
+
+def _step_params(scheduler) -> set:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
 
 
 def guidance_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -256,6 +475,32 @@ def guidance_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> 
     predictions, or PixelCNN logits).
     """
     return uncond + scale * (cond - uncond)
+
+
+def autoguidance(model: Callable[..., torch.Tensor], weak: Callable[..., torch.Tensor], weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself",
+    eq. 2): D_w(x; t) = D_weak(x; t) + w (D(x; t) - D_weak(x; t)), w >= 1 pushing samples away
+    from where a weaker version of the same model (here: its snapshot after a fraction of the
+    training) errs. Applied to the network outputs: every parametrisation (epsilon, v, x0) is
+    affine in the output at fixed (x_t, t), so this equals guiding the denoised x0.
+
+    Args:
+        model, weak: networks ``f(x_t, t)`` of the same parametrisation.
+        weight: w (1 = the model alone, 0 = the weak model alone).
+
+    Returns:
+        ``f(x_t, t)`` -> float (B, ...) guided output.
+
+    Raises:
+        ValueError: weight < 0.
+    """
+    if weight < 0:
+        raise ValueError(f"autoguidance weight must be >= 0, got {weight}")
+
+    def out(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guidance_combine(model(x, t).float(), weak(x, t).float(), weight)
+
+    return out
 
 
 def classifier_free_guidance(

@@ -200,6 +200,10 @@ def submit_stage(
     run_dir = str(run_dir)
     run_name = Path(run_dir).name
     suffix = f"_{kwargs['model']}" if stage == "sample" and "model" in kwargs else ""
+    if kwargs.get("budget") is not None or kwargs.get("conditional"):
+        from pipeline.sets import budget_tag
+
+        suffix = ("_cond" if kwargs.get("conditional") else "") + budget_tag(kwargs.get("budget"))
     # A fresh folder per submission: SLURM job ids restart when its state is purged.
     folder = Path(run_dir) / "logs" / f"{stage}{suffix}" / time.strftime("%Y%m%d-%H%M%S")
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=int(cluster_cfg.get("max_num_timeout", 3)))

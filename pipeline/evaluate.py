@@ -46,6 +46,9 @@ __all__ = [
     "near_duplicate_fraction",
     "judge_images",
     "plot_training_curves",
+    "scaling_rows",
+    "scaling_crossover",
+    "plot_scaling",
     "evaluate",
 ]
 
@@ -160,7 +163,7 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) ->
     import matplotlib.pyplot as plt
 
     root = Path(run_dir)
-    stages = [s for s in ("vqvae", "classifier", "pixelcnn", "diffusion", "pixel_diffusion") if (root / s / "train_log.csv").is_file()]
+    stages = [s for s in ("vqvae", "classifier", "pixelcnn", "pixelcnn_cond", "diffusion", "diffusion_cond", "pixel_diffusion") if (root / s / "train_log.csv").is_file()]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(3.2 * max(1, len(stages)), 2.8), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         with open(root / stage / "train_log.csv") as f:
@@ -181,11 +184,15 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) ->
 
 def _carry(paths: RunPaths) -> dict:
     """The training stages' own metrics (those that exist), by stage."""
+    pcnn = ("test_nll_nats_per_code", "test_nll_bits_per_code", "test_nll_conditional_nats_per_code", "conditional", "steps", "train_seconds")
+    diff = ("final_train_loss", "test_loss_ema", "test_loss_raw", "test_loss_conditional_ema", "conditional", "train_seconds", "train_images_per_s", "steps")
     keep = {
         "vqvae": ("test_recon_mse", "test_perplexity", "test_codes_in_use", "num_embeddings", "train_seconds"),
         "classifier": ("test_accuracy", "train_accuracy", "num_test", "train_seconds"),
-        "pixelcnn": ("test_nll_nats_per_code", "test_nll_bits_per_code", "test_nll_conditional_nats_per_code", "conditional", "train_seconds"),
-        "diffusion": ("final_train_loss", "test_loss_ema", "test_loss_raw", "test_loss_conditional_ema", "conditional", "train_seconds", "train_images_per_s", "steps"),
+        "pixelcnn": pcnn,
+        "pixelcnn_cond": pcnn,
+        "diffusion": diff,
+        "diffusion_cond": diff,
         "pixel_diffusion": ("final_train_loss", "test_loss_ema", "train_seconds", "train_images_per_s", "steps", "time_budget_s"),
     }
     out = {}
@@ -226,17 +233,160 @@ SET_COLUMNS = [
 ]
 
 
+def scaling_rows(sets: dict, specs: dict) -> list[dict]:
+    """Rows of the quality-vs-compute study: every unconditional set whose sampler was drawn at
+    two or more training budgets (the default model is budget 1), sorted by sampler and budget."""
+    from pipeline.sets import base_name
+
+    groups: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        if not spec.conditional and spec.prior in ("pixelcnn", "diffusion"):
+            groups.setdefault(base_name(name), []).append(name)
+    rows = []
+    for base, names in sorted(groups.items()):
+        if len(names) < 2:
+            continue
+        for n in names:
+            budget = specs[n].budget if specs[n].budget is not None else 1.0
+            rows.append({**sets[n], "prior": specs[n].prior, "sampler": base, "budget": float(budget)})
+    return sorted(rows, key=lambda r: (r["prior"], r["sampler"], r["budget"]))
+
+
+def scaling_crossover(rows: list[dict]) -> dict:
+    """Where latent diffusion overtakes the PixelCNN in FD / floor against training seconds.
+
+    Each prior's curve is the piecewise-linear interpolation of log FD / floor in log training
+    seconds between its measured budgets (the best sampler per prior: the one with the lowest
+    FD at its largest budget). Returns {"pixelcnn": sampler, "diffusion": sampler,
+    "statement": one sentence, "seconds": the crossover training seconds or None, "at_budgets":
+    [(budget, FD ratio PixelCNN, FD ratio diffusion)] at the budgets both have}.
+    """
+    by: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r.get("prior_train_seconds") and r.get("fd_ratio"):
+            by.setdefault(r["prior"], {}).setdefault(r["sampler"], []).append(r)
+    if "pixelcnn" not in by or "diffusion" not in by:
+        return {"statement": "needs both priors at two or more budgets", "seconds": None, "at_budgets": []}
+
+    def best(curves: dict[str, list[dict]]) -> tuple[str, list[dict]]:
+        name = min(curves, key=lambda k: sorted(curves[k], key=lambda r: r["budget"])[-1]["fd_ratio"])
+        return name, sorted(curves[name], key=lambda r: r["prior_train_seconds"])
+
+    pc_name, pc = best(by["pixelcnn"])
+    df_name, df = best(by["diffusion"])
+
+    def interp(curve: list[dict], sec: float) -> Optional[float]:
+        xs = [math.log(r["prior_train_seconds"]) for r in curve]
+        ys = [math.log(r["fd_ratio"]) for r in curve]
+        x = math.log(sec)
+        if x < xs[0] or x > xs[-1]:
+            return None
+        return math.exp(float(np.interp(x, xs, ys)))
+
+    grid = sorted({r["prior_train_seconds"] for r in pc + df})
+    lo, hi = max(pc[0]["prior_train_seconds"], df[0]["prior_train_seconds"]), min(pc[-1]["prior_train_seconds"], df[-1]["prior_train_seconds"])
+    grid = [g for g in grid if lo <= g <= hi]
+    dense = sorted(set(grid + [math.exp(v) for v in np.linspace(math.log(lo), math.log(hi), 200)])) if lo < hi else grid
+    diffs = [(sec, interp(df, sec) - interp(pc, sec)) for sec in dense if interp(df, sec) is not None and interp(pc, sec) is not None]
+    pc_b = {r["budget"]: r["fd_ratio"] for r in pc}
+    at_budgets = [(b, pc_b[b], r["fd_ratio"]) for r in df for b in [r["budget"]] if b in pc_b]
+    seconds = None
+    if not diffs:
+        statement = "the two priors' training times do not overlap; compare the budgets directly"
+    elif all(d < 0 for _, d in diffs):
+        statement = f"latent diffusion ({df_name}) is ahead of the PixelCNN ({pc_name}) at every training time both were measured at ({lo:.0f}-{hi:.0f} s)"
+    elif all(d >= 0 for _, d in diffs):
+        statement = f"latent diffusion ({df_name}) never overtakes the PixelCNN ({pc_name}) between {lo:.0f} and {hi:.0f} training seconds"
+    else:
+        for (s0, d0), (s1, d1) in zip(diffs, diffs[1:]):
+            if d0 >= 0 > d1:
+                seconds = s0 + (s1 - s0) * d0 / (d0 - d1)
+                break
+        if seconds is None:
+            statement = f"the curves cross but diffusion ({df_name}) ends behind the PixelCNN ({pc_name}) at {hi:.0f} s"
+        else:
+            statement = f"latent diffusion ({df_name}) overtakes the PixelCNN ({pc_name}) at about {seconds:.0f} training seconds"
+    return {"pixelcnn": pc_name, "diffusion": df_name, "statement": statement, "seconds": seconds, "at_budgets": at_budgets}
+
+
+def plot_scaling(rows: list[dict], path: str | os.PathLike) -> None:
+    """FD / floor against training seconds (log-log), one line per sampler of each prior; PNG, atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["sampler"], []).append(r)
+    for name, rs in sorted(groups.items()):
+        rs = sorted((r for r in rs if r.get("prior_train_seconds")), key=lambda r: r["prior_train_seconds"])
+        if not rs:
+            continue
+        style = "o-" if rs[0]["prior"] == "diffusion" else "s--"
+        ax.plot([r["prior_train_seconds"] for r in rs], [r["fd_ratio"] for r in rs], style, label=name)
+        for r in rs:
+            ax.annotate(f"{r['budget']:g}x", (r["prior_train_seconds"], r["fd_ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training seconds of the prior")
+    ax.set_ylabel("FD / real floor")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def provenance() -> dict:
+    """{"commit": the git commit of the pipeline's source (or "unknown"), "dirty": uncommitted
+    changes, "date": ISO date and time} for the report's header."""
+    import subprocess
+    import time
+
+    src = Path(__file__).resolve().parents[1]
+    commit, dirty = "unknown", False
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+#: Readable names of the diffusion samplers in the study tables.
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)", "dpmsde": "DPM-Solver++ SDE", "euler": "Euler", "heun": "Heun", "eulera": "Euler ancestral"}
+
+
 def _studies(sets: dict, stage_metrics: dict) -> dict[str, dict]:
     """The study tables, built from whichever sample sets the run has: {study: {"rows", "columns", "title"}}."""
     from pipeline.sets import parse_sample_set, studies_for
 
-    specs = {name: parse_sample_set(name) for name in sets}
+    all_specs = {name: parse_sample_set(name) for name in sets}
+    specs = {n: s for n, s in all_specs.items() if s.budget in (None, 1.0)}
     wanted = set(studies_for(sets))
     studies: dict[str, dict] = {}
 
+    if "scaling" in wanted:
+        rows = scaling_rows(sets, all_specs)
+        studies["scaling"] = {
+            "title": "Quality vs training compute: the unconditional priors at several training budgets (same latents; f = multiple of the configured steps)",
+            "rows": rows,
+            "columns": [("prior", "prior"), ("sampler", "sampler"), ("name", "set"), ("budget", "budget f"), ("prior_steps", "train steps"), ("prior_train_seconds", "train s"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("class_entropy", "class entropy (nats)"), ("duplicates", "duplicates"), ("memorised", "memorised")],
+            "crossover": scaling_crossover(rows),
+        }
+
     pcnn = [n for n, s in specs.items() if s.prior == "pixelcnn" and not s.conditional]
     if "sampling_layer" in wanted:
-        rows = sorted(({"decoding": "greedy (argmax)" if specs[n].method == "greedy" else f"categorical, tau = {sets[n]['temperature']:g}", "_tau": -1.0 if specs[n].method == "greedy" else sets[n]["temperature"], **sets[n]} for n in pcnn), key=lambda r: r["_tau"])
+        def decoding(n: str) -> str:
+            if specs[n].method == "greedy":
+                return "greedy (argmax)"
+            ag = f", autoguidance w = {specs[n].autoguidance:g}" if specs[n].autoguidance is not None else ""
+            return f"categorical, tau = {sets[n]['temperature']:g}{ag}"
+
+        rows = sorted(({"decoding": decoding(n), "_key": (specs[n].autoguidance or 0.0, -1.0 if specs[n].method == "greedy" else sets[n]["temperature"]), **sets[n]} for n in pcnn), key=lambda r: r["_key"])
         studies["sampling_layer"] = {
             "title": "PixelCNN: the categorical sampling layer (greedy argmax vs sampling at temperature tau)",
             "rows": rows,
@@ -247,11 +397,15 @@ def _studies(sets: dict, stage_metrics: dict) -> dict[str, dict]:
     if "diffusion_steps" in wanted:
         def key(n):
             s = specs[n]
-            return (s.weights != "ema", s.method == "ddpm", sets[n]["steps"])
+            return (s.weights != "ema", s.autoguidance or 0.0, s.method == "ddpm", s.method, sets[n]["steps"])
 
-        rows = [{"sampler": f"{specs[n].method.upper()}, {sets[n]['steps']} steps", "weights": specs[n].weights, **sets[n]} for n in sorted(diff, key=key)]
+        def sampler(n: str) -> str:
+            ag = f", autoguidance w = {specs[n].autoguidance:g}" if specs[n].autoguidance is not None else ""
+            return f"{SAMPLER_NAMES.get(specs[n].method, specs[n].method)}, {sets[n]['steps']} steps{ag}"
+
+        rows = [{"sampler": sampler(n), "weights": specs[n].weights, **sets[n]} for n in sorted(diff, key=key)]
         studies["diffusion_steps"] = {
-            "title": "Latent diffusion: DDPM (all T steps) vs DDIM with S steps; EMA vs raw weights",
+            "title": "Latent diffusion: the sampler (DDPM over all T steps, DDIM and diffusers' solvers with S steps), autoguidance, EMA vs raw weights",
             "rows": rows,
             "columns": [("sampler", "sampler"), ("weights", "weights"), ("name", "set"), ("n", "N"), ("fd_train", "FD vs train"), ("fd_floor_same_n", "floor at N"), ("fd_ratio", "FD / floor"), ("seconds_per_1000", "s / 1000 images"), ("class_entropy", "class entropy (nats)")],
         }
@@ -364,6 +518,7 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             sets[name] = judge(name, torch.from_numpy(arr), labels, {
                 "seconds_per_1000": rec.get("seconds_per_1000"), "num_samples": len(arr), "steps": rec.get("steps"),
                 "temperature": rec.get("temperature"), "guidance_scale": spec.guidance,
+                "prior_budget": rec.get("prior_budget", 1.0), "prior_steps": rec.get("prior_steps"), "prior_train_seconds": rec.get("prior_train_seconds"),
             })
             log.info("evaluate %s: FD %.3f (floor %.3f), entropy %.3f, duplicates %.3f", name, sets[name]["fd_train"], sets[name]["fd_floor_same_n"], sets[name]["class_entropy"], sets[name]["duplicates"])
 
@@ -381,31 +536,48 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             "sets": sets,
             "stages": stage_metrics,
             "studies": {k: [{c: r.get(c) for c, _ in v["columns"]} for r in v["rows"]] for k, v in studies.items()},
+            "provenance": provenance(),
         }
+        if "scaling" in studies:
+            result["scaling_crossover"] = studies["scaling"]["crossover"]
+            plot_scaling(studies["scaling"]["rows"], out / "scaling.png")
         write_json(out / "metrics.json", result)
         md_sets, tsv_sets = _table([floor_row, *sets.values()], SET_COLUMNS)
         atomic_write_text(out / "sets.tsv", tsv_sets)
+        specs = {n: parse_sample_set(n) for n in sets}
+        uncond = [r for n, r in sets.items() if not specs[n].conditional and specs[n].budget in (None, 1.0)]
+        cond = [r for n, r in sets.items() if specs[n].conditional and specs[n].budget in (None, 1.0)]
+        prov = result["provenance"]
         lines = [
             f"# Sample quality of run `{paths.root.name}`\n",
+            f"Made at commit `{prov['commit']}`{' (with uncommitted changes)' if prov['dirty'] else ''} by the evaluate stage "
+            f"(`python -m pipeline evaluate --run {paths.root}`, run by `snakemake`), {prov['date']}.\n",
             f"Judge: the run's classifier, test accuracy {_fmt(result['evaluation']['classifier_test_accuracy'])}. "
             f"Fréchet distances (FD) in its {result['evaluation']['feature_dim']}-d penultimate features, N = {n_eval} images per set "
             f"against all {len(train_x)} train images (`FD vs train`) and the first {n_eval} test images (`FD vs test`); "
             f"`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, {floor_row['fd_train']:.3f}). "
             f"Near-duplicates: nearest other sample within RMS {dup_threshold:g}; memorised: nearer to a train image than "
             f"{100 * float(sec['memorisation_quantile']):g} % of real test images are (RMS {mem_threshold:.3f}).\n",
-            "## All sample sets\n",
-            md_sets,
         ]
+        if uncond:
+            lines += ["## Unconditional samples (the study's question)\n", _table([floor_row, *uncond], SET_COLUMNS)[0]]
+        if cond:
+            lines += ["## Class-conditional samples\n", _table([floor_row, *cond], SET_COLUMNS)[0]]
+        lines += ["## All sample sets\n", md_sets]
         for key, study in studies.items():
             md, tsv = _table(study["rows"], study["columns"])
             atomic_write_text(out / f"{key}.tsv", tsv)
             lines += [f"## {study['title']}\n", md]
+            if key == "scaling":
+                lines += [f"**Crossover:** {study['crossover']['statement']}. Plot: `scaling.png`.\n"]
         st = stage_metrics
         lines += ["## Training stages\n", _table([
             {"stage": "vqvae", "metric": "test reconstruction MSE / perplexity / codes in use", "value": " / ".join(_fmt(st.get("vqvae", {}).get(k)) for k in ("test_recon_mse", "test_perplexity", "test_codes_in_use"))},
             {"stage": "classifier", "metric": "test accuracy", "value": _fmt(st.get("classifier", {}).get("test_accuracy"))},
-            {"stage": "pixelcnn", "metric": "test NLL nats/code (unconditional / conditional)", "value": " / ".join(_fmt(st.get("pixelcnn", {}).get(k)) for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code"))},
-            {"stage": "diffusion", "metric": "final train loss / test loss EMA / raw", "value": " / ".join(_fmt(st.get("diffusion", {}).get(k), 4) for k in ("final_train_loss", "test_loss_ema", "test_loss_raw"))},
+            {"stage": "pixelcnn", "metric": "test NLL nats/code (unconditional prior)", "value": _fmt(st.get("pixelcnn", {}).get("test_nll_nats_per_code"))},
+            {"stage": "pixelcnn_cond", "metric": "test NLL nats/code (null label / given the label)", "value": " / ".join(_fmt(st.get("pixelcnn_cond", {}).get(k)) for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code"))},
+            {"stage": "diffusion", "metric": "final train loss / test epsilon-MSE EMA / raw", "value": " / ".join(_fmt(st.get("diffusion", {}).get(k), 4) for k in ("final_train_loss", "test_loss_ema", "test_loss_raw"))},
+            {"stage": "diffusion_cond", "metric": "test epsilon-MSE EMA (null label / given the label)", "value": " / ".join(_fmt(st.get("diffusion_cond", {}).get(k), 4) for k in ("test_loss_ema", "test_loss_conditional_ema"))},
         ], [("stage", "stage"), ("metric", "metric"), ("value", "value")])[0]]
         atomic_write_text(out / "summary.md", "\n".join(lines))
         metrics.update(num_sets=len(sets), num_images=n_eval, floor_fd=floor_row["fd_train"], curves=curves)

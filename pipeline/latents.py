@@ -3,14 +3,21 @@
 Writer and reader share one definition (:data:`SCHEMA`), as rosinality/vq-vae-2-pytorch's
 ``extract_code.py`` and ``dataset.py`` share ``CodeRow``.
 
-Schema (version 1), for each split ``train`` and ``test``::
+Schema (version 2), for each split ``train`` and ``test``, and for ``train_aug`` when
+``latents.augment_copies`` > 0::
 
-    /<split>/codes    int16   (N, 7, 7)     codebook indices in [0, K)
-    /<split>/latents  float32 (N, D, 7, 7)  the quantized embeddings e_{codes}
-    /<split>/labels   int64   (N,)
-    attrs: schema_version=1, K, D, vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
-           latent_mean, latent_std (float64 (D,): per-channel mean and std of the train
-           latents, used to scale the latents to unit variance for diffusion)
+    /<split>/codes      int16   (N, 7, 7)     codebook indices in [0, K)
+    /<split>/latents    float32 (N, D, 7, 7)  the quantized embeddings e_{codes}
+    /<split>/encodings  float32 (N, D, 7, 7)  the encoder outputs z_e before quantization
+    /<split>/labels     int64   (N,)
+    attrs: schema_version=2, K, D, vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
+           latent_mean, latent_std, encoding_mean, encoding_std (float64 (D,): per-channel mean
+           and std of the plain train latents / encodings, used to scale them to unit variance
+           for diffusion), augment (JSON: copies, degrees, shift, scale, seed)
+
+``train_aug`` holds the codes of ``copies`` randomly rotated, scaled and shifted versions of
+every train image (``pipeline.augment.random_affine``, seeded; copy c of image i is row
+c * N + i, its label is image i's): more code grids for the priors without new images.
 
 Datasets are chunked and gzip-compressed; the writer encodes in batches and writes each batch
 as it comes (the dataset is never held whole in memory as latents); the file is written under
@@ -18,6 +25,7 @@ a temporary name and renamed only when complete.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +35,18 @@ import numpy as np
 
 from pipeline.io import RunPaths, atomic_path, sha256_file
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "LatentsError", "LatentsInfo", "LatentSplit", "read_info", "read_split", "extract_latents"]
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "AUG_SPLIT", "LatentsError", "LatentsInfo", "LatentSplit", "read_info", "read_split", "extract_latents"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "test")
+#: the optional split of augmented train copies
+AUG_SPLIT = "train_aug"
 
 #: dataset name -> (dtype, shape after N, with "D" for the embedding dimension)
 SCHEMA: dict[str, tuple[np.dtype, tuple]] = {
     "codes": (np.dtype(np.int16), (7, 7)),
     "latents": (np.dtype(np.float32), ("D", 7, 7)),
+    "encodings": (np.dtype(np.float32), ("D", 7, 7)),
     "labels": (np.dtype(np.int64), ()),
 }
 
@@ -46,21 +57,32 @@ class LatentsError(ValueError):
 
 @dataclass
 class LatentsInfo:
-    """The attributes of a ``latents.h5``: K, D, vqvae_sha256, latent_mean/std float64 (D,)."""
+    """The attributes of a ``latents.h5``: K, D, vqvae_sha256, latent_mean/std and
+    encoding_mean/std float64 (D,), the augmentation settings and the number of augmented rows."""
 
     num_embeddings: int
     embedding_dim: int
     vqvae_sha256: str
     latent_mean: np.ndarray
     latent_std: np.ndarray
+    encoding_mean: np.ndarray
+    encoding_std: np.ndarray
+    augment: dict
+    num_augmented: int = 0
+
+    def scaling(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) float64 (D,) of ``kind`` "latents" (quantized) or "encodings" (z_e)."""
+        return (self.latent_mean, self.latent_std) if kind == "latents" else (self.encoding_mean, self.encoding_std)
 
 
 @dataclass
 class LatentSplit:
-    """One split in memory: codes int16 (N, 7, 7), latents float32 (N, D, 7, 7), labels int64 (N,)."""
+    """One split in memory: codes int16 (N, 7, 7), latents and encodings float32 (N, D, 7, 7),
+    labels int64 (N,)."""
 
     codes: np.ndarray
     latents: np.ndarray
+    encodings: np.ndarray
     labels: np.ndarray
 
 
@@ -79,16 +101,21 @@ def _validate(f, path: Path, expect_vqvae_sha256: Optional[str]) -> LatentsInfo:
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         raise LatentsError(f"{path}: schema_version {version}, expected {SCHEMA_VERSION}; re-run extract_latents")
-    for attr in ("K", "D", "vqvae_sha256", "latent_mean", "latent_std"):
+    for attr in ("K", "D", "vqvae_sha256", "latent_mean", "latent_std", "encoding_mean", "encoding_std", "augment"):
         if attr not in f.attrs:
             raise LatentsError(f"{path}: attribute {attr!r} is missing")
-    info = LatentsInfo(int(f.attrs["K"]), int(f.attrs["D"]), str(f.attrs["vqvae_sha256"]), np.asarray(f.attrs["latent_mean"], dtype=np.float64), np.asarray(f.attrs["latent_std"], dtype=np.float64))
+    vec = {k: np.asarray(f.attrs[k], dtype=np.float64) for k in ("latent_mean", "latent_std", "encoding_mean", "encoding_std")}
+    try:
+        augment = json.loads(str(f.attrs["augment"]))
+    except json.JSONDecodeError:
+        raise LatentsError(f"{path}: attribute 'augment' is not JSON") from None
+    info = LatentsInfo(int(f.attrs["K"]), int(f.attrs["D"]), str(f.attrs["vqvae_sha256"]), augment=augment, **vec)
     if expect_vqvae_sha256 is not None and info.vqvae_sha256 != expect_vqvae_sha256:
         raise LatentsError(
             f"{path}: made from a VQ-VAE checkpoint with SHA-256 {info.vqvae_sha256[:12]}..., but the configured "
             f"vqvae/model.pt has {expect_vqvae_sha256[:12]}...; re-run extract_latents"
         )
-    for split in SPLITS:
+    for split in SPLITS + ((AUG_SPLIT,) if AUG_SPLIT in f else ()):
         n = None
         for name, (dtype, tail) in SCHEMA.items():
             key = f"{split}/{name}"
@@ -101,6 +128,8 @@ def _validate(f, path: Path, expect_vqvae_sha256: Optional[str]) -> LatentsInfo:
             if n is not None and ds.shape[0] != n:
                 raise LatentsError(f"{path}: '/{key}' has {ds.shape[0]} rows, other datasets of '{split}' have {n}")
             n = ds.shape[0]
+        if split == AUG_SPLIT:
+            info.num_augmented = int(n)
     return info
 
 
@@ -122,19 +151,25 @@ def read_info(path: str | os.PathLike, expect_vqvae_sha256: Optional[str] = None
 def read_split(path: str | os.PathLike, split: str, expect_vqvae_sha256: Optional[str] = None) -> tuple[LatentSplit, LatentsInfo]:
     """Validate the file and read one split into memory (MNIST-sized data fits easily).
 
+    Args:
+        split: "train", "test" or "train_aug" (the augmented train copies; the file must have them).
+
     Raises:
-        LatentsError: see :func:`read_info`; also an unknown split name.
+        LatentsError: see :func:`read_info`; also an unknown split name, or "train_aug" in a
+            file written with ``latents.augment_copies: 0``.
     """
-    if split not in SPLITS:
-        raise LatentsError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in SPLITS + (AUG_SPLIT,):
+        raise LatentsError(f"unknown split {split!r}; expected one of {SPLITS + (AUG_SPLIT,)}")
     p = Path(path)
     with _open(p) as f:
         info = _validate(f, p, expect_vqvae_sha256)
+        if split not in f:
+            raise LatentsError(f"{p}: has no '{split}' split (written with latents.augment_copies: 0); set latents.augment_copies > 0 and re-run extract_latents")
         g = f[split]
-        return LatentSplit(g["codes"][...], g["latents"][...], g["labels"][...]), info
+        return LatentSplit(*(g[name][...] for name in ("codes", "latents", "encodings", "labels"))), info
 
 
-def _check_free_space(dest: Path, dataset: Path, d: int) -> None:
+def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0) -> None:
     """Refuse to start when the uncompressed size of ``latents.h5`` exceeds the free space.
 
     HDF5 can crash the process on a failed write, so a full disk is detected before writing.
@@ -151,17 +186,35 @@ def _check_free_space(dest: Path, dataset: Path, d: int) -> None:
 
     with h5py.File(dataset, "r") as f:
         n = sum(f[f"{s}/labels"].shape[0] for s in SPLITS if f"{s}/labels" in f)
-    need = n * (d * 49 * 4 + 49 * 2 + 8) + (1 << 20)
+        n += copies * (f["train/labels"].shape[0] if "train/labels" in f else 0)
+    need = n * (2 * d * 49 * 4 + 49 * 2 + 8) + (1 << 20)
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
     if need > free:
         raise DiskFullError(errno.ENOSPC, f"disk full: writing {dest} needs up to {need / 1e6:.1f} MB but {free / 1e6:.1f} MB are free; nothing was written")
 
 
+def _augmented_train(images: np.ndarray, copies: int, degrees: float, shift: float, scale: float, seed: int):
+    """Yield (start row, uint8-range float images (B, 1, H, W) in [0, 1]) of ``copies`` augmented
+    copies of ``images`` uint8 (N, 1, H, W), copy by copy, with a generator seeded by ``seed``."""
+    import torch
+
+    from pipeline.augment import random_affine
+
+    g = torch.Generator().manual_seed(seed)
+    n = len(images)
+    for c in range(copies):
+        x = torch.from_numpy(images).float().div_(255.0)
+        yield c * n, random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1)
+
+
 def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 3: encode every image of ``dataset.h5`` with the trained VQ-VAE into ``latents.h5``.
 
-    Reads ``latents.batch_size``. Images are read, encoded and written batch by batch.
+    Reads ``latents`` (batch_size, augment_copies, augment_degrees, augment_shift,
+    augment_scale, seed). Images are read, encoded and written batch by batch; with
+    ``augment_copies`` > 0 the ``train_aug`` split holds the codes of that many augmented copies
+    of every train image.
 
     Returns:
         metrics dict (N per split, codes in use, wall time).
@@ -177,52 +230,84 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     from pipeline.train import load_model
 
     paths = RunPaths(run_dir)
-    bs = int(cfg["latents"]["batch_size"])
+    sec = cfg["latents"]
+    bs = int(sec["batch_size"])
+    copies = int(sec.get("augment_copies", 0))
+    augment = {"copies": copies, "degrees": float(sec.get("augment_degrees", 0.0)), "shift": float(sec.get("augment_shift", 0.0)), "scale": float(sec.get("augment_scale", 0.0)), "seed": int(sec.get("seed", 0))}
     with stage_record("extract_latents", cfg, paths.latents.parent, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
         vqvae, _ = load_model(paths.vqvae_model, device=device)
         vqvae.eval()
         k, d = vqvae.num_embeddings, vqvae.embedding_dim
         vq_sha = sha256_file(paths.vqvae_model)
-        _check_free_space(paths.latents, paths.dataset, d)
+        _check_free_space(paths.latents, paths.dataset, d, copies)
         used = np.zeros(k, dtype=np.int64)
-        s1 = np.zeros(d, dtype=np.float64)
-        s2 = np.zeros(d, dtype=np.float64)
+        sums = {kind: [np.zeros(d, dtype=np.float64), np.zeros(d, dtype=np.float64)] for kind in ("latents", "encodings")}
         count = 0
+
+        def encode(x: torch.Tensor) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                z_e = vqvae.encode(x.to(device))
+                codes = vqvae.quantizer.snap(z_e)
+                lat = vqvae.quantizer.lookup(codes)
+            return {"codes": codes.cpu().numpy().astype(np.int16), "latents": lat.cpu().numpy().astype(np.float32), "encodings": z_e.float().cpu().numpy()}
+
         with atomic_path(paths.latents, suffix=".h5") as tmp, h5py.File(tmp, "w") as out:
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["K"] = k
             out.attrs["D"] = d
             out.attrs["vqvae_sha256"] = vq_sha
-            for split in SPLITS:
-                data = read_dataset(paths.dataset, split)
-                n = len(data.labels)
+            out.attrs["augment"] = json.dumps(augment, sort_keys=True)
+
+            def create(split: str, n: int) -> dict:
                 g = out.create_group(split)
                 chunk = max(1, min(n, 256))
-                dsets = {
+                return {
                     name: g.create_dataset(name, shape=(n, *(d if x == "D" else x for x in tail)), dtype=dtype, chunks=(chunk, *(d if x == "D" else x for x in tail)), compression="gzip")
                     for name, (dtype, tail) in SCHEMA.items()
                 }
+
+            train_images = None
+            for split in SPLITS:
+                data = read_dataset(paths.dataset, split)
+                n = len(data.labels)
+                dsets = create(split, n)
                 for start in range(0, n, bs):
-                    x = torch.from_numpy(data.images[start : start + bs]).to(device).float().div_(255.0)
-                    with torch.no_grad():
-                        codes = vqvae.index_quantize(x)
-                        lat = vqvae.quantizer.lookup(codes)
-                    codes_np = codes.cpu().numpy()
-                    lat_np = lat.cpu().numpy().astype(np.float32)
-                    dsets["codes"][start : start + len(codes_np)] = codes_np.astype(np.int16)
-                    dsets["latents"][start : start + len(codes_np)] = lat_np
-                    dsets["labels"][start : start + len(codes_np)] = data.labels[start : start + len(codes_np)]
+                    x = torch.from_numpy(data.images[start : start + bs]).float().div_(255.0)
+                    enc = encode(x)
+                    m = len(enc["codes"])
+                    for name, arr in enc.items():
+                        dsets[name][start : start + m] = arr
+                    dsets["labels"][start : start + m] = data.labels[start : start + m]
                     if split == "train":
-                        used += np.bincount(codes_np.ravel(), minlength=k)
-                        s1 += lat_np.sum(axis=(0, 2, 3), dtype=np.float64)
-                        s2 += (lat_np.astype(np.float64) ** 2).sum(axis=(0, 2, 3))
-                        count += lat_np.shape[0] * lat_np.shape[2] * lat_np.shape[3]
+                        used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=k)
+                        for kind in ("latents", "encodings"):
+                            sums[kind][0] += enc[kind].sum(axis=(0, 2, 3), dtype=np.float64)
+                            sums[kind][1] += (enc[kind].astype(np.float64) ** 2).sum(axis=(0, 2, 3))
+                        count += m * enc["codes"].shape[1] * enc["codes"].shape[2]
+                if split == "train":
+                    train_images, train_labels = data.images, data.labels
                 metrics[f"num_{split}"] = n
                 log.info("extract_latents: %s %d images encoded", split, n)
-            mean = s1 / max(count, 1)
-            std = np.sqrt(np.maximum(s2 / max(count, 1) - mean**2, 1e-12))
-            out.attrs["latent_mean"] = mean
-            out.attrs["latent_std"] = std
-        metrics.update(codes_in_use_train=int((used > 0).sum()), K=k, D=d, vqvae_sha256=vq_sha)
+            if copies:
+                n = len(train_labels)
+                dsets = create(AUG_SPLIT, copies * n)
+                aug_used = np.zeros(k, dtype=np.int64)
+                for row0, xa in _augmented_train(train_images, copies, augment["degrees"], augment["shift"], augment["scale"], augment["seed"]):
+                    for start in range(0, n, bs):
+                        enc = encode(xa[start : start + bs])
+                        m = len(enc["codes"])
+                        for name, arr in enc.items():
+                            dsets[name][row0 + start : row0 + start + m] = arr
+                        dsets["labels"][row0 + start : row0 + start + m] = train_labels[start : start + m]
+                        aug_used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=k)
+                metrics[f"num_{AUG_SPLIT}"] = copies * n
+                metrics["codes_in_use_train_aug"] = int((aug_used > 0).sum())
+                log.info("extract_latents: %s %d augmented copies encoded (%d per train image)", AUG_SPLIT, copies * n, copies)
+            for kind, attr in (("latents", "latent"), ("encodings", "encoding")):
+                mean = sums[kind][0] / max(count, 1)
+                std = np.sqrt(np.maximum(sums[kind][1] / max(count, 1) - mean**2, 1e-12))
+                out.attrs[f"{attr}_mean"] = mean
+                out.attrs[f"{attr}_std"] = std
+        metrics.update(codes_in_use_train=int((used > 0).sum()), K=k, D=d, vqvae_sha256=vq_sha, augment=augment)
     return metrics

@@ -44,8 +44,8 @@ def collect_timings(run_dir: str | os.PathLike) -> dict:
     """Sum the ``wall_time_s`` of every stage record of a run into ``<run>/timings.json``.
 
     Reads ``data/``, ``vqvae/``, ``latents/``, ``classifier/``, ``pixelcnn/``, ``diffusion/``,
-    ``pixel_diffusion/`` ``metrics.json``, ``report/record.json`` and ``samples/<set>.json``;
-    missing records are skipped.
+    ``pixel_diffusion/``, the variants' ``pixelcnn_*/`` and ``diffusion_*/`` ``metrics.json``,
+    ``report/record.json`` and ``samples/<set>.json``; missing records are skipped.
 
     Returns:
         {"stages": {name: seconds}, "total_s": seconds}.
@@ -56,6 +56,10 @@ def collect_timings(run_dir: str | os.PathLike) -> dict:
         f = paths.root / folder / ("record.json" if folder == "report" else "metrics.json")
         if f.is_file():
             stages[name] = float(read_json(f)["wall_time_s"])
+    # the priors' variants: pixelcnn_cond/, diffusion_b4/, ... (train_<folder>)
+    for prefix in ("pixelcnn_", "diffusion_"):
+        for f in sorted(paths.root.glob(f"{prefix}*/metrics.json")):
+            stages[f"train_{f.parent.name}"] = float(read_json(f)["wall_time_s"])
     for f in sorted((paths.root / "samples").glob("*.json")):
         stages[f"sample_{f.stem}"] = float(read_json(f)["wall_time_s"])
     result = {"stages": stages, "total_s": round(sum(stages.values()), 3)}

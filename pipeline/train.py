@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
 from pipeline.io import RunPaths, StageInputError, atomic_write_text, save_grid_png, sha256_file
+from pipeline.augment import random_affine
 from pipeline.models import build_model
 from pipeline.runtime import Progress, StopSignals, autocast, dist_info, log, resolve_device, seed_everything, stage_record
 
@@ -108,6 +109,7 @@ def train_loop(
     ema_decay: Optional[float] = None,
     grad_clip: Optional[float] = 1.0,
     warmup: int = 100,
+    snapshot_step: Optional[int] = None,
 ) -> dict:
     """Train ``model`` for ``section['steps']`` Adam steps, resuming from ``out_dir/checkpoint.pt``.
 
@@ -128,10 +130,14 @@ def train_loop(
         ema_decay: keep an EMA of the weights with this decay (``torch.optim.swa_utils``).
         grad_clip: max global gradient norm (None: no clipping).
         warmup: linear LR warm-up steps, then cosine decay to 10% of ``lr``.
+        snapshot_step: after this many steps, keep a copy of the weights (the EMA weights when
+            there is an EMA): the "bad version of itself" that autoguidance guides away from
+            (Karras et al. 2024). Kept in the resume checkpoint, so a resumed run has it too.
 
     Returns:
         {"ema": AveragedModel or None, "rows": log rows, "elapsed_s": training seconds
-        including earlier interrupted runs, "final_loss": mean loss of the last log window}.
+        including earlier interrupted runs, "final_loss": mean loss of the last log window,
+        "snapshot": the state dict taken at ``snapshot_step`` or None}.
     """
     steps = int(section["steps"])
     rank, world = dist_info()
@@ -150,6 +156,7 @@ def train_loop(
     log_path = out_dir / "train_log.csv"
     start, rows, elapsed_before = 0, [], 0.0
     resumed_window: tuple[dict, int] = ({}, 0)
+    snapshot: Optional[dict] = None
     if ckpt_path.exists():
         state = ckpt_io.load(ckpt_path, map_location=device)
         if state.get("section") != dict(section) or state.get("args") != dict(args):
@@ -163,6 +170,7 @@ def train_loop(
             ckpt_io.set_rng_state(state["rng"])
             start, rows, elapsed_before = int(state["step"]), list(state["rows"]), float(state["elapsed_s"])
             resumed_window = (dict(state["window"]), int(state["window_n"]))
+            snapshot = state.get("snapshot")
             log.info("%s: resumed from %s at step %d/%d", stage, ckpt_path, start, steps)
 
     net = model
@@ -198,12 +206,13 @@ def train_loop(
                 "rows": rows,
                 "window": dict(window),
                 "window_n": window_n,
+                "snapshot": snapshot,
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
             },
         )
 
     def one_step(step: int) -> None:
-        nonlocal window, window_n
+        nonlocal window, window_n, snapshot
         idx = batcher(step).to(device)
         with autocast(device, bf16):
             loss, logs = compute_loss(net, idx, shard)
@@ -227,6 +236,9 @@ def train_loop(
                 _write_csv(log_path, rows)
             progress.line(done, **{k: v for k, v in row.items() if k != "step"})
             window, window_n = {}, 0
+        if snapshot_step is not None and done == snapshot_step:
+            source = ema.module if ema is not None else model
+            snapshot = {k: v.detach().clone() for k, v in source.state_dict().items()}
         if done % ckpt_every == 0 and done < steps:
             save_checkpoint(done)
 
@@ -248,28 +260,30 @@ def train_loop(
                 stop.after_checkpoint()
     model.eval()
     final_loss = rows[-1]["loss"] if rows else float("nan")
-    return {"ema": ema, "rows": rows, "elapsed_s": elapsed_before + time.perf_counter() - t0, "resumed_s": elapsed_before, "final_loss": final_loss}
+    return {"ema": ema, "rows": rows, "elapsed_s": elapsed_before + time.perf_counter() - t0, "resumed_s": elapsed_before, "final_loss": final_loss, "snapshot": snapshot}
 
 
-def save_model(path: Path, kind: str, args: Mapping, model: torch.nn.Module, ema=None, **extra: Any) -> None:
-    """Write the final ``model.pt`` (raw weights, EMA weights if any, factory args, extras);
-    rank 0 only under torch.distributed."""
+def save_model(path: Path, kind: str, args: Mapping, model: torch.nn.Module, ema=None, guide: Optional[dict] = None, **extra: Any) -> None:
+    """Write the final ``model.pt`` (raw weights, EMA weights if any, the autoguidance snapshot
+    ``guide`` if any, factory args, extras); rank 0 only under torch.distributed."""
     if dist_info()[0] != 0:
         return
-    ckpt_io.save(path, {"kind": kind, "args": dict(args), "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None, **extra})
+    ckpt_io.save(path, {"kind": kind, "args": dict(args), "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None, "guide": guide, **extra})
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "ema") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from a ``model.pt`` through the factory and load its weights.
 
     Args:
-        weights: "ema" (the EMA weights when the file has them, else the raw ones) or "raw".
+        weights: "ema" (the EMA weights when the file has them, else the raw ones), "raw", or
+            "guide" (the early snapshot that autoguidance guides away from).
 
     Returns:
         (model in eval mode on ``device``, the checkpoint dict).
 
     Raises:
-        pipeline.checkpoint.CheckpointError: not our file, or weights that do not fit.
+        pipeline.checkpoint.CheckpointError: not our file, weights that do not fit, or
+            ``weights="guide"`` for a model trained without a snapshot.
     """
     state = ckpt_io.load(path, map_location=device)
     for key in ("kind", "args", "model"):
@@ -279,7 +293,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weig
         model = build_model(state["kind"], state["args"])
     except ValueError as exc:
         raise ckpt_io.CheckpointError(f"{path}: {exc}") from None
-    sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+    if weights == "guide":
+        if state.get("guide") is None:
+            raise ckpt_io.CheckpointError(f"{path}: has no autoguidance snapshot; train it with guide_snapshot > 0")
+        sd = state["guide"]
+    else:
+        sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
     ckpt_io.load_state_dict_strict(model, sd, str(path))
     return model.to(device).eval(), state
 
@@ -380,17 +399,27 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
     return metrics
 
 
-def _read_latents(paths: RunPaths):
+def _read_latents(paths: RunPaths, augmented: bool = False):
     """Both splits of ``latents.h5``, refusing a file made from another ``vqvae/model.pt``.
+
+    Args:
+        augmented: append the ``train_aug`` rows (codes of augmented train images) to the train split.
 
     Returns:
         (SHA-256 of vqvae/model.pt, train LatentSplit, test LatentSplit, LatentsInfo).
+
+    Raises:
+        pipeline.latents.LatentsError: see ``read_split``; ``augmented`` with a file that has no
+            augmented copies.
     """
-    from pipeline.latents import read_split
+    from pipeline.latents import AUG_SPLIT, LatentSplit, read_split
 
     vq_sha = sha256_file(paths.vqvae_model)
     train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
     test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
+    if augmented:
+        aug, _ = read_split(paths.latents, AUG_SPLIT, expect_vqvae_sha256=vq_sha)
+        train = LatentSplit(*(np.concatenate([getattr(train, f), getattr(aug, f)]) for f in ("codes", "latents", "encodings", "labels")))
     return vq_sha, train, test, info
 
 
@@ -405,25 +434,46 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
-    """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
-    ``pixelcnn/model.pt``, ``metrics.json`` (test NLL in nats and bits per code; with
-    ``conditional``, also the class-conditional NLL) and ``train_log.csv``.
+def snapshot_step(sec: Mapping) -> Optional[int]:
+    """The step at which the autoguidance snapshot is taken: ``guide_snapshot`` (a fraction of
+    ``steps``) times ``steps``, rounded, at least 1; None when ``guide_snapshot`` is 0 or absent."""
+    frac = float(sec.get("guide_snapshot") or 0.0)
+    if frac <= 0:
+        return None
+    return max(1, min(int(sec["steps"]), int(round(frac * int(sec["steps"])))))
 
-    With ``pixelcnn.conditional`` the prior is p(c | y) with a null label 10 that training
-    substitutes with probability ``label_dropout``; ``test_nll_*`` is then the NLL under the
-    null label (the unconditional prior) and ``test_nll_conditional_*`` under the true label."""
+
+def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None, budget: Optional[float] = None, conditional: bool = False) -> dict:
+    """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
+    ``<folder>/model.pt``, ``metrics.json`` (test NLL in nats and bits per code; for the
+    conditional variant also the class-conditional NLL) and ``train_log.csv``.
+
+    Args:
+        budget: train for this factor times ``steps`` (the quality-vs-compute study), into
+            ``pixelcnn[_cond]_b<f>/``.
+        conditional: the class-conditional variant ``pixelcnn_cond/``: p(c | y) with a null label
+            10 substituted with probability ``label_dropout`` (so classifier-free guidance can mix
+            the two), ``conditional_steps`` steps; ``test_nll_*`` is then the NLL under the null
+            label and ``test_nll_conditional_*`` under the true label. Without it the prior is
+            unconditional and never sees a label (the study's subject).
+    """
+    from pipeline.config import variant_config
+    from pipeline.sets import prior_folder
+
     paths = RunPaths(run_dir)
+    cfg = variant_config(cfg, "pixelcnn", conditional=conditional, budget=budget)
     sec = cfg["pixelcnn"]
-    out = paths.pixelcnn_model.parent
+    out = paths.root / prior_folder("pixelcnn", budget, conditional)
     with stage_record("train_pixelcnn", cfg, out, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        vq_sha, train, test, info = _read_latents(paths)
+        vq_sha, train, test, info = _read_latents(paths, augmented=bool(sec.get("augmented", False)))
         train_c = torch.from_numpy(train.codes.astype(np.int64)).to(device)
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
-        n_cls = NUM_CLASSES if sec.get("conditional") else 0
+        n_cls = NUM_CLASSES if conditional else 0
         args = {"num_embeddings": info.num_embeddings, "hidden_channels": sec["hidden_channels"], "num_layers": sec["num_layers"], "kernel_size": sec["kernel_size"]}
+        if sec.get("dropout"):
+            args["dropout"] = float(sec["dropout"])
         if n_cls:
             args["num_classes"] = n_cls
         p_drop = float(sec.get("label_dropout", 0.0))
@@ -437,14 +487,17 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
             y = shard(drop_labels(train_y[idx], p_drop, n_cls))
             return F.cross_entropy(net(c, y).float(), c), {}
 
-        res = train_loop(stage="train_pixelcnn", model=model, kind="pixelcnn", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_c), out_dir=out, device=device, bf16=cfg["bf16"])
+        res = train_loop(stage="train_pixelcnn", model=model, kind="pixelcnn", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_c), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]) if sec.get("ema_decay") else None, snapshot_step=snapshot_step(sec))
+
+        judged = res["ema"].module if res["ema"] is not None else model  # the weights that are sampled
 
         @torch.no_grad()
         def nll(labels: Optional[torch.Tensor]) -> float:
+            judged.eval()
             total = 0.0
             for s in range(0, len(test_c), 500):
                 y = None if labels is None else labels[s : s + 500]
-                total += float(F.cross_entropy(model(test_c[s : s + 500], y).float(), test_c[s : s + 500], reduction="sum"))
+                total += float(F.cross_entropy(judged(test_c[s : s + 500], y).float(), test_c[s : s + 500], reduction="sum"))
             return total / test_c.numel()
 
         uncond = nll(None)
@@ -452,57 +505,80 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
         if n_cls:
             cond = nll(test_y)
             metrics.update(test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2))
-        metrics.update(conditional=bool(n_cls), train_final_loss=res["final_loss"], steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
+        metrics.update(conditional=bool(n_cls), train_final_loss=res["final_loss"], steps=sec["steps"], num_train_grids=len(train_c), train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
         metrics["resumed_wall_time_s"] = res["resumed_s"]
-        save_model(paths.pixelcnn_model, "pixelcnn", args, model, metrics=dict(metrics), vqvae_sha256=vq_sha)
+        metrics["budget"] = 1.0 if budget is None else float(budget)
+        metrics["guide_step"] = snapshot_step(sec)
+        save_model(out / "model.pt", "pixelcnn", args, model, ema=res["ema"], guide=res["snapshot"], metrics=dict(metrics), vqvae_sha256=vq_sha)
         _finish(out)
-        log.info("train_pixelcnn: test NLL %.4f nats/code (%.4f bits/code)%s", uncond, uncond / math.log(2), f", conditional {metrics['test_nll_conditional_nats_per_code']:.4f}" if n_cls else "")
+        log.info(f"{out.name}: test NLL %.4f nats/code (%.4f bits/code)%s", uncond, uncond / math.log(2), f", conditional {metrics['test_nll_conditional_nats_per_code']:.4f}" if n_cls else "")
     return metrics
 
 
 # --- stage 5: latent diffusion ------------------------------------------------------------------
 @torch.no_grad()
 def _test_loss(diffusion, net, x: torch.Tensor, seed: int, labels: Optional[torch.Tensor] = None, chunk: int = 500) -> float:
-    """Mean epsilon-MSE (DDPM eq. 14) of ``net`` over test data x (N, ...) with t and noise drawn
-    from a generator seeded with ``seed`` (the same draws for every network compared)."""
+    """Mean unweighted epsilon-MSE (DDPM eq. 14) of ``net`` over test data x (N, ...), whatever its
+    parametrisation (:meth:`GaussianDiffusion.eps_mse`), with t and noise drawn from a generator
+    seeded with ``seed`` (the same draws for every network compared)."""
     g = torch.Generator(device=x.device).manual_seed(seed)
     total = 0.0
     for s in range(0, len(x), chunk):
         z = x[s : s + chunk]
         t = torch.randint(0, diffusion.num_timesteps, (len(z),), device=x.device, generator=g)
         noise = torch.randn(z.shape, device=x.device, generator=g)
-        total += float(diffusion.training_losses(net, z, t, noise, labels=None if labels is None else labels[s : s + chunk]).sum())
+        total += float(diffusion.eps_mse(net, z, t, noise, labels=None if labels is None else labels[s : s + chunk]).sum())
     return total / len(x)
 
 
-def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
-    """Stage 5: train a DDPM (epsilon-prediction, MSE) on the train latents scaled to unit
-    variance per channel; write ``diffusion/model.pt`` (raw and EMA weights, the schedule and
-    the scaling), ``metrics.json`` (final train loss, test loss of the EMA weights) and
-    ``train_log.csv``. With ``diffusion.conditional`` the U-Net takes labels (null label 10 with
-    probability ``label_dropout``: classifier-free guidance training); the test losses are
-    then those of the null label, and ``test_loss_conditional_ema`` that of the true labels."""
+def _make_diffusion(sec: Mapping):
+    """The ``GaussianDiffusion`` of a diffusion config section (schedule, timesteps, prediction,
+    loss_weighting, min_snr_gamma)."""
     from pipeline.diffusion import GaussianDiffusion
 
+    return GaussianDiffusion(sec["schedule"], int(sec["timesteps"]), prediction=sec.get("prediction", "epsilon"), loss_weighting=sec.get("loss_weighting", "none"), min_snr_gamma=float(sec.get("min_snr_gamma", 5.0)))
+
+
+def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None, budget: Optional[float] = None, conditional: bool = False) -> dict:
+    """Stage 5: train a latent diffusion model (``prediction`` and ``loss_weighting`` of the
+    config: epsilon/v/x0, min-SNR) on the train latents scaled to unit variance per channel;
+    write ``<folder>/model.pt`` (raw and EMA weights, the autoguidance snapshot, the schedule and
+    the scaling), ``metrics.json`` (final train loss, test epsilon-MSE of the EMA and raw weights)
+    and ``train_log.csv``.
+
+    Args:
+        budget: train for this factor times ``steps``, into ``diffusion[_cond]_b<f>/``.
+        conditional: the class-conditional variant ``diffusion_cond/``: the U-Net takes labels,
+            null label 10 with probability ``label_dropout`` (classifier-free guidance training,
+            Ho & Salimans 2022), ``conditional_steps`` steps; its test losses are those of the
+            null label, and ``test_loss_conditional_ema`` that of the true labels. Without it the
+            model is unconditional and never sees a label (the study's subject).
+    """
+    from pipeline.config import variant_config
+    from pipeline.sets import prior_folder
+
     paths = RunPaths(run_dir)
+    cfg = variant_config(cfg, "diffusion", conditional=conditional, budget=budget)
     sec = cfg["diffusion"]
-    out = paths.diffusion_model.parent
+    out = paths.root / prior_folder("diffusion", budget, conditional)
     with stage_record("train_diffusion", cfg, out, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        vq_sha, train, test, info = _read_latents(paths)
-        mean = torch.tensor(info.latent_mean, dtype=torch.float32, device=device)[None, :, None, None]
-        std = torch.tensor(info.latent_std, dtype=torch.float32, device=device)[None, :, None, None]
-        train_z = (torch.from_numpy(train.latents).to(device) - mean) / std
-        test_z = (torch.from_numpy(test.latents).to(device) - mean) / std
+        vq_sha, train, test, info = _read_latents(paths, augmented=bool(sec.get("augmented", False)))
+        kind = "encodings" if sec.get("latent", "quantized") == "encoder" else "latents"
+        mean_np, std_np = info.scaling(kind)
+        mean = torch.tensor(mean_np, dtype=torch.float32, device=device)[None, :, None, None]
+        std = torch.tensor(std_np, dtype=torch.float32, device=device)[None, :, None, None]
+        train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
+        test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
         args = {"in_channels": info.embedding_dim, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
-        n_cls = NUM_CLASSES if sec.get("conditional") else 0
+        n_cls = NUM_CLASSES if conditional else 0
         if n_cls:
             args["num_classes"] = n_cls
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("unet", args).to(device)
-        diffusion = GaussianDiffusion(sec["schedule"], int(sec["timesteps"])).to(device)
+        diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
 
         def compute_loss(net, idx, shard):
@@ -511,57 +587,40 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             y = shard(drop_labels(train_y[idx], p_drop, n_cls)) if n_cls else None
             return diffusion.training_losses(net, shard(train_z[idx]), shard(t), shard(noise), labels=y).mean(), {}
 
-        res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
+        res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]), snapshot_step=snapshot_step(sec))
         ema = res["ema"]
         seed = int(sec["seed"]) + 1
         losses = {"ema": _test_loss(diffusion, ema.module, test_z, seed), "raw": _test_loss(diffusion, model, test_z, seed)}
         if n_cls:
             losses["conditional_ema"] = _test_loss(diffusion, ema.module, test_z, seed, test_y)
-        metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], conditional=bool(n_cls), schedule=sec["schedule"], timesteps=T, steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1), vqvae_sha256=vq_sha)
+        metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], conditional=bool(n_cls), schedule=sec["schedule"], timesteps=T, prediction=diffusion.prediction, loss_weighting=diffusion.loss_weighting, latent=sec.get("latent", "quantized"), num_train_latents=len(train_z), steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1), vqvae_sha256=vq_sha)
         if n_cls:
             metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
         metrics["resumed_wall_time_s"] = res["resumed_s"]
+        metrics["budget"] = 1.0 if budget is None else float(budget)
+        metrics["guide_step"] = snapshot_step(sec)
         save_model(
-            paths.diffusion_model,
+            out / "model.pt",
             "unet",
             args,
             model,
             ema=ema,
-            diffusion={"schedule": sec["schedule"], "timesteps": T},
-            latent_mean=torch.tensor(info.latent_mean),
-            latent_std=torch.tensor(info.latent_std),
+            guide=res["snapshot"],
+            diffusion=diffusion.config(),
+            latent=sec.get("latent", "quantized"),
+            latent_mean=torch.tensor(mean_np),
+            latent_std=torch.tensor(std_np),
             latent_min=train_z.amin(dim=(0, 2, 3)).cpu(),
             latent_max=train_z.amax(dim=(0, 2, 3)).cpu(),
             metrics=dict(metrics),
             vqvae_sha256=vq_sha,
         )
         _finish(out)
-        log.info("train_diffusion: final train loss %.4f, test loss EMA %.4f / raw %.4f", res["final_loss"], losses["ema"], losses["raw"])
+        log.info(f"{out.name}: final train loss %.4f, test loss EMA %.4f / raw %.4f", res["final_loss"], losses["ema"], losses["raw"])
     return metrics
 
 
 # --- the judge: a digit classifier -------------------------------------------------------------
-def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random rotation and translation of a batch (data augmentation for the classifier).
-
-    Args:
-        x: float (B, C, H, W) images, background 0.
-        max_degrees: rotation drawn uniformly in [-max_degrees, max_degrees] degrees.
-        max_shift: translation per axis drawn uniformly in [-max_shift, max_shift] pixels.
-        generator: RNG of the draws (CPU).
-
-    Returns:
-        float (B, C, H, W), bilinear resampling with zero padding.
-    """
-    b, _, h, w = x.shape
-    u = torch.rand(b, 3, generator=generator).to(x.device) * 2 - 1
-    ang = u[:, 0] * math.radians(max_degrees)
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    theta = torch.stack([torch.stack([cos, -sin, u[:, 1] * 2 * max_shift / w], 1), torch.stack([sin, cos, u[:, 2] * 2 * max_shift / h], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 @torch.no_grad()
 def classifier_accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction in [0, 1] of ``images`` float (N, 1, 28, 28) whose argmax class equals ``labels`` int (N,)."""
@@ -650,7 +709,7 @@ def _steps_for_budget(model: torch.nn.Module, diffusion, x: torch.Tensor, batch_
 
 
 def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
-    """Baseline stage: the same U-Net family and noise schedule as ``train_diffusion``, trained on
+    """Baseline stage: the same U-Net family, noise schedule and objective as ``train_diffusion``, trained on
     the train images themselves (28x28 in [-1, 1], padded to 32x32) instead of the VQ-VAE latents.
 
     With ``pixel_diffusion.steps: null`` the step count is chosen so that training takes as long
@@ -677,7 +736,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
         args = {"in_channels": 1, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
         seed_everything(int(sec["seed"]))
         model = build_model("unet", args).to(device)
-        diffusion = GaussianDiffusion(sec["schedule"], int(sec["timesteps"])).to(device)
+        diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
         budget = None
         if sec["steps"] is None:
@@ -712,7 +771,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
             train_images_per_s=round(steps * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1),
         )
         metrics["resumed_wall_time_s"] = res["resumed_s"]
-        save_model(paths.pixel_diffusion_model, "unet", args, model, ema=res["ema"], diffusion={"schedule": sec["schedule"], "timesteps": T}, space="pixel", metrics=dict(metrics))
+        save_model(paths.pixel_diffusion_model, "unet", args, model, ema=res["ema"], diffusion=diffusion.config(), space="pixel", metrics=dict(metrics))
         _finish(out)
         log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res["elapsed_s"], test_loss)
     return metrics

@@ -27,6 +27,8 @@ def tiny_run(tmp_path_factory, tiny_cfg) -> Path:
     run = tmp_path_factory.mktemp("results") / "tiny"
     for stage in ("prepare_data", "train_vqvae", "extract_latents", "train_classifier", "train_pixelcnn", "train_diffusion"):
         get_stage(stage)(tiny_cfg, str(run), threads=2)
+    for stage in ("train_pixelcnn", "train_diffusion"):  # the class-conditional variants, for the _g<s> sets
+        get_stage(stage)(tiny_cfg, str(run), threads=2, conditional=True)
     for model in tiny_cfg["sample"]["models"]:
         get_stage("sample")(tiny_cfg, str(run), model=model, threads=2)
     get_stage("evaluate")(tiny_cfg, str(run), threads=2)

@@ -33,7 +33,7 @@ def test_unknown_key_in_user_file_names_key(tmp_path):
         ("vqvae.steps=ten", r"'vqvae.steps': 'ten' is not of type 'integer'"),
         ("diffusion.schedule=quadratic", r"'diffusion.schedule': 'quadratic' is not one of"),
         ("device=tpu", r"'device': 'tpu' is not one of"),
-        ("sample.models=[vae]", r"'sample.models.0': unknown sample set 'vae'; expected pixelcnn\[_greedy\|_t<tau>\]\[_g<s>\]"),
+        ("sample.models=[vae]", r"'sample.models.0': unknown sample set 'vae'; expected pixelcnn\[_greedy\|_t<tau>\]\[_g<s>\|_ag<w>\]\[_b<f>\]"),
         ("sample.models=[pixeldiff_ddim_g2]", r"unknown sample set 'pixeldiff_ddim_g2'"),
         ("run=a b", r"'run': 'a b' does not match"),
     ],
@@ -108,3 +108,20 @@ def test_schema_pattern_is_the_sample_set_grammar():
             parse_sample_set(bad)
     assert studies_for(["pixelcnn", "diffusion_ddim"]) == []
     assert studies_for(["pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm", "pixeldiff_ddim", "diffusion_ddim_g2"]) == ["sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance"]
+
+
+def test_sample_set_grammar_for_solvers_autoguidance_and_budgets():
+    from pipeline.sets import base_name, parse_sample_set, prior_folder, studies_for
+
+    spec = parse_sample_set("diffusion_dpmsde_s40_ag2.5_b0.25")
+    assert (spec.method, spec.steps, spec.autoguidance, spec.budget, spec.conditional) == ("dpmsde", 40, 2.5, 0.25, False)
+    assert spec.model_folder == "diffusion_b0.25" and base_name(spec.name) == "diffusion_dpmsde_s40_ag2.5"
+    assert parse_sample_set("pixelcnn_ag2").autoguidance == 2.0 and parse_sample_set("pixelcnn_ag2").model_folder == "pixelcnn"
+    assert parse_sample_set("pixelcnn_b1").model_folder == "pixelcnn" and parse_sample_set("pixelcnn_b4").model_folder == "pixelcnn_b4"
+    assert prior_folder("pixeldiff") == "pixel_diffusion" and prior_folder("diffusion", 0.5) == "diffusion_b0.5"
+    for bad in ("diffusion_dpmpp_g2_ag2", "pixeldiff_ddim_b2", "diffusion_ddim_b0", "diffusion_plms", "pixelcnn_ag"):
+        with pytest.raises(ValueError, match="unknown sample set|must be > 0"):
+            parse_sample_set(bad)
+    assert studies_for(["pixelcnn", "pixelcnn_b4", "diffusion_dpmsde", "diffusion_dpmsde_b4"]) == ["scaling"]
+    # budget sets appear only in the scaling study
+    assert studies_for(["diffusion_ddim", "diffusion_ddim_b2"]) == ["scaling"]

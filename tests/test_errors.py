@@ -217,12 +217,12 @@ def test_conditional_set_of_an_unconditional_model_and_unknown_sets_are_named(ti
 
     run = tmp_path / "r"
     shutil.copytree(tiny_run, run)
-    subprocess.run([sys.executable, "-m", "pipeline", "train_pixelcnn", "--run", str(run), "--configfile", str(TINY), "--set", "pixelcnn.conditional=false"], check=True, capture_output=True, cwd=ROOT)
+    shutil.copy(run / "pixelcnn" / "model.pt", run / "pixelcnn_cond" / "model.pt")  # an unconditional model where the conditional one belongs
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "pixelcnn_g2", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
-    assert f"error: sample: sample set 'pixelcnn_g2' is class-conditional but {run / 'pixelcnn' / 'model.pt'} is not; train it with pixelcnn.conditional: true" in proc.stderr
+    assert f"error: sample: sample set 'pixelcnn_g2' is class-conditional but {run / 'pixelcnn_cond' / 'model.pt'} is not; train it with python -m pipeline train_pixelcnn --conditional" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "diffusion_ddim_t2", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1 and "error: sample: unknown sample set 'diffusion_ddim_t2'; expected pixelcnn[_greedy|_t<tau>][_g<s>]" in proc.stderr
+    assert proc.returncode == 1 and "error: sample: unknown sample set 'diffusion_ddim_t2'; expected pixelcnn[_greedy|_t<tau>][_g<s>|_ag<w>][_b<f>]" in proc.stderr
 
 
 def test_pixel_baseline_without_the_latent_models_time_is_named(tiny_run, tmp_path):

@@ -133,3 +133,31 @@ def test_evaluate_names_a_missing_sample_file(tiny_run, tiny_cfg, tmp_path):
     np.save(run / "samples" / "pixelcnn.npy", np.zeros((3, 28, 28), np.float32))
     with pytest.raises(StageInputError, match=r"float32 \(N, 1, 28, 28\)"):
         evaluate(tiny_cfg, str(run))
+
+
+def test_scaling_crossover_by_hand():
+    """Two log-log straight lines: PixelCNN FD/floor 8, 6 at 100, 400 s; diffusion 12, 3 at 100, 400 s.
+    log-linear interpolation crosses where log(8) + a x = log(12) + b x, x = log(sec / 100) / log(4)."""
+    import math
+
+    from pipeline.evaluate import scaling_crossover, scaling_rows
+    from pipeline.sets import parse_sample_set
+
+    sets = {
+        "pixelcnn": {"fd_ratio": 8.0, "prior_train_seconds": 100.0},
+        "pixelcnn_b4": {"fd_ratio": 6.0, "prior_train_seconds": 400.0},
+        "diffusion_dpmsde": {"fd_ratio": 12.0, "prior_train_seconds": 100.0},
+        "diffusion_dpmsde_b4": {"fd_ratio": 3.0, "prior_train_seconds": 400.0},
+        "diffusion_dpmsde_g2": {"fd_ratio": 2.0, "prior_train_seconds": 100.0},  # conditional: not in the study
+    }
+    rows = scaling_rows(sets, {n: parse_sample_set(n) for n in sets})
+    assert [(r["sampler"], r["budget"]) for r in rows] == [("diffusion_dpmsde", 1.0), ("diffusion_dpmsde", 4.0), ("pixelcnn", 1.0), ("pixelcnn", 4.0)]
+    c = scaling_crossover(rows)
+    x = math.log(12 / 8) / (math.log(12 / 8) + math.log(6 / 3))  # fraction of the log-seconds interval
+    assert c["seconds"] == pytest.approx(100 * 4**x, rel=0.02)
+    assert "overtakes the PixelCNN (pixelcnn) at about" in c["statement"]
+    assert c["at_budgets"] == [(1.0, 8.0, 12.0), (4.0, 6.0, 3.0)]
+    ahead = scaling_crossover([dict(r, fd_ratio=r["fd_ratio"] / 10) if r["prior"] == "diffusion" else r for r in rows])
+    assert ahead["seconds"] is None and "ahead of the PixelCNN" in ahead["statement"]
+    never = scaling_crossover([dict(r, fd_ratio=r["fd_ratio"] * 10) if r["prior"] == "diffusion" else r for r in rows])
+    assert never["seconds"] is None and "never overtakes" in never["statement"]

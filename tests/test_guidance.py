@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion import classifier_free_guidance, guidance_combine
+from pipeline.diffusion import autoguidance, classifier_free_guidance, guidance_combine
 from pipeline.models import GatedPixelCNN, UNet
 from pipeline.sample import sample_pixelcnn
 from pipeline.train import drop_labels
@@ -102,3 +102,59 @@ def test_label_dropout_rate():
     assert abs(float((dropped == 10).float().mean()) - 0.1) < 0.005
     assert set(dropped.unique().tolist()) == {0, 10}
     assert torch.equal(drop_labels(y, 0.0, 10), y)
+
+
+def test_autoguidance_interpolates_and_extrapolates_the_two_networks(unet):
+    """Karras et al. 2024 eq. 2: D_weak + w (D - D_weak); w = 1 is the model, w = 0 the weak one."""
+    torch.manual_seed(1)
+    weak = UNet(in_channels=4, base_channels=8, channel_mult=[1, 2], num_classes=10).eval()
+    for p in weak.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(3, 4, 7, 7), torch.randint(0, 1000, (3,))
+    with torch.no_grad():
+        good, bad = unet(x, t), weak(x, t)
+        torch.testing.assert_close(autoguidance(unet, weak, 1.0)(x, t), good)
+        torch.testing.assert_close(autoguidance(unet, weak, 0.0)(x, t), bad)
+        torch.testing.assert_close(autoguidance(unet, weak, 2.5)(x, t), bad + 2.5 * (good - bad), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="autoguidance weight must be >= 0"):
+        autoguidance(unet, weak, -0.5)
+
+
+def test_pixelcnn_autoguidance_by_itself_changes_nothing_and_by_another_model_does():
+    torch.manual_seed(0)
+    net = GatedPixelCNN(num_embeddings=6, hidden_channels=8, num_layers=2).eval()
+    other = GatedPixelCNN(num_embeddings=6, hidden_channels=8, num_layers=2).eval()
+    plain = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5))
+    same = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=net, autoguidance=3.0)
+    assert torch.equal(plain, same)  # l + w (l - l) = l
+    guided = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=other, autoguidance=3.0)
+    assert not torch.equal(plain, guided)
+    with pytest.raises(ValueError, match="autoguidance needs guide_model"):
+        sample_pixelcnn(net, 2, shape=(2, 2), autoguidance=2.0)
+
+
+def test_snapshot_is_taken_at_its_step_and_stored(tiny_run):
+    """The stage keeps the EMA weights after guide_snapshot * steps: at the last step they are the
+    final EMA weights; earlier they differ."""
+    from pipeline.train import load_model, snapshot_step
+
+    state = torch.load(tiny_run / "diffusion" / "model.pt", weights_only=True)
+    assert state["guide"] is not None and state["metrics"]["guide_step"] == snapshot_step({"steps": 20, "guide_snapshot": 0.25}) == 5
+    assert any(not torch.equal(state["guide"][k], state["ema"][k]) for k in state["ema"])
+    weak, _ = load_model(tiny_run / "diffusion" / "model.pt", weights="guide")
+    assert all(torch.equal(weak.state_dict()[k], state["guide"][k]) for k in state["guide"])
+    assert snapshot_step({"steps": 20, "guide_snapshot": 1.0}) == 20 and snapshot_step({"steps": 20, "guide_snapshot": 0}) is None
+    assert snapshot_step({"steps": 3, "guide_snapshot": 0.01}) == 1
+
+
+def test_snapshot_at_the_last_step_is_the_final_ema(tiny_run, tiny_cfg, tmp_path):
+    import shutil
+
+    from pipeline.stages import get_stage
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    cfg = {**tiny_cfg, "diffusion": {**tiny_cfg["diffusion"], "guide_snapshot": 1.0}}
+    get_stage("train_diffusion")(cfg, str(run), threads=1)
+    state = torch.load(run / "diffusion" / "model.pt", weights_only=True)
+    assert all(torch.equal(state["guide"][k], state["ema"][k]) for k in state["ema"])

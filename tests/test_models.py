@@ -133,3 +133,21 @@ def test_ema_warmup_and_decay():
     before = float(ema.module.weight.detach())
     ema.update_parameters(net)  # warm-up over: d = 0.9
     assert float(ema.module.weight.detach()) == pytest.approx(0.9 * before + 0.1 * 2.0)
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_pixelcnn_rows_are_causal_so_sampling_may_crop_the_grid(num_classes):
+    """The logits of row i depend on rows <= i only (masked convolutions, type A then B): the
+    sampler feeds rows 0..i, which must give the full grid's logits exactly."""
+    from pipeline.models.pixelcnn import GatedPixelCNN
+
+    torch.manual_seed(0)
+    m = GatedPixelCNN(128, 16, 3, 3, num_classes=num_classes).eval()
+    x = torch.randint(0, 128, (4, 7, 7))
+    y = torch.randint(0, 10, (4,)) if num_classes else None
+    full = m(x, y)
+    for i in range(7):
+        assert torch.equal(m(x[:, : i + 1], y)[:, :, i], full[:, :, i])
+    changed = x.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 128  # rows below 3 do not reach row 3
+    assert torch.equal(m(changed, y)[:, :, :4], full[:, :, :4]) and not torch.equal(m(changed, y)[:, :, 4], full[:, :, 4])

@@ -62,6 +62,8 @@ def weights(path: Path) -> dict:
     out = {f"model.{k}": v for k, v in state["model"].items()}
     if state.get("ema"):
         out.update({f"ema.{k}": v for k, v in state["ema"].items()})
+    if state.get("guide"):  # the autoguidance snapshot, taken before the interruption: restored on resume
+        out.update({f"guide.{k}": v for k, v in state["guide"].items()})
     return out
 
 

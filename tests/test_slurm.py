@@ -20,8 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 ACCOUNT = os.environ.get("VQLP_SLURM_ACCOUNT", "vqtest")
-GPU_STAGES = ["train_vqvae", "extract_latents", "train_classifier", "train_pixelcnn", "train_diffusion", "evaluate"]
-SLURM_MODELS = ["pixelcnn", "diffusion_ddim_g2"]  # two sample sets keep the job count (and the test time) down
+GPU_STAGES = ["train_vqvae", "extract_latents", "train_classifier", "train_pixelcnn", "train_diffusion", "train_diffusion_cond", "evaluate"]
+SLURM_MODELS = ["pixelcnn", "diffusion_ddim", "diffusion_ddim_g2"]  # few sample sets keep the job count (and the test time) down; _g2 trains diffusion_cond/
 
 
 def _slurm_up() -> bool:
@@ -163,8 +163,8 @@ def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "results" / "br200"
-    ids = job_ids(run / "logs" / "train_diffusion.log")
-    assert sacct(ids[0]) == ("br200-train_diffusion", "COMPLETED")
+    ids = job_ids(run / "logs" / "train_diffusion_cond.log")  # the class-conditional variant, for the _g2 set
+    assert sacct(ids[0]) == ("br200-train_diffusion_cond", "COMPLETED")
     assert (run / "timings.json").is_file() and (run / "report" / "metrics.json").is_file()
 
 

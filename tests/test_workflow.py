@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-MODELS = ["pixelcnn", "pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm", "pixelcnn_g1", "diffusion_ddim_g2"]
+MODELS = yaml.safe_load(TINY.read_text())["sample"]["models"]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -50,6 +50,7 @@ def test_every_output_and_schema(workflow_run):
     for rel in ["data/dataset.h5", "vqvae/model.pt", "vqvae/metrics.json", "vqvae/reconstructions.png", "vqvae/train_log.csv",
                 "latents/latents.h5", "pixelcnn/model.pt", "pixelcnn/metrics.json", "pixelcnn/train_log.csv",
                 "diffusion/model.pt", "diffusion/metrics.json", "diffusion/train_log.csv", "timings.json",
+                "pixelcnn_cond/model.pt", "diffusion_cond/model.pt",
                 "classifier/model.pt", "classifier/metrics.json", "report/metrics.json", "report/summary.md", "report/sets.tsv",
                 "report/training_curves.png", "report/sampling_layer.tsv", "report/diffusion_steps.tsv", "report/guidance.tsv"]:
         assert (run / rel).is_file(), rel
@@ -60,10 +61,13 @@ def test_every_output_and_schema(workflow_run):
         assert f["train/images"].shape == (cfg["data"]["max_train"], 1, 28, 28) and f["train/images"].dtype == np.uint8
         assert f["test/images"].shape == (cfg["data"]["max_test"], 1, 28, 28)
     with h5py.File(run / "latents" / "latents.h5") as f:
-        assert f.attrs["schema_version"] == 1 and f.attrs["K"] == 128 and f.attrs["D"] == 16
+        assert f.attrs["schema_version"] == 2 and f.attrs["K"] == 128 and f.attrs["D"] == 16
         assert f["train/codes"].dtype == np.int16 and f["train/codes"].shape == (cfg["data"]["max_train"], 7, 7)
         assert f["train/latents"].dtype == np.float32 and f["train/latents"].shape == (cfg["data"]["max_train"], 16, 7, 7)
         assert len(f.attrs["vqvae_sha256"]) == 64
+        copies = cfg["latents"]["augment_copies"]
+        assert f["train_aug/codes"].shape == (copies * cfg["data"]["max_train"], 7, 7)
+        assert np.array_equal(f["train_aug/labels"][:], np.tile(f["train/labels"][:], copies))
     for m in MODELS:
         arr = np.load(run / "samples" / f"{m}.npy")
         n = cfg["sample"]["ddpm_num_samples"] if m == "diffusion_ddpm" else cfg["sample"]["num_samples"]
@@ -83,16 +87,21 @@ def test_every_output_and_schema(workflow_run):
 def test_reruns_follow_config_sections(workflow_run):
     wd = workflow_run
     assert planned_jobs(wd) == {}  # complete: nothing to do
-    # changing only the diffusion section re-runs diffusion, its three sample sets, the evaluation and the summary
+    # the unconditional model's steps re-run it and its three sample sets (ddim, ddpm, dpmsde_ag2),
+    # not the class-conditional variant diffusion_cond/ (it reads conditional_steps)
     changed = planned_jobs(wd, "--config", "diffusion={steps: 21}")
     assert changed == {"train_diffusion": 1, "sample": 3, "evaluate": 1, "timings": 1, "all": 1}
+    assert planned_jobs(wd, "--config", "diffusion={conditional_steps: 21}") == {"train_prior_variant": 1, "sample": 1, "evaluate": 1, "timings": 1, "all": 1}
+    # a recipe key is read by both models
+    assert planned_jobs(wd, "--config", "diffusion={prediction: epsilon}") == {"train_diffusion": 1, "train_prior_variant": 1, "sample": 4, "evaluate": 1, "timings": 1, "all": 1}
     # so does --forcerun train_diffusion
     assert planned_jobs(wd, "--forcerun", "train_diffusion") == changed
-    # each sample set reads only its own keys: the temperature re-runs the two categorical PixelCNN
-    # sets (not greedy, not diffusion), ddim_steps the two DDIM sets without _s<S>
+    # each sample set reads only its own keys: the temperature re-runs the three categorical PixelCNN
+    # sets (not greedy, not diffusion), ddim_steps the two DDIM sets without _s<S>, solver_steps the dpmsde set
     after = {"evaluate": 1, "timings": 1, "all": 1}
-    assert planned_jobs(wd, "--config", "sample={temperature: 0.9}") == {"sample": 2, **after}
+    assert planned_jobs(wd, "--config", "sample={temperature: 0.9}") == {"sample": 3, **after}
     assert planned_jobs(wd, "--config", "sample={ddim_steps: 7}") == {"sample": 2, **after}
+    assert planned_jobs(wd, "--config", "sample={solver_steps: 7}") == {"sample": 1, **after}
     # the judge and the evaluation settings re-run the evaluation only
     assert planned_jobs(wd, "--config", "classifier={steps: 21}") == {"train_classifier": 1, **after}
     assert planned_jobs(wd, "--config", "evaluate={num_images: 10}") == after
@@ -184,3 +193,49 @@ def test_cluster_profiles_dry_run_without_account_and_guard_site_config(tmp_path
     guard = subprocess.run([*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "--configfile", str(TINY)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert guard.returncode != 0
     assert "--configfile replaced the profile's site config cluster/bigred200/pipeline.yaml; list it first" in guard.stdout + guard.stderr
+
+
+@pytest.mark.slow
+def test_scaling_study_config_runs_end_to_end(workflow_run):
+    """`--configfile pipeline/configs/scaling.yaml` over the tiny config: both unconditional priors
+    at budgets 0.25, 0.5, 1 and 4 (the f = 1 models are the run's own), judged by the evaluate
+    stage, with the table, the plot, the crossover sentence and the Snakemake report entries."""
+    study = ROOT / "pipeline" / "configs" / "scaling.yaml"
+    plan = planned_jobs(workflow_run, "--configfile", str(TINY), str(study))
+    assert plan["train_prior_variant"] == 6  # {pixelcnn, diffusion} x {0.25, 0.5, 4}; f = 1 and the guided set reuse the run's models
+    assert "train_pixelcnn" not in plan and "train_diffusion" not in plan
+    snakemake(workflow_run, "--cores", "2", "--configfile", str(TINY), str(study))
+    run = workflow_run / "results" / "tiny"
+    cfg = yaml.safe_load(TINY.read_text())
+    for prior in ("pixelcnn", "diffusion"):
+        for f in (0.25, 0.5, 4):
+            m = json.loads((run / f"{prior}_b{f:g}" / "metrics.json").read_text())
+            assert m["steps"] == max(1, round(f * cfg[prior]["steps"])) and m["budget"] == f
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    rows = report["studies"]["scaling"]["rows"]
+    for sampler in ("pixelcnn", "diffusion_dpmsde"):
+        mine = [r for r in rows if r["sampler"] == sampler]
+        assert [r["budget"] for r in mine] == [0.25, 0.5, 1.0, 4.0]
+        secs = [r["prior_train_seconds"] for r in mine]
+        assert secs[-1] > secs[0] > 0  # 16x the steps takes longer
+    assert report["scaling_crossover"]["statement"] and report["scaling_crossover"]["pixelcnn"].startswith("pixelcnn")
+    assert (run / "report" / "scaling.tsv").is_file() and (run / "report" / "scaling.png").stat().st_size > 0
+    assert "**Crossover:**" in (run / "report" / "summary.md").read_text()
+
+
+def test_ablation_row_retrains_one_prior_and_prints_the_evaluate_numbers(tiny_run, tmp_path):
+    """benchmarks/ablation.py: links the base run's data/VQ-VAE/judge/latents, retrains only the
+    prior the sets need with the override, and prints the evaluate stage's own numbers."""
+    out = tmp_path / "abl"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--base", str(tiny_run), "--out", str(out), "--name", "eps",
+                           "--configfile", str(TINY), "--set", "diffusion.prediction=epsilon", "--sets", "diffusion_ddim", "diffusion_ddim_g2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert [r[1] for r in rows] == ["diffusion_ddim", "diffusion_ddim_g2"]
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    assert float(rows[0][2]) == pytest.approx(report["sets"]["diffusion_ddim"]["fd_ratio"], abs=0.005)
+    for folder in ("diffusion", "diffusion_cond"):  # retrained here, with the override
+        assert not (out / folder).is_symlink()
+        assert json.loads((out / folder / "metrics.json").read_text())["prediction"] == "epsilon"
+    assert (out / "vqvae").is_symlink() and not (out / "pixelcnn").exists()

@@ -56,12 +56,14 @@ class GatedMaskedLayer(nn.Module):
         residual: add the input of the horizontal stack to its output (not for type A,
             whose input is the raw embedding of the current code).
         cond_dim: size of the conditioning vector (0: unconditional layer).
+        dropout: dropout probability on the gated horizontal features before their 1x1
+            output convolution (0: none). Dropout acts per position, so causality is kept.
 
     Shapes: ``forward(v, h, cond=None)`` takes and returns two float (B, channels, H, W)
     tensors; ``cond`` is float (B, cond_dim).
     """
 
-    def __init__(self, mask_type: str, channels: int, kernel_size: int = 3, residual: bool = True, cond_dim: int = 0):
+    def __init__(self, mask_type: str, channels: int, kernel_size: int = 3, residual: bool = True, cond_dim: int = 0, dropout: float = 0.0):
         super().__init__()
         if mask_type not in ("A", "B"):
             raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -82,6 +84,7 @@ class GatedMaskedLayer(nn.Module):
         self.h_out = nn.Conv2d(channels, channels, 1)
         # V_f, V_g of eq. 4 for the vertical and the horizontal stack (bias-free: the convs have biases)
         self.cond = nn.Linear(cond_dim, 4 * channels, bias=False) if cond_dim else None
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     @staticmethod
     def _gate(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,7 @@ class GatedMaskedLayer(nn.Module):
             v_pre, h_pre = v_pre + cv, h_pre + ch
         v_out = self._gate(v_pre)
         h_gated = self._gate(h_pre)
-        h_out = self.h_out(h_gated)
+        h_out = self.h_out(self.dropout(h_gated))
         if self.residual:
             h_out = h_out + h
         return v_out, h_out
@@ -116,13 +119,14 @@ class GatedPixelCNN(nn.Module):
         kernel_size: odd kernel size k of the gated layers.
         num_classes: 0 for an unconditional prior; n > 0 for p(c | y) with labels y in [0, n]
             where y = n is the null label (the unconditional model, trained by label dropout).
+        dropout: dropout in every gated layer (see :class:`GatedMaskedLayer`); 0 = none.
 
     ``forward(codes, labels=None)`` takes int (B, H, W) codes in [0, K) (and int (B,) labels;
     None = the null label) and returns float logits (B, K, H, W); ``cross_entropy(logits,
     codes)`` is the training loss (nats per code).
     """
 
-    def __init__(self, num_embeddings: int = 128, hidden_channels: int = 64, num_layers: int = 8, kernel_size: int = 3, num_classes: int = 0):
+    def __init__(self, num_embeddings: int = 128, hidden_channels: int = 64, num_layers: int = 8, kernel_size: int = 3, num_classes: int = 0, dropout: float = 0.0):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -132,8 +136,8 @@ class GatedPixelCNN(nn.Module):
         self.label_embedding = nn.Embedding(num_classes + 1, hidden_channels) if num_classes else None
         cond_dim = hidden_channels if num_classes else 0
         self.layers = nn.ModuleList(
-            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False, cond_dim=cond_dim)]
-            + [GatedMaskedLayer("B", hidden_channels, kernel_size, cond_dim=cond_dim) for _ in range(num_layers - 1)]
+            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False, cond_dim=cond_dim, dropout=dropout)]
+            + [GatedMaskedLayer("B", hidden_channels, kernel_size, cond_dim=cond_dim, dropout=dropout) for _ in range(num_layers - 1)]
         )
         self.head = nn.Sequential(
             nn.Conv2d(hidden_channels, 4 * hidden_channels, 1),

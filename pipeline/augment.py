@@ -1,0 +1,41 @@
+"""Data augmentation of image batches (a leaf module: torch only).
+
+Used by the classifier's training (``pipeline.train``) and by ``extract_latents``, which writes the
+codes of augmented copies of the train images so that the priors see more than the plain grids.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["random_affine"]
+
+
+def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float, generator: Optional[torch.Generator] = None, max_scale: float = 0.0) -> torch.Tensor:
+    """Random rotation, scaling and translation of a batch.
+
+    Args:
+        x: float (B, C, H, W) images, background 0.
+        max_degrees: rotation drawn uniformly in [-max_degrees, max_degrees] degrees.
+        max_shift: translation per axis drawn uniformly in [-max_shift, max_shift] pixels.
+        generator: RNG of the draws (CPU); None = the global torch RNG.
+        max_scale: isotropic zoom factor drawn uniformly in [1 - max_scale, 1 + max_scale]
+            (0: none; the draw is skipped, so the RNG stream equals the rotation/shift-only one).
+
+    Returns:
+        float (B, C, H, W), bilinear resampling (``F.grid_sample``) with zero padding; labels
+        are unchanged by construction (one affine map per image, same shape).
+    """
+    b, _, h, w = x.shape
+    u = torch.rand(b, 3, generator=generator).to(x.device) * 2 - 1
+    ang = u[:, 0] * math.radians(max_degrees)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    if max_scale:
+        zoom = 1.0 + (torch.rand(b, generator=generator).to(x.device) * 2 - 1) * max_scale
+        cos, sin = cos / zoom, sin / zoom  # the grid maps output to input: divide to zoom in
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 1] * 2 * max_shift / w], 1), torch.stack([sin, cos, u[:, 2] * 2 * max_shift / h], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
