@@ -11,6 +11,7 @@ runs the training stage(s) the overrides touch, the ``sample`` stage for every s
 duplicates, memorised, label accuracy, training seconds of the prior. Every number comes from the
 stages themselves (``report/metrics.json``); nothing is computed here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,19 @@ def run(cmd: list[str], log: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="results/default", help="finished run whose data, VQ-VAE and classifier are reused")
+    p.add_argument(
+        "--base", default="results/default", help="finished run whose data, VQ-VAE and classifier are reused"
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--configfile", action="append", default=[])
     p.add_argument("--sets", nargs="+", required=True, help="sample sets to draw and judge")
-    p.add_argument("--stage", action="append", default=None, help="training stage(s) to run (default: the priors of the sets; 'none': sample the base run's priors)")
+    p.add_argument(
+        "--stage",
+        action="append",
+        default=None,
+        help="training stage(s) to run (default: the priors of the sets; 'none': sample the base run's priors)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep an existing trained prior in the ablation folder")
     p.add_argument("--out", default=None, help="the ablation's run folder (default results/ablation/<name>)")
@@ -55,7 +63,11 @@ def main(argv=None) -> int:
         link = out / folder
         if not link.exists():
             os.symlink(base / folder, link)
-    common = ["--run", str(out), "--threads", str(a.threads)] + sum((["--configfile", c] for c in a.configfile), []) + sum((["--set", o] for o in a.overrides), [])
+    common = (
+        ["--run", str(out), "--threads", str(a.threads)]
+        + sum((["--configfile", c] for c in a.configfile), [])
+        + sum((["--set", o] for o in a.overrides), [])
+    )
     common += ["--set", "sample.models=[" + ",".join(a.sets) + "]"]
     py = [sys.executable, "-m", "pipeline"]
     if "latents" in sections and not (out / "latents" / "latents.h5").exists():
@@ -77,18 +89,35 @@ def main(argv=None) -> int:
             if stage not in wanted or (a.reuse and (out / folder / "model.pt").exists()):
                 continue
             spec = next(sp for sp in specs.values() if sp.model_folder == folder)
-            flags = (["--conditional"] if spec.conditional else []) + (["--budget", f"{spec.budget:g}"] if spec.budget not in (None, 1.0) else [])
+            flags = (["--conditional"] if spec.conditional else []) + (
+                ["--budget", f"{spec.budget:g}"] if spec.budget not in (None, 1.0) else []
+            )
             run(py + [stage] + flags + common, log)
     for s in a.sets:
         run(py + ["sample", "--model", s] + common, log)
     run(py + ["evaluate"] + common, log)
     m = json.loads((out / "report" / "metrics.json").read_text())
-    stages_m = m["stages"]
     for s in a.sets:
         r = m["sets"][s]
         secs = r.get("prior_train_seconds")
         acc = r.get("label_accuracy")
-        print("\t".join([a.name, s, f"{r['fd_ratio']:.2f}", f"{r['fd_train']:.3f}", f"{r['class_entropy']:.3f}", f"{r['duplicates']:.3f}", f"{r['memorised']:.3f}", "-" if acc is None else f"{acc:.3f}", f"{secs}", " ".join(a.overrides)]), flush=True)
+        print(
+            "\t".join(
+                [
+                    a.name,
+                    s,
+                    f"{r['fd_ratio']:.2f}",
+                    f"{r['fd_train']:.3f}",
+                    f"{r['class_entropy']:.3f}",
+                    f"{r['duplicates']:.3f}",
+                    f"{r['memorised']:.3f}",
+                    "-" if acc is None else f"{acc:.3f}",
+                    f"{secs}",
+                    " ".join(a.overrides),
+                ]
+            ),
+            flush=True,
+        )
     return 0
 
 

@@ -3,4 +3,5 @@
 Stages are top-level callables ``fn(cfg, run_dir, threads=None, **kw) -> metrics`` listed in
 :mod:`pipeline.stages`; the Snakefile runs them through ``python -m pipeline <stage>``.
 """
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """``python -m pipeline <stage> --run results/<run> [--set key.sub=value ...]``."""
+
 import sys
 
 from pipeline.cli import main

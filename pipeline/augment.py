@@ -3,10 +3,10 @@
 Used by the classifier's training (``pipeline.train``) and by ``extract_latents``, which writes the
 codes of augmented copies of the train images so that the priors see more than the plain grids.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,13 @@ import torch.nn.functional as F
 __all__ = ["random_affine"]
 
 
-def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float, generator: Optional[torch.Generator] = None, max_scale: float = 0.0) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    max_degrees: float,
+    max_shift: float,
+    generator: torch.Generator | None = None,
+    max_scale: float = 0.0,
+) -> torch.Tensor:
     """Random rotation, scaling and translation of a batch.
 
     Args:
@@ -36,6 +42,12 @@ def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float, generat
     if max_scale:
         zoom = 1.0 + (torch.rand(b, generator=generator).to(x.device) * 2 - 1) * max_scale
         cos, sin = cos / zoom, sin / zoom  # the grid maps output to input: divide to zoom in
-    theta = torch.stack([torch.stack([cos, -sin, u[:, 1] * 2 * max_shift / w], 1), torch.stack([sin, cos, u[:, 2] * 2 * max_shift / h], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, u[:, 1] * 2 * max_shift / w], 1),
+            torch.stack([sin, cos, u[:, 2] * 2 * max_shift / h], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -6,19 +6,34 @@ one fixed name for saving and loading, as DINO's ``restart_from_checkpoint``) an
 leaves a half-written checkpoint) and read with ``torch.load(weights_only=True)``: nothing we
 read executes code. RNG states are stored as tensors and plain numbers for the same reason.
 
-A leaf module: torch, numpy and the standard library only.
+Below every stage: torch, numpy, the standard library and the model factory
+(``pipeline.models.build_model``, for :func:`load_model`) only.
 """
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "save", "load", "rng_state", "set_rng_state", "load_state_dict_strict"]
+from pipeline.models import build_model
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "CheckpointError",
+    "save",
+    "load",
+    "rng_state",
+    "set_rng_state",
+    "load_state_dict_strict",
+    "load_model",
+]
 
 FORMAT = "vq-latent-pipeline"
 VERSION = 1
@@ -51,7 +66,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     internal, version, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -83,7 +100,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, weights_only refusals
-        raise CheckpointError(f"{p}: not a vq-latent-pipeline checkpoint or corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise CheckpointError(
+            f"{p}: not a vq-latent-pipeline checkpoint or corrupt ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a vq-latent-pipeline checkpoint (no format tag {FORMAT!r})")
     if data.get("version") != VERSION:
@@ -100,14 +119,54 @@ def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Te
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shape = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shape:
         parts = []
         if missing:
             parts.append(f"missing keys {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+            parts.append(
+                f"unexpected keys {unexpected[:5]}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
+            )
         if shape:
             parts.append("shape mismatch " + "; ".join(shape[:5]))
         raise CheckpointError(f"{source}: checkpoint does not fit the model architecture: " + ", ".join(parts))
     module.load_state_dict(state)
+
+
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "ema"
+) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from a ``model.pt`` through the factory and load its weights.
+
+    Args:
+        weights: "ema" (the EMA weights when the file has them, else the raw ones), "raw", or
+            "guide" (the early snapshot that autoguidance guides away from).
+
+    Returns:
+        (model in eval mode on ``device``, the checkpoint dict).
+
+    Raises:
+        pipeline.checkpoint.CheckpointError: not our file, weights that do not fit, or
+            ``weights="guide"`` for a model trained without a snapshot.
+    """
+    state = load(path, map_location=device)
+    for key in ("kind", "args", "model"):
+        if key not in state:
+            raise CheckpointError(f"{path}: checkpoint has no {key!r} entry")
+    try:
+        model = build_model(state["kind"], state["args"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if weights == "guide":
+        if state.get("guide") is None:
+            raise CheckpointError(f"{path}: has no autoguidance snapshot; train it with guide_snapshot > 0")
+        sd = state["guide"]
+    else:
+        sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+    load_state_dict_strict(model, sd, str(path))
+    return model.to(device).eval(), state

@@ -11,6 +11,7 @@ Every stage reads the packaged defaults, then ``--configfile`` files, then ``--c
 (what the Snakefile passes), then ``--set`` overrides; the result is validated and written
 next to the stage's outputs as ``config.yaml``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,26 +21,62 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, resolve
-from pipeline.stages import STAGES, collect_timings, get_stage
+from pipeline.stages import STAGES, get_stage
+from pipeline.timings import collect_timings
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="Run one stage of vq-latent-pipeline.")
-    p.add_argument("stage", choices=[*STAGES, "config", "timings"], help="stage to run, 'config' to print the resolved config, 'timings' to sum stage wall times")
+    p.add_argument(
+        "stage",
+        choices=[*STAGES, "config", "timings"],
+        help="stage to run, 'config' to print the resolved config, 'timings' to sum stage wall times",
+    )
     p.add_argument("--run", help="run folder (default: results/<config key run>)")
     p.add_argument("--configfile", action="append", default=[], help="YAML file(s) merged over the packaged defaults")
     p.add_argument("--config-json", help="JSON object merged after the files (the Snakefile passes its config so)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override one key; value parsed as YAML")
-    p.add_argument("--model", default="pixelcnn", help="sample set for the sample stage, e.g. pixelcnn, pixelcnn_greedy, pixelcnn_t0.8, diffusion_ddim_s25, diffusion_ddpm, diffusion_ddim_g2, pixeldiff_ddim (grammar in the README)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.SUB=VALUE",
+        help="override one key; value parsed as YAML",
+    )
+    p.add_argument(
+        "--model",
+        "--sample-set",
+        dest="sample_set",
+        default="pixelcnn",
+        help="sample set for the sample stage, e.g. pixelcnn, pixelcnn_ag1.5, diffusion_dpmsde_ag2, "
+        "diffusion_ddim_s25, diffusion_dpmsde_g2, pixeldiff_ddim (grammar in docs/reference.md)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--budget", type=float, default=None, help="train_pixelcnn / train_diffusion: train for this factor times the configured steps into <prior>_b<f>/ (the quality-vs-compute study)")
-    p.add_argument("--conditional", action="store_true", help="train_pixelcnn / train_diffusion: the class-conditional variant <prior>_cond/ (label dropout, conditional_steps; for _g<s> sets)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="train_pixelcnn / train_diffusion: train for this factor times the configured steps "
+        "into <prior>_b<f>/ (the quality-vs-compute study)",
+    )
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="train_pixelcnn / train_diffusion: the class-conditional variant <prior>_cond/ "
+        "(label dropout, conditional_steps; for _g<s> sets)",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", dest="submit", action="store_false", help="run in this process (the default)")
-    where.add_argument("--submit", dest="submit", action="store_true", help="run as a SLURM job through submitit and wait for it")
-    p.add_argument("--cluster-config", default="cluster/bigred200/slurm.yaml", help="per-stage SLURM parameters for --submit (default: %(default)s)")
+    where.add_argument(
+        "--submit", dest="submit", action="store_true", help="run as a SLURM job through submitit and wait for it"
+    )
+    p.add_argument(
+        "--cluster-config",
+        default="cluster/bigred200/slurm.yaml",
+        help="per-stage SLURM parameters for --submit (default: %(default)s)",
+    )
     p.add_argument("--account", default=None, help="SLURM account for --submit (default: $SLURM_ACCOUNT)")
     p.set_defaults(submit=False)
     return p
@@ -62,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kwargs = {"threads": args.threads}
     if args.stage == "sample":
-        kwargs["model"] = args.model
+        kwargs["sample_set"] = args.sample_set
     if args.budget is not None or args.conditional:
         if args.stage not in ("train_pixelcnn", "train_diffusion"):
-            print(f"error: --budget and --conditional apply to train_pixelcnn and train_diffusion, not {args.stage}", file=sys.stderr)
+            print(
+                f"error: --budget and --conditional apply to train_pixelcnn and train_diffusion, not {args.stage}",
+                file=sys.stderr,
+            )
             return 2
         kwargs.update(budget=args.budget, conditional=args.conditional)
     if args.submit:

@@ -8,17 +8,21 @@ Unknown keys are rejected with the closest valid key named.
 
 This module is a leaf: it imports neither torch nor h5py.
 """
+
 from __future__ import annotations
 
 import copy
 import difflib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
+
+from pipeline.stages import TABLE
 
 __all__ = [
     "ConfigError",
@@ -43,17 +47,7 @@ DEFAULT_PATH = CONFIG_DIR / "default.yaml"
 SCHEMA_PATH = CONFIG_DIR / "schema.yaml"
 
 #: The config section each stage reads (besides the top-level keys run/device/bf16).
-STAGE_SECTIONS = {
-    "prepare_data": "data",
-    "train_vqvae": "vqvae",
-    "extract_latents": "latents",
-    "train_pixelcnn": "pixelcnn",
-    "train_diffusion": "diffusion",
-    "train_classifier": "classifier",
-    "train_pixel_diffusion": "pixel_diffusion",
-    "sample": "sample",
-    "evaluate": ("evaluate", "sample"),  # the sample sets to judge are sample.models
-}
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {s.name: s.sections for s in TABLE}
 
 
 #: Top-level keys every stage reads.

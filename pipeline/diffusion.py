@@ -31,16 +31,33 @@ with ``.to(device)`` (lucidrains/denoising-diffusion-pytorch). Sources:
 Named schedules never change once committed: a trained checkpoint stores the name and T.
 Timesteps are integers in [0, T); index t here is DDPM's t+1.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SCHEDULES", "PREDICTIONS", "LOSS_WEIGHTINGS", "SCHEDULER_SAMPLERS", "make_betas", "GaussianDiffusion", "ddim_timesteps", "guidance_combine", "autoguidance", "classifier_free_guidance", "scheduler_sample_loop"]
+__all__ = [
+    "SCHEDULES",
+    "PREDICTIONS",
+    "LOSS_WEIGHTINGS",
+    "SCHEDULER_SAMPLERS",
+    "make_betas",
+    "GaussianDiffusion",
+    "ddim_timesteps",
+    "guidance_combine",
+    "autoguidance",
+    "classifier_free_guidance",
+    "scheduler_sample_loop",
+    "PIXEL_PAD",
+    "images_to_pixel_space",
+    "pixel_space_to_images",
+]
 
 SCHEDULES = ("linear", "cosine")
 #: What the network predicts: the noise (DDPM), v (Salimans & Ho 2022) or x_0 itself.
@@ -55,7 +72,8 @@ def make_betas(name: str, timesteps: int) -> np.ndarray:
     Args:
         name: "linear" (Ho et al. 2020 sec. 4: linspace(1e-4, 0.02, T), scaled by 1000/T so
             that other T keep the same total noise, as improved-diffusion does; exact for
-            T=1000; clipped at 0.999 for very small T) or "cosine" (Nichol & Dhariwal 2021 eq. 17 with s=0.008, beta <= 0.999).
+            T=1000; clipped at 0.999 for very small T) or "cosine" (Nichol & Dhariwal 2021
+            eq. 17 with s=0.008, beta <= 0.999).
         timesteps: T >= 2.
 
     Raises:
@@ -116,7 +134,14 @@ class GaussianDiffusion(nn.Module):
             T < 2, or gamma <= 0.
     """
 
-    def __init__(self, schedule: str = "linear", timesteps: int = 1000, prediction: str = "epsilon", loss_weighting: str = "none", min_snr_gamma: float = 5.0):
+    def __init__(
+        self,
+        schedule: str = "linear",
+        timesteps: int = 1000,
+        prediction: str = "epsilon",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+    ):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {list(PREDICTIONS)}")
@@ -155,7 +180,13 @@ class GaussianDiffusion(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments, as stored in a checkpoint (``diffusion`` entry)."""
-        return {"schedule": self.schedule, "timesteps": self.num_timesteps, "prediction": self.prediction, "loss_weighting": self.loss_weighting, "min_snr_gamma": self.min_snr_gamma}
+        return {
+            "schedule": self.schedule,
+            "timesteps": self.num_timesteps,
+            "prediction": self.prediction,
+            "loss_weighting": self.loss_weighting,
+            "min_snr_gamma": self.min_snr_gamma,
+        }
 
     # forward process -------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -182,12 +213,17 @@ class GaussianDiffusion(nn.Module):
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (inverse of eq. 4)."""
         nd = x_t.dim()
-        return _extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * eps
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * eps
+        )
 
     def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (eq. 4 solved for eps)."""
         nd = x_t.dim()
-        return (x_t - _extract(self.sqrt_alphas_cumprod, t, nd) * x_start) / _extract(self.sqrt_one_minus_alphas_cumprod, t, nd)
+        return (x_t - _extract(self.sqrt_alphas_cumprod, t, nd) * x_start) / _extract(
+            self.sqrt_one_minus_alphas_cumprod, t, nd
+        )
 
     # parametrisations -------------------------------------------------------------------
     def target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -198,9 +234,14 @@ class GaussianDiffusion(nn.Module):
         if self.prediction == "x0":
             return x_start
         nd = x_start.dim()
-        return _extract(self.sqrt_alphas_cumprod, t, nd) * noise - _extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, nd) * noise
+            - _extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start
+        )
 
-    def split_output(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_output(
+        self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) from a network output in the ``prediction`` parametrisation.
 
         For v: x_0 = alpha_t x_t - sigma_t v and eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022,
@@ -238,8 +279,8 @@ class GaussianDiffusion(nn.Module):
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x_start: torch.Tensor,
         t: torch.Tensor,
-        noise: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
+        noise: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-example loss w_t ||target - f_theta(x_t, t)||^2, averaged over non-batch dims: with
         epsilon-prediction and no weighting, DDPM's simple loss (eq. 14). ``labels`` int (B,), if
@@ -257,7 +298,7 @@ class GaussianDiffusion(nn.Module):
         x_start: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Unweighted ||eps - eps_hat||^2 per example, float (B,), whatever the parametrisation: the
         one test loss that compares models trained with different objectives."""
@@ -273,7 +314,9 @@ class GaussianDiffusion(nn.Module):
             eps = self.predict_noise_from_start(x, t, x0)
         return x0, eps
 
-    def eps_model(self, model: Callable[..., torch.Tensor], clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def eps_model(
+        self, model: Callable[..., torch.Tensor], clip: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The network as an epsilon-predictor at real-valued timesteps, for diffusers' schedulers.
 
         Returns ``eps(x_t, t)``: x_t float (B, ...) in the VP parametrisation (what a scheduler's
@@ -313,10 +356,10 @@ class GaussianDiffusion(nn.Module):
         self,
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         shape: tuple[int, ...],
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
-        progress: Optional[Callable[[int], None]] = None,
-        clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        progress: Callable[[int], None] | None = None,
+        clip: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """DDPM ancestral sampling over all T steps (Algorithm 2), sigma_t^2 = beta~_t.
 
@@ -353,10 +396,10 @@ class GaussianDiffusion(nn.Module):
         shape: tuple[int, ...],
         steps: int = 50,
         eta: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
-        progress: Optional[Callable[[int], None]] = None,
-        clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        progress: Callable[[int], None] | None = None,
+        clip: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """DDIM sampling (Song et al. 2021 eq. 12) over S = ``steps`` timesteps.
 
@@ -396,7 +439,12 @@ class GaussianDiffusion(nn.Module):
 
         cls_name, kwargs = SCHEDULER_SAMPLERS[sampler]
         cls = getattr(diffusers, cls_name)
-        return cls(num_train_timesteps=self.num_timesteps, trained_betas=self._betas64.tolist(), prediction_type="epsilon", **kwargs)
+        return cls(
+            num_train_timesteps=self.num_timesteps,
+            trained_betas=self._betas64.tolist(),
+            prediction_type="epsilon",
+            **kwargs,
+        )
 
 
 #: Samplers run through diffusers' schedulers: name -> (scheduler class, keyword arguments).
@@ -406,8 +454,14 @@ class GaussianDiffusion(nn.Module):
 #: correction (2 network calls per step); ``eulera``: ancestral Euler (stochastic). All use
 #: "trailing" timestep spacing (the first step at t = T - 1, as our DDIM does).
 SCHEDULER_SAMPLERS: dict[str, tuple[str, dict]] = {
-    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}),
-    "dpmsde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}),
+    "dpmpp": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"},
+    ),
+    "dpmsde": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"},
+    ),
     "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "eulera": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
@@ -421,10 +475,10 @@ def scheduler_sample_loop(
     shape: tuple[int, ...],
     sampler: str = "dpmpp",
     steps: int = 20,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    progress: Optional[Callable[[int], None]] = None,
-    clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    progress: Callable[[int], None] | None = None,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample with one of diffusers' schedulers (:data:`SCHEDULER_SAMPLERS`) in ``steps`` steps.
 
@@ -477,7 +531,9 @@ def guidance_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> 
     return uncond + scale * (cond - uncond)
 
 
-def autoguidance(model: Callable[..., torch.Tensor], weak: Callable[..., torch.Tensor], weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def autoguidance(
+    model: Callable[..., torch.Tensor], weak: Callable[..., torch.Tensor], weight: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself",
     eq. 2): D_w(x; t) = D_weak(x; t) + w (D(x; t) - D_weak(x; t)), w >= 1 pushing samples away
     from where a weaker version of the same model (here: its snapshot after a fraction of the
@@ -504,7 +560,11 @@ def autoguidance(model: Callable[..., torch.Tensor], weak: Callable[..., torch.T
 
 
 def classifier_free_guidance(
-    model: Callable[..., torch.Tensor], labels: torch.Tensor, scale: float, null_label: int, batched: Optional[bool] = None
+    model: Callable[..., torch.Tensor],
+    labels: torch.Tensor,
+    scale: float,
+    null_label: int,
+    batched: bool | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A guided eps(x_t, t) for the samplers (Ho & Salimans 2022, sec. 3.2 and eq. 6).
 
@@ -536,3 +596,18 @@ def classifier_free_guidance(
         return guidance_combine(cond, uncond, scale)
 
     return eps
+
+
+# --- the pixel-space baseline's data map -------------------------------------------------------
+PIXEL_PAD = 2  # 28x28 -> 32x32 (value -1 = background after scaling to [-1, 1])
+
+
+def images_to_pixel_space(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 1, 28, 28) in [0, 1] -> float (N, 1, 32, 32) in [-1, 1] (padded with -1, the
+    background), the input range of pixel-space DDPM (Ho et al. 2020 sec. 4)."""
+    return F.pad(x * 2 - 1, (PIXEL_PAD,) * 4, value=-1.0)
+
+
+def pixel_space_to_images(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`images_to_pixel_space`: crop to 28x28 and map [-1, 1] to [0, 1] (clamped)."""
+    return ((x[..., PIXEL_PAD:-PIXEL_PAD, PIXEL_PAD:-PIXEL_PAD] + 1) / 2).clamp(0, 1)

@@ -14,6 +14,7 @@ alone writes outputs and logs. ``batch_size`` is the global batch: each of the N
 batch_size / N examples of it, so the learning rate needs no rescaling and N ranks follow the
 same optimisation path as one process.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,15 +22,24 @@ import shlex
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import submitit
 import yaml
 
 from pipeline.stages import get_stage
 
-__all__ = ["DispatchError", "StageJob", "load_cluster_config", "stage_parameters", "run_in_job", "submit_stage", "resolve_account"]
+__all__ = [
+    "DispatchError",
+    "StageJob",
+    "load_cluster_config",
+    "stage_parameters",
+    "run_in_job",
+    "submit_stage",
+    "resolve_account",
+]
 
 #: keys of a stage entry in the cluster YAML and the submitit parameter each becomes
 _PARAM_MAP = {
@@ -66,8 +76,12 @@ def load_cluster_config(path: str | os.PathLike) -> dict:
         raise DispatchError(f"{p}: not valid YAML ({exc})") from None
     unknown = set(data) - {"defaults", "stages", "setup", "max_num_timeout"}
     if unknown:
-        raise DispatchError(f"{p}: unknown top-level keys {sorted(unknown)}; expected defaults, stages, setup, max_num_timeout")
-    for where, entry in [("defaults", data.get("defaults") or {})] + [(f"stages.{k}", v or {}) for k, v in (data.get("stages") or {}).items()]:
+        raise DispatchError(
+            f"{p}: unknown top-level keys {sorted(unknown)}; expected defaults, stages, setup, max_num_timeout"
+        )
+    for where, entry in [("defaults", data.get("defaults") or {})] + [
+        (f"stages.{k}", v or {}) for k, v in (data.get("stages") or {}).items()
+    ]:
         bad = set(entry) - set(_PARAM_MAP)
         if bad:
             raise DispatchError(f"{p}: {where} has unknown keys {sorted(bad)}; expected some of {sorted(_PARAM_MAP)}")
@@ -89,7 +103,9 @@ def resolve_account(account: str | None) -> str:
     """
     acc = account or os.environ.get("SLURM_ACCOUNT")
     if not acc:
-        raise DispatchError("no SLURM account: pass --config slurm={account: <name>} (or --account) or export SLURM_ACCOUNT=<name>")
+        raise DispatchError(
+            "no SLURM account: pass --config slurm={account: <name>} (or --account) or export SLURM_ACCOUNT=<name>"
+        )
     return acc
 
 
@@ -134,7 +150,17 @@ def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]
     return {"rank": rank, "world_size": world, **(result or {})}
 
 
-_ACTIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "UNKNOWN", "READY"}
+_ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "COMPLETING",
+    "CONFIGURING",
+    "REQUEUED",
+    "RESIZING",
+    "SUSPENDED",
+    "UNKNOWN",
+    "READY",
+}
 
 
 def _final_state(job, wait_s: float = 30.0) -> str:
@@ -199,14 +225,16 @@ def submit_stage(
     acc = resolve_account(account)
     run_dir = str(run_dir)
     run_name = Path(run_dir).name
-    suffix = f"_{kwargs['model']}" if stage == "sample" and "model" in kwargs else ""
+    suffix = f"_{kwargs['sample_set']}" if stage == "sample" and "sample_set" in kwargs else ""
     if kwargs.get("budget") is not None or kwargs.get("conditional"):
         from pipeline.sets import budget_tag
 
         suffix = ("_cond" if kwargs.get("conditional") else "") + budget_tag(kwargs.get("budget"))
     # A fresh folder per submission: SLURM job ids restart when its state is purged.
     folder = Path(run_dir) / "logs" / f"{stage}{suffix}" / time.strftime("%Y%m%d-%H%M%S")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=int(cluster_cfg.get("max_num_timeout", 3)))
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster=cluster, slurm_max_num_timeout=int(cluster_cfg.get("max_num_timeout", 3))
+    )
     gpus = int(params.get("gpus_per_node", 1))
     sub = {_PARAM_MAP[k]: v for k, v in params.items()}
     sub["tasks_per_node"] = max(1, gpus)

@@ -22,15 +22,16 @@ images (the *floor*: what real data scores) the stage computes
 
 The training stages' metrics (VQ-VAE MSE and perplexity, PixelCNN NLL, diffusion losses,
 training speed) are carried into the same file. Outputs in ``report/``: ``metrics.json`` (keys
-documented in the README), ``summary.md`` (the tables), ``sets.tsv`` and one TSV per study, and
+documented in docs/reference.md), ``summary.md`` (the tables), ``sets.tsv`` and one TSV per study, and
 ``training_curves.png``.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -66,7 +67,9 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
 
     d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) (Dowson & Landau 1982;
@@ -114,7 +117,9 @@ def class_entropy(predicted: np.ndarray, num_classes: int = 10) -> float:
     return float(max(0.0, -(p * np.log(p)).sum()))  # max: no -0.0 for a single class
 
 
-def nearest_neighbour_rms(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False, chunk: int = 1024) -> np.ndarray:
+def nearest_neighbour_rms(
+    queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False, chunk: int = 1024
+) -> np.ndarray:
     """RMS pixel distance from each query to its nearest reference image.
 
     Args:
@@ -149,7 +154,13 @@ def judge_images(classifier: torch.nn.Module, images: torch.Tensor, batch_size: 
     "features": (N, F), "pred": int (N,), "confidence": mean max softmax, "class_entropy": nats}."""
     probs, feats = classifier.predict(images, batch_size=batch_size)
     pred = probs.argmax(1).numpy()
-    return {"probs": probs.numpy(), "features": feats.numpy(), "pred": pred, "confidence": float(probs.max(1).values.mean()), "class_entropy": class_entropy(pred)}
+    return {
+        "probs": probs.numpy(),
+        "features": feats.numpy(),
+        "pred": pred,
+        "confidence": float(probs.max(1).values.mean()),
+        "class_entropy": class_entropy(pred),
+    }
 
 
 def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) -> list[str]:
@@ -163,7 +174,11 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) ->
     import matplotlib.pyplot as plt
 
     root = Path(run_dir)
-    stages = [s for s in ("vqvae", "classifier", "pixelcnn", "pixelcnn_cond", "diffusion", "diffusion_cond", "pixel_diffusion") if (root / s / "train_log.csv").is_file()]
+    stages = [
+        s
+        for s in ("vqvae", "classifier", "pixelcnn", "pixelcnn_cond", "diffusion", "diffusion_cond", "pixel_diffusion")
+        if (root / s / "train_log.csv").is_file()
+    ]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(3.2 * max(1, len(stages)), 2.8), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         with open(root / stage / "train_log.csv") as f:
@@ -184,8 +199,24 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) ->
 
 def _carry(paths: RunPaths) -> dict:
     """The training stages' own metrics (those that exist), by stage."""
-    pcnn = ("test_nll_nats_per_code", "test_nll_bits_per_code", "test_nll_conditional_nats_per_code", "conditional", "steps", "train_seconds")
-    diff = ("final_train_loss", "test_loss_ema", "test_loss_raw", "test_loss_conditional_ema", "conditional", "train_seconds", "train_images_per_s", "steps")
+    pcnn = (
+        "test_nll_nats_per_code",
+        "test_nll_bits_per_code",
+        "test_nll_conditional_nats_per_code",
+        "conditional",
+        "steps",
+        "train_seconds",
+    )
+    diff = (
+        "final_train_loss",
+        "test_loss_ema",
+        "test_loss_raw",
+        "test_loss_conditional_ema",
+        "conditional",
+        "train_seconds",
+        "train_images_per_s",
+        "steps",
+    )
     keep = {
         "vqvae": ("test_recon_mse", "test_perplexity", "test_codes_in_use", "num_embeddings", "train_seconds"),
         "classifier": ("test_accuracy", "train_accuracy", "num_test", "train_seconds"),
@@ -193,7 +224,14 @@ def _carry(paths: RunPaths) -> dict:
         "pixelcnn_cond": pcnn,
         "diffusion": diff,
         "diffusion_cond": diff,
-        "pixel_diffusion": ("final_train_loss", "test_loss_ema", "train_seconds", "train_images_per_s", "steps", "time_budget_s"),
+        "pixel_diffusion": (
+            "final_train_loss",
+            "test_loss_ema",
+            "train_seconds",
+            "train_images_per_s",
+            "steps",
+            "time_budget_s",
+        ),
     }
     out = {}
     for stage, keys in keep.items():
@@ -210,7 +248,7 @@ def _fmt(v, digits: int = 3) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        if v != 0 and (abs(v) >= 1000 or abs(v) < 10 ** -digits):
+        if v != 0 and (abs(v) >= 1000 or abs(v) < 10**-digits):
             return f"{v:.{digits}g}"
         return f"{v:.{digits}f}"
     return str(v)
@@ -227,9 +265,17 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> tuple[str, str]:
 
 
 SET_COLUMNS = [
-    ("name", "set"), ("n", "N"), ("confidence", "confidence"), ("class_entropy", "class entropy (nats)"),
-    ("fd_train", "FD vs train"), ("fd_test", "FD vs test"), ("fd_ratio", "FD / floor"), ("duplicates", "duplicates"),
-    ("memorised", "memorised"), ("label_accuracy", "label accuracy"), ("seconds_per_1000", "s / 1000 images"),
+    ("name", "set"),
+    ("n", "N"),
+    ("confidence", "confidence"),
+    ("class_entropy", "class entropy (nats)"),
+    ("fd_train", "FD vs train"),
+    ("fd_test", "FD vs test"),
+    ("fd_ratio", "FD / floor"),
+    ("duplicates", "duplicates"),
+    ("memorised", "memorised"),
+    ("label_accuracy", "label accuracy"),
+    ("seconds_per_1000", "s / 1000 images"),
 ]
 
 
@@ -275,7 +321,7 @@ def scaling_crossover(rows: list[dict]) -> dict:
     pc_name, pc = best(by["pixelcnn"])
     df_name, df = best(by["diffusion"])
 
-    def interp(curve: list[dict], sec: float) -> Optional[float]:
+    def interp(curve: list[dict], sec: float) -> float | None:
         xs = [math.log(r["prior_train_seconds"]) for r in curve]
         ys = [math.log(r["fd_ratio"]) for r in curve]
         x = math.log(sec)
@@ -284,19 +330,32 @@ def scaling_crossover(rows: list[dict]) -> dict:
         return math.exp(float(np.interp(x, xs, ys)))
 
     grid = sorted({r["prior_train_seconds"] for r in pc + df})
-    lo, hi = max(pc[0]["prior_train_seconds"], df[0]["prior_train_seconds"]), min(pc[-1]["prior_train_seconds"], df[-1]["prior_train_seconds"])
+    lo, hi = (
+        max(pc[0]["prior_train_seconds"], df[0]["prior_train_seconds"]),
+        min(pc[-1]["prior_train_seconds"], df[-1]["prior_train_seconds"]),
+    )
     grid = [g for g in grid if lo <= g <= hi]
     dense = sorted(set(grid + [math.exp(v) for v in np.linspace(math.log(lo), math.log(hi), 200)])) if lo < hi else grid
-    diffs = [(sec, interp(df, sec) - interp(pc, sec)) for sec in dense if interp(df, sec) is not None and interp(pc, sec) is not None]
+    diffs = [
+        (sec, interp(df, sec) - interp(pc, sec))
+        for sec in dense
+        if interp(df, sec) is not None and interp(pc, sec) is not None
+    ]
     pc_b = {r["budget"]: r["fd_ratio"] for r in pc}
     at_budgets = [(b, pc_b[b], r["fd_ratio"]) for r in df for b in [r["budget"]] if b in pc_b]
     seconds = None
     if not diffs:
         statement = "the two priors' training times do not overlap; compare the budgets directly"
     elif all(d < 0 for _, d in diffs):
-        statement = f"latent diffusion ({df_name}) is ahead of the PixelCNN ({pc_name}) at every training time both were measured at ({lo:.0f}-{hi:.0f} s)"
+        statement = (
+            f"latent diffusion ({df_name}) is ahead of the PixelCNN ({pc_name}) "
+            f"at every training time both were measured at ({lo:.0f}-{hi:.0f} s)"
+        )
     elif all(d >= 0 for _, d in diffs):
-        statement = f"latent diffusion ({df_name}) never overtakes the PixelCNN ({pc_name}) between {lo:.0f} and {hi:.0f} training seconds"
+        statement = (
+            f"latent diffusion ({df_name}) never overtakes the PixelCNN ({pc_name}) "
+            f"between {lo:.0f} and {hi:.0f} training seconds"
+        )
     else:
         for (s0, d0), (s1, d1) in zip(diffs, diffs[1:]):
             if d0 >= 0 > d1:
@@ -305,8 +364,17 @@ def scaling_crossover(rows: list[dict]) -> dict:
         if seconds is None:
             statement = f"the curves cross but diffusion ({df_name}) ends behind the PixelCNN ({pc_name}) at {hi:.0f} s"
         else:
-            statement = f"latent diffusion ({df_name}) overtakes the PixelCNN ({pc_name}) at about {seconds:.0f} training seconds"
-    return {"pixelcnn": pc_name, "diffusion": df_name, "statement": statement, "seconds": seconds, "at_budgets": at_budgets}
+            statement = (
+                f"latent diffusion ({df_name}) overtakes the PixelCNN ({pc_name}) "
+                f"at about {seconds:.0f} training seconds"
+            )
+    return {
+        "pixelcnn": pc_name,
+        "diffusion": df_name,
+        "statement": statement,
+        "seconds": seconds,
+        "at_budgets": at_budgets,
+    }
 
 
 def plot_scaling(rows: list[dict], path: str | os.PathLike) -> None:
@@ -327,7 +395,13 @@ def plot_scaling(rows: list[dict], path: str | os.PathLike) -> None:
         style = "o-" if rs[0]["prior"] == "diffusion" else "s--"
         ax.plot([r["prior_train_seconds"] for r in rs], [r["fd_ratio"] for r in rs], style, label=name)
         for r in rs:
-            ax.annotate(f"{r['budget']:g}x", (r["prior_train_seconds"], r["fd_ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                f"{r['budget']:g}x",
+                (r["prior_train_seconds"], r["fd_ratio"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training seconds of the prior")
@@ -349,15 +423,41 @@ def provenance() -> dict:
     src = Path(__file__).resolve().parents[1]
     commit, dirty = "unknown", False
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True).stdout.strip() or "unknown"
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short=12", "HEAD"],
+                cwd=src,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            or "unknown"
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=src,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 #: Readable names of the diffusion samplers in the study tables.
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)", "dpmsde": "DPM-Solver++ SDE", "euler": "Euler", "heun": "Heun", "eulera": "Euler ancestral"}
+SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "dpmpp": "DPM-Solver++(2M)",
+    "dpmsde": "DPM-Solver++ SDE",
+    "euler": "Euler",
+    "heun": "Heun",
+    "eulera": "Euler ancestral",
+}
 
 
 def _studies(sets: dict, stage_metrics: dict) -> dict[str, dict]:
@@ -372,29 +472,65 @@ def _studies(sets: dict, stage_metrics: dict) -> dict[str, dict]:
     if "scaling" in wanted:
         rows = scaling_rows(sets, all_specs)
         studies["scaling"] = {
-            "title": "Quality vs training compute: the unconditional priors at several training budgets (same latents; f = multiple of the configured steps)",
+            "title": "Quality vs training compute: the unconditional priors at several training budgets "
+            "(same latents; f = multiple of the configured steps)",
             "rows": rows,
-            "columns": [("prior", "prior"), ("sampler", "sampler"), ("name", "set"), ("budget", "budget f"), ("prior_steps", "train steps"), ("prior_train_seconds", "train s"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("class_entropy", "class entropy (nats)"), ("duplicates", "duplicates"), ("memorised", "memorised")],
+            "columns": [
+                ("prior", "prior"),
+                ("sampler", "sampler"),
+                ("name", "set"),
+                ("budget", "budget f"),
+                ("prior_steps", "train steps"),
+                ("prior_train_seconds", "train s"),
+                ("fd_train", "FD vs train"),
+                ("fd_ratio", "FD / floor"),
+                ("class_entropy", "class entropy (nats)"),
+                ("duplicates", "duplicates"),
+                ("memorised", "memorised"),
+            ],
             "crossover": scaling_crossover(rows),
         }
 
     pcnn = [n for n, s in specs.items() if s.prior == "pixelcnn" and not s.conditional]
     if "sampling_layer" in wanted:
+
         def decoding(n: str) -> str:
             if specs[n].method == "greedy":
                 return "greedy (argmax)"
             ag = f", autoguidance w = {specs[n].autoguidance:g}" if specs[n].autoguidance is not None else ""
             return f"categorical, tau = {sets[n]['temperature']:g}{ag}"
 
-        rows = sorted(({"decoding": decoding(n), "_key": (specs[n].autoguidance or 0.0, -1.0 if specs[n].method == "greedy" else sets[n]["temperature"]), **sets[n]} for n in pcnn), key=lambda r: r["_key"])
+        rows = sorted(
+            (
+                {
+                    "decoding": decoding(n),
+                    "_key": (
+                        specs[n].autoguidance or 0.0,
+                        -1.0 if specs[n].method == "greedy" else sets[n]["temperature"],
+                    ),
+                    **sets[n],
+                }
+                for n in pcnn
+            ),
+            key=lambda r: r["_key"],
+        )
         studies["sampling_layer"] = {
             "title": "PixelCNN: the categorical sampling layer (greedy argmax vs sampling at temperature tau)",
             "rows": rows,
-            "columns": [("decoding", "decoding"), ("name", "set"), ("duplicates", "duplicates"), ("class_entropy", "class entropy (nats)"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("confidence", "confidence")],
+            "columns": [
+                ("decoding", "decoding"),
+                ("name", "set"),
+                ("duplicates", "duplicates"),
+                ("class_entropy", "class entropy (nats)"),
+                ("fd_train", "FD vs train"),
+                ("fd_ratio", "FD / floor"),
+                ("confidence", "confidence"),
+            ],
         }
 
     diff = [n for n, s in specs.items() if s.prior == "diffusion" and not s.conditional]
     if "diffusion_steps" in wanted:
+
         def key(n):
             s = specs[n]
             return (s.weights != "ema", s.autoguidance or 0.0, s.method == "ddpm", s.method, sets[n]["steps"])
@@ -405,34 +541,80 @@ def _studies(sets: dict, stage_metrics: dict) -> dict[str, dict]:
 
         rows = [{"sampler": sampler(n), "weights": specs[n].weights, **sets[n]} for n in sorted(diff, key=key)]
         studies["diffusion_steps"] = {
-            "title": "Latent diffusion: the sampler (DDPM over all T steps, DDIM and diffusers' solvers with S steps), autoguidance, EMA vs raw weights",
+            "title": "Latent diffusion: the sampler (DDPM over all T steps, DDIM and diffusers' solvers with S steps), "
+            "autoguidance, EMA vs raw weights",
             "rows": rows,
-            "columns": [("sampler", "sampler"), ("weights", "weights"), ("name", "set"), ("n", "N"), ("fd_train", "FD vs train"), ("fd_floor_same_n", "floor at N"), ("fd_ratio", "FD / floor"), ("seconds_per_1000", "s / 1000 images"), ("class_entropy", "class entropy (nats)")],
+            "columns": [
+                ("sampler", "sampler"),
+                ("weights", "weights"),
+                ("name", "set"),
+                ("n", "N"),
+                ("fd_train", "FD vs train"),
+                ("fd_floor_same_n", "floor at N"),
+                ("fd_ratio", "FD / floor"),
+                ("seconds_per_1000", "s / 1000 images"),
+                ("class_entropy", "class entropy (nats)"),
+            ],
         }
 
     pix = [n for n, s in specs.items() if s.prior == "pixeldiff"]
     if "latent_vs_pixel" in wanted:
         rows = []
-        for n in sorted(diff + pix, key=lambda n: (specs[n].method, sets[n]["steps"], specs[n].weights, specs[n].prior != "diffusion")):
+        for n in sorted(
+            diff + pix,
+            key=lambda n: (specs[n].method, sets[n]["steps"], specs[n].weights, specs[n].prior != "diffusion"),
+        ):
             s = specs[n]
-            partner = ("pixeldiff" if s.prior == "diffusion" else "diffusion") + n[len(s.prior):]
+            partner = ("pixeldiff" if s.prior == "diffusion" else "diffusion") + n[len(s.prior) :]
             if partner not in sets:
                 continue
             train = stage_metrics.get("diffusion" if s.prior == "diffusion" else "pixel_diffusion", {})
-            rows.append({"space": "latent (VQ-VAE 16x7x7)" if s.prior == "diffusion" else "pixel (1x32x32)", "train_images_per_s": train.get("train_images_per_s"), "train_seconds": train.get("train_seconds"), "train_steps": train.get("steps"), **sets[n]})
+            rows.append(
+                {
+                    "space": "latent (VQ-VAE 16x7x7)" if s.prior == "diffusion" else "pixel (1x32x32)",
+                    "train_images_per_s": train.get("train_images_per_s"),
+                    "train_seconds": train.get("train_seconds"),
+                    "train_steps": train.get("steps"),
+                    **sets[n],
+                }
+            )
         studies["latent_vs_pixel"] = {
             "title": "Latent vs pixel space, equal training wall time (same U-Net family and schedule)",
             "rows": rows,
-            "columns": [("space", "space"), ("name", "set"), ("train_images_per_s", "train images/s"), ("train_steps", "train steps"), ("train_seconds", "train s"), ("seconds_per_1000", "sampling s / 1000"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("class_entropy", "class entropy (nats)")],
+            "columns": [
+                ("space", "space"),
+                ("name", "set"),
+                ("train_images_per_s", "train images/s"),
+                ("train_steps", "train steps"),
+                ("train_seconds", "train s"),
+                ("seconds_per_1000", "sampling s / 1000"),
+                ("fd_train", "FD vs train"),
+                ("fd_ratio", "FD / floor"),
+                ("class_entropy", "class entropy (nats)"),
+            ],
         }
 
     cond = [n for n, s in specs.items() if s.conditional]
     if "guidance" in wanted:
-        rows = [{"prior": specs[n].prior, "guidance_scale": specs[n].guidance, "w": specs[n].guidance - 1, **sets[n]} for n in sorted(cond, key=lambda n: (specs[n].prior, specs[n].guidance))]
+        rows = [
+            {"prior": specs[n].prior, "guidance_scale": specs[n].guidance, "w": specs[n].guidance - 1, **sets[n]}
+            for n in sorted(cond, key=lambda n: (specs[n].prior, specs[n].guidance))
+        ]
         studies["guidance"] = {
-            "title": "Class-conditional samples: label accuracy per guidance scale s (diffusers' convention; Ho & Salimans' w = s - 1; s = 1 is no guidance)",
+            "title": "Class-conditional samples: label accuracy per guidance scale s "
+            "(diffusers' convention; Ho & Salimans' w = s - 1; s = 1 is no guidance)",
             "rows": rows,
-            "columns": [("prior", "prior"), ("name", "set"), ("guidance_scale", "s"), ("w", "w"), ("label_accuracy", "label accuracy"), ("fd_train", "FD vs train"), ("fd_ratio", "FD / floor"), ("class_entropy", "class entropy (nats)"), ("seconds_per_1000", "s / 1000 images")],
+            "columns": [
+                ("prior", "prior"),
+                ("name", "set"),
+                ("guidance_scale", "s"),
+                ("w", "w"),
+                ("label_accuracy", "label accuracy"),
+                ("fd_train", "FD vs train"),
+                ("fd_ratio", "FD / floor"),
+                ("class_entropy", "class entropy (nats)"),
+                ("seconds_per_1000", "s / 1000 images"),
+            ],
         }
     return studies
 
@@ -450,9 +632,9 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         pipeline.io.StageInputError: a sample set's ``.npy`` or ``.json`` is missing, or holds
             the wrong shape, dtype or value range (the file is named).
     """
+    from pipeline.checkpoint import load_model
     from pipeline.data import read_dataset
     from pipeline.sets import parse_sample_set, requested_labels
-    from pipeline.train import load_model
 
     paths = RunPaths(run_dir)
     sec = cfg["evaluate"]
@@ -468,7 +650,12 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         test_x = torch.from_numpy(test.images).float().div_(255.0)
         n_eval = min(int(sec["num_images"]), len(test_x))
         if n_eval < int(sec["num_images"]):
-            log.warning("evaluate: the test split has %d images; Fréchet distances use N = %d, not %d", len(test_x), n_eval, sec["num_images"])
+            log.warning(
+                "evaluate: the test split has %d images; Fréchet distances use N = %d, not %d",
+                len(test_x),
+                n_eval,
+                sec["num_images"],
+            )
 
         real_train = judge_images(clf, train_x.to(device), bs)
         mu_tr, sig_tr = feature_statistics(real_train["features"])
@@ -486,15 +673,20 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         mem_threshold = float(np.quantile(test_nn_train, float(sec["memorisation_quantile"])))
         dup_threshold = float(sec["duplicate_threshold"])
 
-        def judge(name: str, images: torch.Tensor, labels: Optional[np.ndarray], extra: dict) -> dict:
+        def judge(name: str, images: torch.Tensor, labels: np.ndarray | None, extra: dict) -> dict:
             n = min(n_eval, len(images))
             x = images[:n]
             j = real_test if name == "real_test" else judge_images(clf, x.to(device), bs)
             mu, sig = feature_statistics(j["features"][:n])
             row = {
-                "name": name, "n": n, "confidence": j["confidence"], "class_entropy": j["class_entropy"],
-                "fd_train": frechet_distance(mu, sig, mu_tr, sig_tr), "fd_test": frechet_distance(mu, sig, mu_te, sig_te) if name != "real_test" else 0.0,
-                "fd_floor_same_n": floor(n), "duplicates": near_duplicate_fraction(x, dup_threshold),
+                "name": name,
+                "n": n,
+                "confidence": j["confidence"],
+                "class_entropy": j["class_entropy"],
+                "fd_train": frechet_distance(mu, sig, mu_tr, sig_tr),
+                "fd_test": frechet_distance(mu, sig, mu_te, sig_te) if name != "real_test" else 0.0,
+                "fd_floor_same_n": floor(n),
+                "duplicates": near_duplicate_fraction(x, dup_threshold),
                 "memorised": float((nearest_neighbour_rms(x, train_x) < mem_threshold).mean()),
                 "label_accuracy": float((j["pred"][:n] == labels[:n]).mean()) if labels is not None else None,
                 **extra,
@@ -509,18 +701,46 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             npy, rec_path = paths.samples(name, "npy"), paths.samples(name, "json")
             for f in (npy, rec_path):
                 if not f.is_file():
-                    raise StageInputError(f" {f} does not exist; run `python -m pipeline sample --model {name}` (or snakemake) first")
+                    raise StageInputError(
+                        f" {f} does not exist; run `python -m pipeline sample --model {name}` (or snakemake) first"
+                    )
             arr = np.load(npy)
-            if arr.ndim != 4 or arr.shape[1:] != (1, 28, 28) or arr.dtype != np.float32 or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-                raise StageInputError(f"{npy} must hold float32 (N, 1, 28, 28) images in [0, 1]; got {arr.dtype} {arr.shape}")
+            if (
+                arr.ndim != 4
+                or arr.shape[1:] != (1, 28, 28)
+                or arr.dtype != np.float32
+                or not np.isfinite(arr).all()
+                or arr.min() < 0
+                or arr.max() > 1
+            ):
+                raise StageInputError(
+                    f"{npy} must hold float32 (N, 1, 28, 28) images in [0, 1]; got {arr.dtype} {arr.shape}"
+                )
             rec = read_json(rec_path)
             labels = requested_labels(len(arr)) if spec.conditional else None
-            sets[name] = judge(name, torch.from_numpy(arr), labels, {
-                "seconds_per_1000": rec.get("seconds_per_1000"), "num_samples": len(arr), "steps": rec.get("steps"),
-                "temperature": rec.get("temperature"), "guidance_scale": spec.guidance,
-                "prior_budget": rec.get("prior_budget", 1.0), "prior_steps": rec.get("prior_steps"), "prior_train_seconds": rec.get("prior_train_seconds"),
-            })
-            log.info("evaluate %s: FD %.3f (floor %.3f), entropy %.3f, duplicates %.3f", name, sets[name]["fd_train"], sets[name]["fd_floor_same_n"], sets[name]["class_entropy"], sets[name]["duplicates"])
+            sets[name] = judge(
+                name,
+                torch.from_numpy(arr),
+                labels,
+                {
+                    "seconds_per_1000": rec.get("seconds_per_1000"),
+                    "num_samples": len(arr),
+                    "steps": rec.get("steps"),
+                    "temperature": rec.get("temperature"),
+                    "guidance_scale": spec.guidance,
+                    "prior_budget": rec.get("prior_budget", 1.0),
+                    "prior_steps": rec.get("prior_steps"),
+                    "prior_train_seconds": rec.get("prior_train_seconds"),
+                },
+            )
+            log.info(
+                "evaluate %s: FD %.3f (floor %.3f), entropy %.3f, duplicates %.3f",
+                name,
+                sets[name]["fd_train"],
+                sets[name]["fd_floor_same_n"],
+                sets[name]["class_entropy"],
+                sets[name]["duplicates"],
+            )
 
         stage_metrics = _carry(paths)
         studies = _studies(sets, stage_metrics)
@@ -528,9 +748,13 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         result = {
             "run": str(paths.root),
             "evaluation": {
-                "num_images": n_eval, "num_train_reference": len(train_x), "feature_dim": int(real_train["features"].shape[1]),
-                "duplicate_threshold_rms": dup_threshold, "memorisation_threshold_rms": mem_threshold,
-                "memorisation_quantile": float(sec["memorisation_quantile"]), "classifier_test_accuracy": stage_metrics.get("classifier", {}).get("test_accuracy"),
+                "num_images": n_eval,
+                "num_train_reference": len(train_x),
+                "feature_dim": int(real_train["features"].shape[1]),
+                "duplicate_threshold_rms": dup_threshold,
+                "memorisation_threshold_rms": mem_threshold,
+                "memorisation_quantile": float(sec["memorisation_quantile"]),
+                "classifier_test_accuracy": stage_metrics.get("classifier", {}).get("test_accuracy"),
             },
             "floor": floor_row,
             "sets": sets,
@@ -550,13 +774,18 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         prov = result["provenance"]
         lines = [
             f"# Sample quality of run `{paths.root.name}`\n",
-            f"Made at commit `{prov['commit']}`{' (with uncommitted changes)' if prov['dirty'] else ''} by the evaluate stage "
+            f"Made at commit `{prov['commit']}`{' (with uncommitted changes)' if prov['dirty'] else ''} by the "
+            "evaluate stage "
             f"(`python -m pipeline evaluate --run {paths.root}`, run by `snakemake`), {prov['date']}.\n",
             f"Judge: the run's classifier, test accuracy {_fmt(result['evaluation']['classifier_test_accuracy'])}. "
-            f"Fréchet distances (FD) in its {result['evaluation']['feature_dim']}-d penultimate features, N = {n_eval} images per set "
-            f"against all {len(train_x)} train images (`FD vs train`) and the first {n_eval} test images (`FD vs test`); "
-            f"`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, {floor_row['fd_train']:.3f}). "
-            f"Near-duplicates: nearest other sample within RMS {dup_threshold:g}; memorised: nearer to a train image than "
+            f"Fréchet distances (FD) in its {result['evaluation']['feature_dim']}-d penultimate features, N = {n_eval} "
+            "images per set "
+            f"against all {len(train_x)} train images (`FD vs train`) and the first {n_eval} test images (`FD vs "
+            "test`); "
+            "`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, "
+            f"{floor_row['fd_train']:.3f}). "
+            f"Near-duplicates: nearest other sample within RMS {dup_threshold:g}; memorised: nearer to a train image "
+            "than "
             f"{100 * float(sec['memorisation_quantile']):g} % of real test images are (RMS {mem_threshold:.3f}).\n",
         ]
         if uncond:
@@ -571,14 +800,56 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             if key == "scaling":
                 lines += [f"**Crossover:** {study['crossover']['statement']}. Plot: `scaling.png`.\n"]
         st = stage_metrics
-        lines += ["## Training stages\n", _table([
-            {"stage": "vqvae", "metric": "test reconstruction MSE / perplexity / codes in use", "value": " / ".join(_fmt(st.get("vqvae", {}).get(k)) for k in ("test_recon_mse", "test_perplexity", "test_codes_in_use"))},
-            {"stage": "classifier", "metric": "test accuracy", "value": _fmt(st.get("classifier", {}).get("test_accuracy"))},
-            {"stage": "pixelcnn", "metric": "test NLL nats/code (unconditional prior)", "value": _fmt(st.get("pixelcnn", {}).get("test_nll_nats_per_code"))},
-            {"stage": "pixelcnn_cond", "metric": "test NLL nats/code (null label / given the label)", "value": " / ".join(_fmt(st.get("pixelcnn_cond", {}).get(k)) for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code"))},
-            {"stage": "diffusion", "metric": "final train loss / test epsilon-MSE EMA / raw", "value": " / ".join(_fmt(st.get("diffusion", {}).get(k), 4) for k in ("final_train_loss", "test_loss_ema", "test_loss_raw"))},
-            {"stage": "diffusion_cond", "metric": "test epsilon-MSE EMA (null label / given the label)", "value": " / ".join(_fmt(st.get("diffusion_cond", {}).get(k), 4) for k in ("test_loss_ema", "test_loss_conditional_ema"))},
-        ], [("stage", "stage"), ("metric", "metric"), ("value", "value")])[0]]
+        lines += [
+            "## Training stages\n",
+            _table(
+                [
+                    {
+                        "stage": "vqvae",
+                        "metric": "test reconstruction MSE / perplexity / codes in use",
+                        "value": " / ".join(
+                            _fmt(st.get("vqvae", {}).get(k))
+                            for k in ("test_recon_mse", "test_perplexity", "test_codes_in_use")
+                        ),
+                    },
+                    {
+                        "stage": "classifier",
+                        "metric": "test accuracy",
+                        "value": _fmt(st.get("classifier", {}).get("test_accuracy")),
+                    },
+                    {
+                        "stage": "pixelcnn",
+                        "metric": "test NLL nats/code (unconditional prior)",
+                        "value": _fmt(st.get("pixelcnn", {}).get("test_nll_nats_per_code")),
+                    },
+                    {
+                        "stage": "pixelcnn_cond",
+                        "metric": "test NLL nats/code (null label / given the label)",
+                        "value": " / ".join(
+                            _fmt(st.get("pixelcnn_cond", {}).get(k))
+                            for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code")
+                        ),
+                    },
+                    {
+                        "stage": "diffusion",
+                        "metric": "final train loss / test epsilon-MSE EMA / raw",
+                        "value": " / ".join(
+                            _fmt(st.get("diffusion", {}).get(k), 4)
+                            for k in ("final_train_loss", "test_loss_ema", "test_loss_raw")
+                        ),
+                    },
+                    {
+                        "stage": "diffusion_cond",
+                        "metric": "test epsilon-MSE EMA (null label / given the label)",
+                        "value": " / ".join(
+                            _fmt(st.get("diffusion_cond", {}).get(k), 4)
+                            for k in ("test_loss_ema", "test_loss_conditional_ema")
+                        ),
+                    },
+                ],
+                [("stage", "stage"), ("metric", "metric"), ("value", "value")],
+            )[0],
+        ]
         atomic_write_text(out / "summary.md", "\n".join(lines))
         metrics.update(num_sets=len(sets), num_images=n_eval, floor_fd=floor_row["fd_train"], curves=curves)
     return metrics

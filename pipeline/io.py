@@ -4,6 +4,7 @@ A leaf module (numpy, Pillow and the standard library only). Every writer here w
 temporary file in the destination folder and renames it into place, so a file either is
 complete or is not there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +13,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -90,6 +91,12 @@ class RunPaths:
     def timings(self) -> Path:
         return self.root / "timings.json"
 
+    def stage_dir(self, stage: str) -> Path:
+        """The output folder of ``stage`` (:data:`pipeline.stages.STAGES`)."""
+        from pipeline.stages import STAGES
+
+        return self.root / STAGES[stage].folder
+
 
 class StageInputError(ValueError):
     """A stage's input is missing or not what it needs (the file, key or value is named)."""
@@ -151,7 +158,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and _is_disk_full(exc, path.parent):
-            raise DiskFullError(errno.ENOSPC, f"disk full while writing {path} (nothing was replaced; free space and re-run): {str(exc)[:300]}") from exc
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"disk full while writing {path} (nothing was replaced; free space and re-run): {str(exc)[:300]}",
+            ) from exc
         raise
 
 

@@ -23,19 +23,30 @@ Datasets are chunked and gzip-compressed; the writer encodes in batches and writ
 as it comes (the dataset is never held whole in memory as latents); the file is written under
 a temporary name and renamed only when complete.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
 
 import numpy as np
 
 from pipeline.io import RunPaths, atomic_path, sha256_file
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "AUG_SPLIT", "LatentsError", "LatentsInfo", "LatentSplit", "read_info", "read_split", "extract_latents"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SCHEMA",
+    "AUG_SPLIT",
+    "LatentsError",
+    "LatentsInfo",
+    "LatentSplit",
+    "read_info",
+    "read_split",
+    "extract_latents",
+]
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "test")
@@ -97,14 +108,17 @@ def _open(path: Path):
         raise LatentsError(f"{path}: not a readable HDF5 file ({exc})") from None
 
 
-def _validate(f, path: Path, expect_vqvae_sha256: Optional[str]) -> LatentsInfo:
+def _validate(f, path: Path, expect_vqvae_sha256: str | None) -> LatentsInfo:
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         raise LatentsError(f"{path}: schema_version {version}, expected {SCHEMA_VERSION}; re-run extract_latents")
     for attr in ("K", "D", "vqvae_sha256", "latent_mean", "latent_std", "encoding_mean", "encoding_std", "augment"):
         if attr not in f.attrs:
             raise LatentsError(f"{path}: attribute {attr!r} is missing")
-    vec = {k: np.asarray(f.attrs[k], dtype=np.float64) for k in ("latent_mean", "latent_std", "encoding_mean", "encoding_std")}
+    vec = {
+        k: np.asarray(f.attrs[k], dtype=np.float64)
+        for k in ("latent_mean", "latent_std", "encoding_mean", "encoding_std")
+    }
     try:
         augment = json.loads(str(f.attrs["augment"]))
     except json.JSONDecodeError:
@@ -124,7 +138,9 @@ def _validate(f, path: Path, expect_vqvae_sha256: Optional[str]) -> LatentsInfo:
             ds = f[key]
             shape = tuple(info.embedding_dim if d == "D" else d for d in tail)
             if ds.dtype != dtype or tuple(ds.shape[1:]) != shape:
-                raise LatentsError(f"{path}: '/{key}' is {ds.dtype} {ds.shape}, expected {dtype} (N, {', '.join(map(str, shape))})")
+                raise LatentsError(
+                    f"{path}: '/{key}' is {ds.dtype} {ds.shape}, expected {dtype} (N, {', '.join(map(str, shape))})"
+                )
             if n is not None and ds.shape[0] != n:
                 raise LatentsError(f"{path}: '/{key}' has {ds.shape[0]} rows, other datasets of '{split}' have {n}")
             n = ds.shape[0]
@@ -133,7 +149,7 @@ def _validate(f, path: Path, expect_vqvae_sha256: Optional[str]) -> LatentsInfo:
     return info
 
 
-def read_info(path: str | os.PathLike, expect_vqvae_sha256: Optional[str] = None) -> LatentsInfo:
+def read_info(path: str | os.PathLike, expect_vqvae_sha256: str | None = None) -> LatentsInfo:
     """Validate the whole file and return its attributes.
 
     Args:
@@ -148,7 +164,9 @@ def read_info(path: str | os.PathLike, expect_vqvae_sha256: Optional[str] = None
         return _validate(f, p, expect_vqvae_sha256)
 
 
-def read_split(path: str | os.PathLike, split: str, expect_vqvae_sha256: Optional[str] = None) -> tuple[LatentSplit, LatentsInfo]:
+def read_split(
+    path: str | os.PathLike, split: str, expect_vqvae_sha256: str | None = None
+) -> tuple[LatentSplit, LatentsInfo]:
     """Validate the file and read one split into memory (MNIST-sized data fits easily).
 
     Args:
@@ -164,7 +182,10 @@ def read_split(path: str | os.PathLike, split: str, expect_vqvae_sha256: Optiona
     with _open(p) as f:
         info = _validate(f, p, expect_vqvae_sha256)
         if split not in f:
-            raise LatentsError(f"{p}: has no '{split}' split (written with latents.augment_copies: 0); set latents.augment_copies > 0 and re-run extract_latents")
+            raise LatentsError(
+                f"{p}: has no '{split}' split (written with latents.augment_copies: 0); set latents.augment_copies > 0 "
+                "and re-run extract_latents"
+            )
         g = f[split]
         return LatentSplit(*(g[name][...] for name in ("codes", "latents", "encodings", "labels"))), info
 
@@ -191,7 +212,11 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0) -> Non
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
     if need > free:
-        raise DiskFullError(errno.ENOSPC, f"disk full: writing {dest} needs up to {need / 1e6:.1f} MB but {free / 1e6:.1f} MB are free; nothing was written")
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk full: writing {dest} needs up to {need / 1e6:.1f} MB but {free / 1e6:.1f} MB are free; nothing was "
+            "written",
+        )
 
 
 def _augmented_train(images: np.ndarray, copies: int, degrees: float, shift: float, scale: float, seed: int):
@@ -225,15 +250,21 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     import h5py
     import torch
 
+    from pipeline.checkpoint import load_model
     from pipeline.data import read_dataset
     from pipeline.runtime import log, resolve_device, stage_record
-    from pipeline.train import load_model
 
     paths = RunPaths(run_dir)
     sec = cfg["latents"]
     bs = int(sec["batch_size"])
     copies = int(sec.get("augment_copies", 0))
-    augment = {"copies": copies, "degrees": float(sec.get("augment_degrees", 0.0)), "shift": float(sec.get("augment_shift", 0.0)), "scale": float(sec.get("augment_scale", 0.0)), "seed": int(sec.get("seed", 0))}
+    augment = {
+        "copies": copies,
+        "degrees": float(sec.get("augment_degrees", 0.0)),
+        "shift": float(sec.get("augment_shift", 0.0)),
+        "scale": float(sec.get("augment_scale", 0.0)),
+        "seed": int(sec.get("seed", 0)),
+    }
     with stage_record("extract_latents", cfg, paths.latents.parent, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
         vqvae, _ = load_model(paths.vqvae_model, device=device)
@@ -242,7 +273,9 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         vq_sha = sha256_file(paths.vqvae_model)
         _check_free_space(paths.latents, paths.dataset, d, copies)
         used = np.zeros(k, dtype=np.int64)
-        sums = {kind: [np.zeros(d, dtype=np.float64), np.zeros(d, dtype=np.float64)] for kind in ("latents", "encodings")}
+        sums = {
+            kind: [np.zeros(d, dtype=np.float64), np.zeros(d, dtype=np.float64)] for kind in ("latents", "encodings")
+        }
         count = 0
 
         def encode(x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -250,7 +283,11 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 z_e = vqvae.encode(x.to(device))
                 codes = vqvae.quantizer.snap(z_e)
                 lat = vqvae.quantizer.lookup(codes)
-            return {"codes": codes.cpu().numpy().astype(np.int16), "latents": lat.cpu().numpy().astype(np.float32), "encodings": z_e.float().cpu().numpy()}
+            return {
+                "codes": codes.cpu().numpy().astype(np.int16),
+                "latents": lat.cpu().numpy().astype(np.float32),
+                "encodings": z_e.float().cpu().numpy(),
+            }
 
         with atomic_path(paths.latents, suffix=".h5") as tmp, h5py.File(tmp, "w") as out:
             out.attrs["schema_version"] = SCHEMA_VERSION
@@ -263,7 +300,13 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 g = out.create_group(split)
                 chunk = max(1, min(n, 256))
                 return {
-                    name: g.create_dataset(name, shape=(n, *(d if x == "D" else x for x in tail)), dtype=dtype, chunks=(chunk, *(d if x == "D" else x for x in tail)), compression="gzip")
+                    name: g.create_dataset(
+                        name,
+                        shape=(n, *(d if x == "D" else x for x in tail)),
+                        dtype=dtype,
+                        chunks=(chunk, *(d if x == "D" else x for x in tail)),
+                        compression="gzip",
+                    )
                     for name, (dtype, tail) in SCHEMA.items()
                 }
 
@@ -293,7 +336,9 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 n = len(train_labels)
                 dsets = create(AUG_SPLIT, copies * n)
                 aug_used = np.zeros(k, dtype=np.int64)
-                for row0, xa in _augmented_train(train_images, copies, augment["degrees"], augment["shift"], augment["scale"], augment["seed"]):
+                for row0, xa in _augmented_train(
+                    train_images, copies, augment["degrees"], augment["shift"], augment["scale"], augment["seed"]
+                ):
                     for start in range(0, n, bs):
                         enc = encode(xa[start : start + bs])
                         m = len(enc["codes"])
@@ -303,7 +348,12 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                         aug_used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=k)
                 metrics[f"num_{AUG_SPLIT}"] = copies * n
                 metrics["codes_in_use_train_aug"] = int((aug_used > 0).sum())
-                log.info("extract_latents: %s %d augmented copies encoded (%d per train image)", AUG_SPLIT, copies * n, copies)
+                log.info(
+                    "extract_latents: %s %d augmented copies encoded (%d per train image)",
+                    AUG_SPLIT,
+                    copies * n,
+                    copies,
+                )
             for kind, attr in (("latents", "latent"), ("encodings", "encoding")):
                 mean = sums[kind][0] / max(count, 1)
                 std = np.sqrt(np.maximum(sums[kind][1] / max(count, 1) - mean**2, 1e-12))

@@ -4,6 +4,7 @@
 the resolved config next to the outputs, times the stage and writes ``metrics.json`` with the
 wall time. Imports torch lazily so the CLI starts fast.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,18 +13,31 @@ import os
 import random
 import signal
 import socket
-import threading
 import sys
+import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import stage_view, write_config
 from pipeline.io import write_json
 
-__all__ = ["DeviceError", "StopSignals", "set_requeue_hook", "dist_info", "log", "setup_logging", "resolve_device", "seed_everything", "autocast", "stage_record", "Progress"]
+__all__ = [
+    "DeviceError",
+    "StopSignals",
+    "set_requeue_hook",
+    "dist_info",
+    "log",
+    "setup_logging",
+    "resolve_device",
+    "seed_everything",
+    "autocast",
+    "stage_record",
+    "Progress",
+]
 
 log = logging.getLogger("pipeline")
 
@@ -59,7 +73,7 @@ class StopSignals:
     def _flag(self, signum, frame) -> None:
         self.requested = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, *_REQUEUE["signals"]):
                 self._previous[sig] = signal.signal(sig, self._flag)
@@ -107,7 +121,10 @@ def resolve_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use device: auto or cpu")
+            raise DeviceError(
+                "config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use "
+                "device: auto or cpu"
+            )
         local = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
     if name == "cpu":
@@ -146,7 +163,10 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "?"
         vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        msg = f"{self.name} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) {rate:.2f} it/s, eta {eta_s}" + (f" | {vals}" if vals else "")
+        msg = (
+            f"{self.name} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) {rate:.2f} it/s, eta {eta_s}"
+            + (f" | {vals}" if vals else "")
+        )
         log.info(msg)
         return msg
 
@@ -181,7 +201,14 @@ def stage_record(
     metrics: dict = {}
     yield metrics
     wall = time.perf_counter() - t0 + float(metrics.pop("resumed_wall_time_s", 0.0))
-    record = {"stage": stage, **metrics, "wall_time_s": round(wall, 3), "world_size": world, "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "stage": stage,
+        **metrics,
+        "wall_time_s": round(wall, 3),
+        "world_size": world,
+        "host": socket.gethostname(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if rank == 0:
         write_json(out / metrics_name, record)
     log.info("%s: done in %.1f s", stage, wall)

@@ -34,20 +34,30 @@ in [0, 1]; N = ``sample.num_samples``, or ``sample.ddpm_num_samples`` for DDPM s
 ``samples/<set>.png`` (a 10x10 grid of the first 100; one row per digit for conditional sets)
 and ``samples/<set>.json`` (settings, sampling seconds and seconds per 1000 images).
 """
+
 from __future__ import annotations
 
 import os
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from pipeline.io import RunPaths, StageInputError, atomic_path, save_grid_png, sha256_file
-from pipeline.sets import SAMPLE_SET_PATTERN, SampleSpec, parse_sample_set, requested_labels
 from pipeline.runtime import Progress, autocast, log, resolve_device, stage_record
+from pipeline.sets import SAMPLE_SET_PATTERN, SampleSpec, parse_sample_set, requested_labels
 
-__all__ = ["SAMPLE_SET_PATTERN", "SampleSpec", "parse_sample_set", "requested_labels", "sample_pixelcnn", "sample_diffusion_latents", "sample"]
+__all__ = [
+    "SAMPLE_SET_PATTERN",
+    "SampleSpec",
+    "parse_sample_set",
+    "requested_labels",
+    "sample_pixelcnn",
+    "sample_diffusion_latents",
+    "sample",
+]
+
 
 def _rows_per_digit(arr: np.ndarray, labels: np.ndarray, per_row: int = 10) -> np.ndarray:
     """The first ``per_row`` images of each label 0..9, digit by digit (a grid row per digit)."""
@@ -61,11 +71,11 @@ def sample_pixelcnn(
     shape: tuple[int, int] = (7, 7),
     temperature: float = 1.0,
     greedy: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    labels: Optional[torch.Tensor] = None,
+    labels: torch.Tensor | None = None,
     guidance: float = 1.0,
-    guide_model: Optional[torch.nn.Module] = None,
+    guide_model: torch.nn.Module | None = None,
     autoguidance: float = 1.0,
 ) -> torch.Tensor:
     """Ancestral sampling of code grids in raster order.
@@ -131,11 +141,11 @@ def sample_diffusion_latents(
     method: str = "ddim",
     ddim_steps: int = 50,
     eta: float = 0.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     shape: tuple[int, int] = (7, 7),
-    progress_name: Optional[str] = None,
-    clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    progress_name: str | None = None,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw ``num`` scaled latents float (num, channels, H, W).
 
@@ -156,12 +166,26 @@ def sample_diffusion_latents(
     every = max(1, total // 5)
     cb = (lambda k: prog.line(k) if k % every == 0 else None) if prog else None
     if method == "ddim":
-        return diffusion.ddim_sample_loop(model, full, steps=ddim_steps, eta=eta, generator=generator, device=device, progress=cb, clip=clip)
+        return diffusion.ddim_sample_loop(
+            model, full, steps=ddim_steps, eta=eta, generator=generator, device=device, progress=cb, clip=clip
+        )
     if method == "ddpm":
         return diffusion.p_sample_loop(model, full, generator=generator, device=device, progress=cb, clip=clip)
     if method in SCHEDULER_SAMPLERS:
-        return scheduler_sample_loop(diffusion, model, full, sampler=method, steps=ddim_steps, generator=generator, device=device, progress=cb, clip=clip)
-    raise ValueError(f"unknown diffusion sampling method {method!r}; expected 'ddpm', 'ddim' or one of {sorted(SCHEDULER_SAMPLERS)}")
+        return scheduler_sample_loop(
+            diffusion,
+            model,
+            full,
+            sampler=method,
+            steps=ddim_steps,
+            generator=generator,
+            device=device,
+            progress=cb,
+            clip=clip,
+        )
+    raise ValueError(
+        f"unknown diffusion sampling method {method!r}; expected 'ddpm', 'ddim' or one of {sorted(SCHEDULER_SAMPLERS)}"
+    )
 
 
 def _save_npy(path, arr: np.ndarray) -> None:
@@ -169,8 +193,8 @@ def _save_npy(path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", threads: int | None = None) -> dict:
-    """Stage 6 for one sample set ``model`` (a name of the grammar above).
+def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn", threads: int | None = None) -> dict:
+    """Stage 6 for one sample set ``sample_set`` (a name of the grammar above).
 
     Reads ``sample`` (seed, num_samples, ddpm_num_samples, batch_size, temperature, ddim_steps,
     ddim_eta, clip_denoised).
@@ -181,18 +205,17 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
         pipeline.checkpoint.CheckpointError: a model file that is not ours, does not fit, or was
             trained on latents of another ``vqvae/model.pt``.
     """
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.diffusion import GaussianDiffusion, autoguidance, classifier_free_guidance
-    from pipeline.train import load_model, pixel_space_to_images
+    from pipeline.checkpoint import CheckpointError, load_model
+    from pipeline.diffusion import GaussianDiffusion, autoguidance, classifier_free_guidance, pixel_space_to_images
 
     try:
-        spec = parse_sample_set(model)
+        spec = parse_sample_set(sample_set)
     except ValueError as exc:
         raise StageInputError(str(exc)) from None
     paths = RunPaths(run_dir)
     sec = cfg["sample"]
-    out_npy = paths.samples(model, "npy")
-    with stage_record("sample", cfg, out_npy.parent, metrics_name=f"{model}.json", threads=threads) as metrics:
+    out_npy = paths.samples(sample_set, "npy")
+    with stage_record("sample", cfg, out_npy.parent, metrics_name=f"{sample_set}.json", threads=threads) as metrics:
         device = resolve_device(cfg["device"])
         n, bs = int(sec["num_samples"]), int(sec["batch_size"])
         if spec.method == "ddpm" and sec.get("ddpm_num_samples"):
@@ -212,7 +235,10 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
         num_classes = int(getattr(net, "num_classes", 0))
         if spec.conditional and not num_classes:
             stage = "train_pixelcnn" if spec.prior == "pixelcnn" else "train_diffusion"
-            raise StageInputError(f"sample set {model!r} is class-conditional but {prior_path} is not; train it with python -m pipeline {stage} --conditional")
+            raise StageInputError(
+                f"sample set {sample_set!r} is class-conditional but {prior_path} is not; "
+                f"train it with python -m pipeline {stage} --conditional"
+            )
         t0 = time.perf_counter()
         images = []
         if spec.prior == "pixelcnn":
@@ -223,12 +249,20 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
                 y = labels_all[start : start + m] if spec.conditional else None
                 with autocast(device, cfg["bf16"]):
                     codes = sample_pixelcnn(
-                        net, m, temperature=tau, greedy=greedy, generator=g, device=device, labels=y, guidance=spec.guidance if spec.conditional else 1.0,
-                        guide_model=weak, autoguidance=spec.autoguidance if spec.autoguidance is not None else 1.0,
+                        net,
+                        m,
+                        temperature=tau,
+                        greedy=greedy,
+                        generator=g,
+                        device=device,
+                        labels=y,
+                        guidance=spec.guidance if spec.conditional else 1.0,
+                        guide_model=weak,
+                        autoguidance=spec.autoguidance if spec.autoguidance is not None else 1.0,
                     )
                 with torch.no_grad():
                     images.append(vqvae.decode_codes(codes).float().cpu())
-                log.info("sample %s: %d/%d", model, start + m, n)
+                log.info("sample %s: %d/%d", sample_set, start + m, n)
             metrics.update(prior="pixelcnn", method=spec.method, temperature=None if greedy else tau, greedy=greedy)
         else:
             diffusion = GaussianDiffusion(**state["diffusion"]).to(device)
@@ -239,10 +273,21 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
                 mean = state["latent_mean"].float().to(device)[None, :, None, None]
                 std = state["latent_std"].float().to(device)[None, :, None, None]
                 # x_0 is clipped to the per-channel range of the scaled train latents (stored with the model)
-                clip = (state["latent_min"].float().to(device)[None, :, None, None], state["latent_max"].float().to(device)[None, :, None, None]) if sec["clip_denoised"] else None
+                clip = (
+                    (
+                        state["latent_min"].float().to(device)[None, :, None, None],
+                        state["latent_max"].float().to(device)[None, :, None, None],
+                    )
+                    if sec["clip_denoised"]
+                    else None
+                )
             else:
                 channels, shape = 1, (32, 32)
-                clip = (torch.tensor(-1.0, device=device), torch.tensor(1.0, device=device)) if sec["clip_denoised"] else None
+                clip = (
+                    (torch.tensor(-1.0, device=device), torch.tensor(1.0, device=device))
+                    if sec["clip_denoised"]
+                    else None
+                )
             for start in range(0, n, bs):
                 m = min(bs, n - start)
                 if spec.conditional:
@@ -252,33 +297,61 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, model: str = "pixelcnn", th
                 else:
                     guided = net
 
-                def eps_model(x, t):
+                def eps_model(x, t, guided=guided):
                     with autocast(device, cfg["bf16"]):
                         return guided(x, t)
 
-                z = sample_diffusion_latents(eps_model, diffusion, m, channels, spec.method, steps, float(sec["ddim_eta"]), g, device, shape=shape, progress_name=f"sample {model} batch {start // bs + 1}", clip=clip)
+                z = sample_diffusion_latents(
+                    eps_model,
+                    diffusion,
+                    m,
+                    channels,
+                    spec.method,
+                    steps,
+                    float(sec["ddim_eta"]),
+                    g,
+                    device,
+                    shape=shape,
+                    progress_name=f"sample {sample_set} batch {start // bs + 1}",
+                    clip=clip,
+                )
                 with torch.no_grad():
                     if spec.prior == "diffusion":
                         codes = vqvae.quantizer.snap(z * std + mean)
                         images.append(vqvae.decode_codes(codes).float().cpu())
                     else:
                         images.append(pixel_space_to_images(z).float().cpu())
-                log.info("sample %s: %d/%d", model, start + m, n)
+                log.info("sample %s: %d/%d", sample_set, start + m, n)
             metrics.update(
-                prior=spec.prior, method=spec.method, weights=spec.weights, clip_denoised=bool(sec["clip_denoised"]), schedule=diffusion.schedule,
-                timesteps=diffusion.num_timesteps, prediction=diffusion.prediction, steps=diffusion.num_timesteps if spec.method == "ddpm" else steps,
+                prior=spec.prior,
+                method=spec.method,
+                weights=spec.weights,
+                clip_denoised=bool(sec["clip_denoised"]),
+                schedule=diffusion.schedule,
+                timesteps=diffusion.num_timesteps,
+                prediction=diffusion.prediction,
+                steps=diffusion.num_timesteps if spec.method == "ddpm" else steps,
                 eta=float(sec["ddim_eta"]) if spec.method == "ddim" else None,
             )
         arr = torch.cat(images).numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
         _save_npy(out_npy, arr)
         grid = _rows_per_digit(arr, requested_labels(n)) if spec.conditional and n >= 100 else arr[:100]
-        save_grid_png(paths.samples(model, "png"), grid, nrow=10, scale=2)
+        save_grid_png(paths.samples(sample_set, "png"), grid, nrow=10, scale=2)
         metrics.update(
-            model=model, num_samples=n, seed=int(sec["seed"]), conditional=spec.conditional, guidance_scale=spec.guidance,
-            autoguidance=spec.autoguidance, guide_step=trained.get("guide_step") if spec.autoguidance is not None else None,
+            model=sample_set,  # the record key stays "model" (samples/<set>.json)
+            num_samples=n,
+            seed=int(sec["seed"]),
+            conditional=spec.conditional,
+            guidance_scale=spec.guidance,
+            autoguidance=spec.autoguidance,
+            guide_step=trained.get("guide_step") if spec.autoguidance is not None else None,
             labels="i % 10 for sample i" if spec.conditional else None,
-            sampling_seconds=round(seconds, 3), seconds_per_1000=round(1000 * seconds / n, 3),
-            prior_folder=spec.model_folder, prior_budget=trained.get("budget", 1.0), prior_steps=trained.get("steps"), prior_train_seconds=trained.get("train_seconds"),
+            sampling_seconds=round(seconds, 3),
+            seconds_per_1000=round(1000 * seconds / n, 3),
+            prior_folder=spec.model_folder,
+            prior_budget=trained.get("budget", 1.0),
+            prior_steps=trained.get("steps"),
+            prior_train_seconds=trained.get("train_seconds"),
         )
     return metrics

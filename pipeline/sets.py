@@ -17,15 +17,27 @@ prediction D_bad + w (D - D_bad), where D_bad is the same model's snapshot after
 the configured ``steps`` (the training budget of the quality-vs-compute study; the model lives in
 ``<prior>_b<f>/``, f = 1 is the default model); ``pixeldiff`` the pixel-space baseline.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import numpy as np
 
-__all__ = ["SOLVERS", "SAMPLE_SET_PATTERN", "PRIOR_FOLDERS", "SampleSpec", "budget_tag", "prior_folder", "parse_sample_set", "base_name", "requested_labels", "studies_for"]
+__all__ = [
+    "SOLVERS",
+    "SAMPLE_SET_PATTERN",
+    "PRIOR_FOLDERS",
+    "SampleSpec",
+    "budget_tag",
+    "prior_folder",
+    "parse_sample_set",
+    "base_name",
+    "requested_labels",
+    "studies_for",
+]
 
 _NUM = r"\d+(?:\.\d+)?"
 #: Few-step samplers: our DDIM, and diffusers' schedulers (``pipeline.diffusion.SCHEDULER_SAMPLERS``).
@@ -59,12 +71,12 @@ class SampleSpec:
     name: str
     prior: str
     method: str
-    temperature: Optional[float] = None
-    steps: Optional[int] = None
+    temperature: float | None = None
+    steps: int | None = None
     weights: str = "ema"
-    guidance: Optional[float] = None
-    budget: Optional[float] = None
-    autoguidance: Optional[float] = None
+    guidance: float | None = None
+    budget: float | None = None
+    autoguidance: float | None = None
 
     @property
     def conditional(self) -> bool:
@@ -82,12 +94,12 @@ class SampleSpec:
 PRIOR_FOLDERS = {"pixelcnn": "pixelcnn", "diffusion": "diffusion", "pixeldiff": "pixel_diffusion"}
 
 
-def budget_tag(budget: Optional[float]) -> str:
+def budget_tag(budget: float | None) -> str:
     """``""`` for the default budget (None or 1), else ``"_b<f>"`` with f written shortest (``_b0.25``, ``_b4``)."""
     return "" if budget is None or float(budget) == 1.0 else f"_b{float(budget):g}"
 
 
-def prior_folder(prior: str, budget: Optional[float] = None, conditional: bool = False) -> str:
+def prior_folder(prior: str, budget: float | None = None, conditional: bool = False) -> str:
     """The folder of ``prior`` ("pixelcnn", "diffusion", "pixeldiff"; or the folder name itself),
     class-conditional or not, trained at ``budget``: e.g. ``diffusion``, ``diffusion_cond``, ``pixelcnn_b4``."""
     return PRIOR_FOLDERS.get(prior, prior) + ("_cond" if conditional else "") + budget_tag(budget)
@@ -102,7 +114,8 @@ def parse_sample_set(name: str) -> SampleSpec:
     if not re.fullmatch(SAMPLE_SET_PATTERN, name):
         raise ValueError(
             f"unknown sample set {name!r}; expected pixelcnn[_greedy|_t<tau>][_g<s>|_ag<w>][_b<f>], "
-            f"diffusion_ddpm[_raw][_g<s>|_ag<w>][_b<f>], diffusion_<solver>[_s<S>][_raw][_g<s>|_ag<w>][_b<f>], pixeldiff_ddpm[_raw] or pixeldiff_<solver>[_s<S>][_raw] "
+            "diffusion_ddpm[_raw][_g<s>|_ag<w>][_b<f>], diffusion_<solver>[_s<S>][_raw][_g<s>|_ag<w>][_b<f>], "
+            "pixeldiff_ddpm[_raw] or pixeldiff_<solver>[_s<S>][_raw] "
             f"with <solver> one of {', '.join(SOLVERS)}"
         )
     parts = name.split("_")
@@ -158,7 +171,7 @@ def studies_for(names: Iterable[str]) -> list[str]:
         out.append("sampling_layer")
     if len(diff) > 1:
         out.append("diffusion_steps")
-    if any(s.prior == "pixeldiff" and "diffusion" + s.name[len("pixeldiff"):] in have for s in default):
+    if any(s.prior == "pixeldiff" and "diffusion" + s.name[len("pixeldiff") :] in have for s in default):
         out.append("latent_vs_pixel")
     if any(s.conditional for s in default):
         out.append("guidance")

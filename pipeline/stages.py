@@ -1,31 +1,69 @@
-"""The stage registry: stage name -> top-level callable ``fn(cfg, run_dir, threads=None, **kw)``.
+"""The stage table: every stage's name, callable, config sections, output folder, record file and
+whether it runs as a SLURM job. The one place the list of stages is written.
 
-Callables are imported lazily (``python -m pipeline timings`` does not import torch) and are
-plain module-level functions, so they pickle by reference: the SLURM dispatcher hands the
-same callable to submitit unchanged.
+Everything that needs the list derives it from here: :data:`pipeline.config.STAGE_SECTIONS`
+(what each stage reads, hence the Snakefile's params and ``config.yaml`` of every stage),
+:func:`pipeline.timings.collect_timings` (where each stage's record is), the CLI's stage choices,
+:meth:`pipeline.io.RunPaths.stage_dir`, and the tests that check the Snakefile's rules,
+``cluster/bigred200/run_stage.sbatch`` and the profiles' ``set-threads`` against it.
+
+A leaf module (standard library only): callables are imported lazily (``python -m pipeline
+timings`` does not import torch) and are plain module-level functions, so they pickle by
+reference: the SLURM dispatcher hands the same callable to submitit unchanged.
 """
+
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from pipeline.io import RunPaths, read_json, write_json
+__all__ = ["Stage", "TABLE", "STAGES", "get_stage"]
 
-__all__ = ["STAGES", "get_stage", "collect_timings"]
 
-STAGES: dict[str, str] = {
-    "prepare_data": "pipeline.data:prepare_data",
-    "train_vqvae": "pipeline.train:train_vqvae",
-    "extract_latents": "pipeline.latents:extract_latents",
-    "train_pixelcnn": "pipeline.train:train_pixelcnn",
-    "train_diffusion": "pipeline.train:train_diffusion",
-    "train_classifier": "pipeline.train:train_classifier",
-    "train_pixel_diffusion": "pipeline.train:train_pixel_diffusion",
-    "sample": "pipeline.sample:sample",
-    "evaluate": "pipeline.evaluate:evaluate",
-}
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the chain.
+
+    Attributes:
+        name: the stage, e.g. ``train_diffusion`` (``python -m pipeline <name>``, the Snakemake rule).
+        target: ``"module:function"`` of its callable ``fn(cfg, run_dir, threads=None, **kw)``.
+        sections: the config sections it reads besides the top-level keys.
+        folder: its output folder under ``results/<run>/``.
+        record: its stage record in that folder (``<set>.json`` per sample set for ``sample``).
+        slurm: submitted as a SLURM job when ``slurm.enabled`` (else it runs where Snakemake runs).
+    """
+
+    name: str
+    target: str
+    sections: tuple[str, ...]
+    folder: str
+    record: str
+    slurm: bool
+
+
+TABLE: tuple[Stage, ...] = (
+    Stage("prepare_data", "pipeline.data:prepare_data", ("data",), "data", "metrics.json", False),
+    Stage("train_vqvae", "pipeline.train:train_vqvae", ("vqvae",), "vqvae", "metrics.json", True),
+    Stage("extract_latents", "pipeline.latents:extract_latents", ("latents",), "latents", "metrics.json", True),
+    Stage("train_classifier", "pipeline.train:train_classifier", ("classifier",), "classifier", "metrics.json", True),
+    Stage("train_pixelcnn", "pipeline.train:train_pixelcnn", ("pixelcnn",), "pixelcnn", "metrics.json", True),
+    Stage("train_diffusion", "pipeline.train:train_diffusion", ("diffusion",), "diffusion", "metrics.json", True),
+    Stage(
+        "train_pixel_diffusion",
+        "pipeline.train:train_pixel_diffusion",
+        ("pixel_diffusion",),
+        "pixel_diffusion",
+        "metrics.json",
+        True,
+    ),
+    Stage("sample", "pipeline.sample:sample", ("sample",), "samples", "<set>.json", True),
+    # the sample sets to judge are sample.models
+    Stage("evaluate", "pipeline.evaluate:evaluate", ("evaluate", "sample"), "report", "record.json", True),
+)
+
+#: name -> :class:`Stage`, in chain order.
+STAGES: dict[str, Stage] = {s.name: s for s in TABLE}
 
 
 def get_stage(name: str) -> Callable:
@@ -36,32 +74,5 @@ def get_stage(name: str) -> Callable:
     """
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; expected one of {list(STAGES)}")
-    module, func = STAGES[name].split(":")
+    module, func = STAGES[name].target.split(":")
     return getattr(importlib.import_module(module), func)
-
-
-def collect_timings(run_dir: str | os.PathLike) -> dict:
-    """Sum the ``wall_time_s`` of every stage record of a run into ``<run>/timings.json``.
-
-    Reads ``data/``, ``vqvae/``, ``latents/``, ``classifier/``, ``pixelcnn/``, ``diffusion/``,
-    ``pixel_diffusion/``, the variants' ``pixelcnn_*/`` and ``diffusion_*/`` ``metrics.json``,
-    ``report/record.json`` and ``samples/<set>.json``; missing records are skipped.
-
-    Returns:
-        {"stages": {name: seconds}, "total_s": seconds}.
-    """
-    paths = RunPaths(run_dir)
-    stages: dict[str, float] = {}
-    for folder, name in (("data", "prepare_data"), ("vqvae", "train_vqvae"), ("latents", "extract_latents"), ("classifier", "train_classifier"), ("pixelcnn", "train_pixelcnn"), ("diffusion", "train_diffusion"), ("pixel_diffusion", "train_pixel_diffusion"), ("report", "evaluate")):
-        f = paths.root / folder / ("record.json" if folder == "report" else "metrics.json")
-        if f.is_file():
-            stages[name] = float(read_json(f)["wall_time_s"])
-    # the priors' variants: pixelcnn_cond/, diffusion_b4/, ... (train_<folder>)
-    for prefix in ("pixelcnn_", "diffusion_"):
-        for f in sorted(paths.root.glob(f"{prefix}*/metrics.json")):
-            stages[f"train_{f.parent.name}"] = float(read_json(f)["wall_time_s"])
-    for f in sorted((paths.root / "samples").glob("*.json")):
-        stages[f"sample_{f.stem}"] = float(read_json(f)["wall_time_s"])
-    result = {"stages": stages, "total_s": round(sum(stages.values()), 3)}
-    write_json(paths.timings, result)
-    return result

@@ -1,311 +1,50 @@
-"""A step-counted training loop with EMA, bf16 autocast and automatic resume; the training stages.
+"""The training stages: VQ-VAE, classifier (the judge), PixelCNN prior, latent diffusion and the
+pixel-space diffusion baseline, each ``fn(cfg, run_dir, threads=None, ...)`` (``pipeline.stages``).
 
-Every training stage counts optimizer steps, not epochs. The data order is a seeded
-permutation per epoch derived from (seed, epoch), so the position in the data is a function
-of the step alone. Every ``checkpoint_every`` steps the full state (model, EMA, optimizer, LR
-schedule, step, RNG states, log rows, elapsed time) goes into ``<stage>/checkpoint.pt`` (one
-fixed name from :meth:`pipeline.io.RunPaths.checkpoint`); every start resumes from it if present and
-made for the same config. The final ``<stage>/model.pt`` holds ``kind`` and ``args`` so that
-:func:`load_model` rebuilds the network through the one factory, ``pipeline.models.build_model``.
+Each stage reads its inputs, builds its model through ``pipeline.models.build_model`` from
+``model_args`` (the constructor kwargs, stored in ``model.pt`` as ``args``), trains it with
+:class:`pipeline.training.TrainLoop` (step-counted, EMA, DDP, exact resume from
+``<stage>/checkpoint.pt``), measures it and writes ``model.pt``, ``metrics.json`` and
+``train_log.csv``; :func:`pipeline.checkpoint.load_model` rebuilds the model from the file.
 """
+
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import signal
 import time
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.io import RunPaths, StageInputError, atomic_write_text, save_grid_png, sha256_file
 from pipeline.augment import random_affine
+from pipeline.diffusion import images_to_pixel_space
+from pipeline.io import RunPaths, StageInputError, save_grid_png, sha256_file
 from pipeline.models import build_model
-from pipeline.runtime import Progress, StopSignals, autocast, dist_info, log, resolve_device, seed_everything, stage_record
+from pipeline.runtime import (
+    dist_info,
+    log,
+    resolve_device,
+    seed_everything,
+    stage_record,
+)
+from pipeline.training import drop_labels, finish_training, snapshot_step, train_loop
 
 #: Classes of the digit datasets (MNIST, Fashion-MNIST); label NUM_CLASSES is the null label.
 NUM_CLASSES = 10
 
-__all__ = ["NUM_CLASSES", "drop_labels", "Batcher", "ema_avg_fn", "train_loop", "load_model", "train_vqvae", "train_pixelcnn", "train_diffusion", "train_classifier", "evaluate_vqvae", "random_affine"]
-
-
-class Batcher:
-    """Deterministic mini-batch indices as a function of the step.
-
-    Epoch e uses ``torch.randperm(n)`` drawn from a generator seeded with (seed, e); step s
-    takes batch s mod (n // batch_size) of epoch s // (n // batch_size). A batch larger than
-    the data is clipped to n.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < 1:
-            raise ValueError("cannot train on an empty dataset")
-        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
-        self.steps_per_epoch = max(1, n // self.batch_size)
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
-        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
-
-
-def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
-
-
-def ema_avg_fn(decay: float) -> Callable:
-    """EMA update with warm-up for ``torch.optim.swa_utils.AveragedModel(avg_fn=...)``.
-
-    avg <- d * avg + (1 - d) * param with d = min(decay, (1 + n) / (10 + n)) after n updates
-    (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, diffusers' ``EMAModel``):
-    without the warm-up a 0.999 EMA of a short run still carries the random initialisation.
-    """
-
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        return d * averaged + (1.0 - d) * current
-
-    return avg_fn
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def train_loop(
-    *,
-    stage: str,
-    model: torch.nn.Module,
-    kind: str,
-    args: Mapping[str, Any],
-    section: Mapping[str, Any],
-    compute_loss: Callable[..., tuple[torch.Tensor, dict]],
-    n_data: int,
-    out_dir: Path,
-    device: torch.device,
-    bf16: bool = False,
-    ema_decay: Optional[float] = None,
-    grad_clip: Optional[float] = 1.0,
-    warmup: int = 100,
-    snapshot_step: Optional[int] = None,
-) -> dict:
-    """Train ``model`` for ``section['steps']`` Adam steps, resuming from ``out_dir/checkpoint.pt``.
-
-    Args:
-        stage: name used in log lines.
-        model: the network, already on ``device``.
-        kind, args: the factory arguments, stored in the checkpoint.
-        section: the stage's config section (steps, batch_size, lr, seed, log_every,
-            checkpoint_every); a checkpoint made for another section is not resumed.
-        compute_loss: ``(net, idx, shard) -> (scalar loss, dict of float tensors to log)``: ``net``
-            is the model (wrapped in DistributedDataParallel when there are several ranks),
-            ``idx`` the global batch's indices (B,) int64, and ``shard(t)`` takes this rank's
-            part ``t[rank::world]`` of a tensor made for the whole batch. Draw per-step
-            randomness for the whole batch and shard it: every rank then sees what a single
-            process would, and the mean of the ranks' gradients is the single-process gradient.
-        n_data: number of training examples.
-        out_dir: the stage folder (``checkpoint.pt`` and ``train_log.csv`` go there).
-        ema_decay: keep an EMA of the weights with this decay (``torch.optim.swa_utils``).
-        grad_clip: max global gradient norm (None: no clipping).
-        warmup: linear LR warm-up steps, then cosine decay to 10% of ``lr``.
-        snapshot_step: after this many steps, keep a copy of the weights (the EMA weights when
-            there is an EMA): the "bad version of itself" that autoguidance guides away from
-            (Karras et al. 2024). Kept in the resume checkpoint, so a resumed run has it too.
-
-    Returns:
-        {"ema": AveragedModel or None, "rows": log rows, "elapsed_s": training seconds
-        including earlier interrupted runs, "final_loss": mean loss of the last log window,
-        "snapshot": the state dict taken at ``snapshot_step`` or None}.
-    """
-    steps = int(section["steps"])
-    rank, world = dist_info()
-    if int(section["batch_size"]) % world:
-        raise ValueError(f"{stage}: batch_size {section['batch_size']} is not divisible by the {world} ranks (batch_size is the global batch)")
-    seed_everything(int(section["seed"]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(section["lr"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(warmup, max(1, steps // 10))))
-    ema = None
-    if ema_decay is not None:
-        from torch.optim.swa_utils import AveragedModel
-
-        ema = AveragedModel(model, avg_fn=ema_avg_fn(ema_decay), use_buffers=True)
-    batcher = Batcher(n_data, int(section["batch_size"]), int(section["seed"]))
-    ckpt_path = RunPaths.checkpoint(out_dir)
-    log_path = out_dir / "train_log.csv"
-    start, rows, elapsed_before = 0, [], 0.0
-    resumed_window: tuple[dict, int] = ({}, 0)
-    snapshot: Optional[dict] = None
-    if ckpt_path.exists():
-        state = ckpt_io.load(ckpt_path, map_location=device)
-        if state.get("section") != dict(section) or state.get("args") != dict(args):
-            log.warning("%s: %s was made for another config; starting from step 0", stage, ckpt_path)
-        else:
-            ckpt_io.load_state_dict_strict(model, state["model"], str(ckpt_path))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            ckpt_io.set_rng_state(state["rng"])
-            start, rows, elapsed_before = int(state["step"]), list(state["rows"]), float(state["elapsed_s"])
-            resumed_window = (dict(state["window"]), int(state["window_n"]))
-            snapshot = state.get("snapshot")
-            log.info("%s: resumed from %s at step %d/%d", stage, ckpt_path, start, steps)
-
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def shard(t: torch.Tensor) -> torch.Tensor:
-        return t[rank::world] if world > 1 else t
-
-    t0 = time.perf_counter()
-    progress = Progress(stage, steps, start)
-    log_every, ckpt_every = int(section["log_every"]), int(section["checkpoint_every"])
-    window, window_n = resumed_window
-    model.train()
-
-    def save_checkpoint(step: int) -> None:
-        if rank != 0:
-            return
-        ckpt_io.save(
-            ckpt_path,
-            {
-                "kind": kind,
-                "args": dict(args),
-                "section": dict(section),
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "rng": ckpt_io.rng_state(),
-                "rows": rows,
-                "window": dict(window),
-                "window_n": window_n,
-                "snapshot": snapshot,
-                "elapsed_s": elapsed_before + time.perf_counter() - t0,
-            },
-        )
-
-    def one_step(step: int) -> None:
-        nonlocal window, window_n, snapshot
-        idx = batcher(step).to(device)
-        with autocast(device, bf16):
-            loss, logs = compute_loss(net, idx, shard)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
-        for k, v in logs.items():
-            window[k] = window.get(k, 0.0) + float(v)
-        window_n += 1
-        done = step + 1
-        if done % log_every == 0 or done == steps:
-            row = {"step": done, "lr": scheduler.get_last_lr()[0], **{k: v / window_n for k, v in window.items()}}
-            rows.append(row)
-            if rank == 0:
-                _write_csv(log_path, rows)
-            progress.line(done, **{k: v for k, v in row.items() if k != "step"})
-            window, window_n = {}, 0
-        if snapshot_step is not None and done == snapshot_step:
-            source = ema.module if ema is not None else model
-            snapshot = {k: v.detach().clone() for k, v in source.state_dict().items()}
-        if done % ckpt_every == 0 and done < steps:
-            save_checkpoint(done)
-
-    # SIGTERM (and SLURM's pre-timeout signal inside a job) only sets a flag; the checkpoint is
-    # taken here, between two steps, and then the stage exits or is requeued.
-    with StopSignals() as stop:
-        for step in range(start, steps):
-            one_step(step)
-            requested = stop.requested is not None
-            if world > 1:  # every rank stops at the same boundary, or one would wait forever in all-reduce
-                flag = torch.tensor([float(requested)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                requested = bool(flag.item())
-                if requested and stop.requested is None:
-                    stop.requested = int(signal.SIGTERM)
-            if requested and step + 1 < steps:
-                save_checkpoint(step + 1)
-                log.warning("%s: signal %d received; checkpoint saved at step %d/%d in %s", stage, stop.requested, step + 1, steps, ckpt_path)
-                stop.after_checkpoint()
-    model.eval()
-    final_loss = rows[-1]["loss"] if rows else float("nan")
-    return {"ema": ema, "rows": rows, "elapsed_s": elapsed_before + time.perf_counter() - t0, "resumed_s": elapsed_before, "final_loss": final_loss, "snapshot": snapshot}
-
-
-def save_model(path: Path, kind: str, args: Mapping, model: torch.nn.Module, ema=None, guide: Optional[dict] = None, **extra: Any) -> None:
-    """Write the final ``model.pt`` (raw weights, EMA weights if any, the autoguidance snapshot
-    ``guide`` if any, factory args, extras); rank 0 only under torch.distributed."""
-    if dist_info()[0] != 0:
-        return
-    ckpt_io.save(path, {"kind": kind, "args": dict(args), "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None, "guide": guide, **extra})
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "ema") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from a ``model.pt`` through the factory and load its weights.
-
-    Args:
-        weights: "ema" (the EMA weights when the file has them, else the raw ones), "raw", or
-            "guide" (the early snapshot that autoguidance guides away from).
-
-    Returns:
-        (model in eval mode on ``device``, the checkpoint dict).
-
-    Raises:
-        pipeline.checkpoint.CheckpointError: not our file, weights that do not fit, or
-            ``weights="guide"`` for a model trained without a snapshot.
-    """
-    state = ckpt_io.load(path, map_location=device)
-    for key in ("kind", "args", "model"):
-        if key not in state:
-            raise ckpt_io.CheckpointError(f"{path}: checkpoint has no {key!r} entry")
-    try:
-        model = build_model(state["kind"], state["args"])
-    except ValueError as exc:
-        raise ckpt_io.CheckpointError(f"{path}: {exc}") from None
-    if weights == "guide":
-        if state.get("guide") is None:
-            raise ckpt_io.CheckpointError(f"{path}: has no autoguidance snapshot; train it with guide_snapshot > 0")
-        sd = state["guide"]
-    else:
-        sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
-    ckpt_io.load_state_dict_strict(model, sd, str(path))
-    return model.to(device).eval(), state
-
-
-def _finish(out_dir: Path) -> None:
-    if dist_info()[0] == 0:
-        RunPaths.checkpoint(out_dir).unlink(missing_ok=True)
+__all__ = [
+    "NUM_CLASSES",
+    "train_vqvae",
+    "train_pixelcnn",
+    "train_diffusion",
+    "train_classifier",
+    "train_pixel_diffusion",
+    "evaluate_vqvae",
+]
 
 
 # --- stage 2: VQ-VAE --------------------------------------------------------------------------
@@ -352,7 +91,7 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         device = resolve_device(cfg["device"])
         train_x, _ = _images(paths, "train", device)
         test_x, _ = _images(paths, "test", device)
-        args = {
+        model_args = {
             "in_channels": 1,
             "num_embeddings": sec["num_embeddings"],
             "embedding_dim": sec["embedding_dim"],
@@ -364,15 +103,30 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
             "dead_code_threshold": sec["dead_code_threshold"],
         }
         seed_everything(int(sec["seed"]))
-        model = build_model("vqvae", args).to(device)
+        model = build_model("vqvae", model_args).to(device)
 
         def compute_loss(net, idx, shard):
             x = shard(train_x[idx])
             xh, vq = net(x)
             recon = F.mse_loss(xh.float(), x)
-            return recon + vq.commitment_loss, {"recon_mse": recon.detach(), "commitment": vq.commitment_loss.detach(), "perplexity": vq.perplexity}
+            return recon + vq.commitment_loss, {
+                "recon_mse": recon.detach(),
+                "commitment": vq.commitment_loss.detach(),
+                "perplexity": vq.perplexity,
+            }
 
-        res = train_loop(stage="train_vqvae", model=model, kind="vqvae", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_x), out_dir=out, device=device, bf16=cfg["bf16"])
+        res = train_loop(
+            stage="train_vqvae",
+            model=model,
+            kind="vqvae",
+            model_args=model_args,
+            section=sec,
+            compute_loss=compute_loss,
+            n_data=len(train_x),
+            out_dir=out,
+            device=device,
+            bf16=cfg["bf16"],
+        )
         test_m = evaluate_vqvae(model, test_x)
         train_m = evaluate_vqvae(model, train_x)
         metrics.update(
@@ -384,7 +138,7 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
             num_embeddings=sec["num_embeddings"],
             codebook_restarts=int(model.quantizer.restarts),
             steps=sec["steps"],
-            train_seconds=round(res["elapsed_s"], 2),
+            train_seconds=round(res.elapsed_s, 2),
         )
         with torch.no_grad():
             originals = test_x[:20]
@@ -392,10 +146,14 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
         if dist_info()[0] == 0:
             save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
-        metrics["resumed_wall_time_s"] = res["resumed_s"]
-        save_model(paths.vqvae_model, "vqvae", args, model, metrics=dict(metrics))
-        _finish(out)
-        log.info("train_vqvae: test MSE %.5f, perplexity %.1f, %d/%d codes in use", test_m["recon_mse"], test_m["perplexity"], test_m["codes_in_use"], sec["num_embeddings"])
+        finish_training(paths.vqvae_model, "vqvae", model_args, model, res, metrics)
+        log.info(
+            "train_vqvae: test MSE %.5f, perplexity %.1f, %d/%d codes in use",
+            test_m["recon_mse"],
+            test_m["perplexity"],
+            test_m["codes_in_use"],
+            sec["num_embeddings"],
+        )
     return metrics
 
 
@@ -419,31 +177,20 @@ def _read_latents(paths: RunPaths, augmented: bool = False):
     test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
     if augmented:
         aug, _ = read_split(paths.latents, AUG_SPLIT, expect_vqvae_sha256=vq_sha)
-        train = LatentSplit(*(np.concatenate([getattr(train, f), getattr(aug, f)]) for f in ("codes", "latents", "encodings", "labels")))
+        train = LatentSplit(
+            *(np.concatenate([getattr(train, f), getattr(aug, f)]) for f in ("codes", "latents", "encodings", "labels"))
+        )
     return vq_sha, train, test, info
 
 
 # --- stage 4: PixelCNN prior --------------------------------------------------------------------
-def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
-    """Label dropout for classifier-free guidance (Ho & Salimans 2022, Algorithm 1): each label of
-    int (B,) ``labels`` is replaced by ``null_label`` with probability ``p`` (global torch RNG,
-    so it is checkpointed and equal on every rank)."""
-    if p <= 0:
-        return labels
-    drop = torch.rand(labels.shape, device=labels.device) < p
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
-
-
-def snapshot_step(sec: Mapping) -> Optional[int]:
-    """The step at which the autoguidance snapshot is taken: ``guide_snapshot`` (a fraction of
-    ``steps``) times ``steps``, rounded, at least 1; None when ``guide_snapshot`` is 0 or absent."""
-    frac = float(sec.get("guide_snapshot") or 0.0)
-    if frac <= 0:
-        return None
-    return max(1, min(int(sec["steps"]), int(round(frac * int(sec["steps"])))))
-
-
-def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None, budget: Optional[float] = None, conditional: bool = False) -> dict:
+def train_pixelcnn(
+    cfg: Mapping,
+    run_dir: str | os.PathLike,
+    threads: int | None = None,
+    budget: float | None = None,
+    conditional: bool = False,
+) -> dict:
     """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
     ``<folder>/model.pt``, ``metrics.json`` (test NLL in nats and bits per code; for the
     conditional variant also the class-conditional NLL) and ``train_log.csv``.
@@ -471,14 +218,19 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         n_cls = NUM_CLASSES if conditional else 0
-        args = {"num_embeddings": info.num_embeddings, "hidden_channels": sec["hidden_channels"], "num_layers": sec["num_layers"], "kernel_size": sec["kernel_size"]}
+        model_args = {
+            "num_embeddings": info.num_embeddings,
+            "hidden_channels": sec["hidden_channels"],
+            "num_layers": sec["num_layers"],
+            "kernel_size": sec["kernel_size"],
+        }
         if sec.get("dropout"):
-            args["dropout"] = float(sec["dropout"])
+            model_args["dropout"] = float(sec["dropout"])
         if n_cls:
-            args["num_classes"] = n_cls
+            model_args["num_classes"] = n_cls
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
-        model = build_model("pixelcnn", args).to(device)
+        model = build_model("pixelcnn", model_args).to(device)
 
         def compute_loss(net, idx, shard):
             c = shard(train_c[idx])
@@ -487,37 +239,66 @@ def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None
             y = shard(drop_labels(train_y[idx], p_drop, n_cls))
             return F.cross_entropy(net(c, y).float(), c), {}
 
-        res = train_loop(stage="train_pixelcnn", model=model, kind="pixelcnn", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_c), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]) if sec.get("ema_decay") else None, snapshot_step=snapshot_step(sec))
+        res = train_loop(
+            stage="train_pixelcnn",
+            model=model,
+            kind="pixelcnn",
+            model_args=model_args,
+            section=sec,
+            compute_loss=compute_loss,
+            n_data=len(train_c),
+            out_dir=out,
+            device=device,
+            bf16=cfg["bf16"],
+            ema_decay=float(sec["ema_decay"]) if sec.get("ema_decay") else None,
+            snapshot_step=snapshot_step(sec),
+        )
 
-        judged = res["ema"].module if res["ema"] is not None else model  # the weights that are sampled
+        judged = res.ema.module if res.ema is not None else model  # the weights that are sampled
 
         @torch.no_grad()
-        def nll(labels: Optional[torch.Tensor]) -> float:
+        def nll(labels: torch.Tensor | None) -> float:
             judged.eval()
             total = 0.0
             for s in range(0, len(test_c), 500):
                 y = None if labels is None else labels[s : s + 500]
-                total += float(F.cross_entropy(judged(test_c[s : s + 500], y).float(), test_c[s : s + 500], reduction="sum"))
+                total += float(
+                    F.cross_entropy(judged(test_c[s : s + 500], y).float(), test_c[s : s + 500], reduction="sum")
+                )
             return total / test_c.numel()
 
         uncond = nll(None)
         metrics.update(test_nll_nats_per_code=uncond, test_nll_bits_per_code=uncond / math.log(2))
         if n_cls:
             cond = nll(test_y)
-            metrics.update(test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2))
-        metrics.update(conditional=bool(n_cls), train_final_loss=res["final_loss"], steps=sec["steps"], num_train_grids=len(train_c), train_seconds=round(res["elapsed_s"], 2), vqvae_sha256=vq_sha)
-        metrics["resumed_wall_time_s"] = res["resumed_s"]
+            metrics.update(
+                test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2)
+            )
+        metrics.update(
+            conditional=bool(n_cls),
+            train_final_loss=res.final_loss,
+            steps=sec["steps"],
+            num_train_grids=len(train_c),
+            train_seconds=round(res.elapsed_s, 2),
+            vqvae_sha256=vq_sha,
+        )
         metrics["budget"] = 1.0 if budget is None else float(budget)
         metrics["guide_step"] = snapshot_step(sec)
-        save_model(out / "model.pt", "pixelcnn", args, model, ema=res["ema"], guide=res["snapshot"], metrics=dict(metrics), vqvae_sha256=vq_sha)
-        _finish(out)
-        log.info(f"{out.name}: test NLL %.4f nats/code (%.4f bits/code)%s", uncond, uncond / math.log(2), f", conditional {metrics['test_nll_conditional_nats_per_code']:.4f}" if n_cls else "")
+        finish_training(out / "model.pt", "pixelcnn", model_args, model, res, metrics, vqvae_sha256=vq_sha)
+        log.info(
+            f"{out.name}: test NLL %.4f nats/code (%.4f bits/code)%s",
+            uncond,
+            uncond / math.log(2),
+            f", conditional {metrics['test_nll_conditional_nats_per_code']:.4f}" if n_cls else "",
+        )
     return metrics
 
 
 # --- stage 5: latent diffusion ------------------------------------------------------------------
 @torch.no_grad()
-def _test_loss(diffusion, net, x: torch.Tensor, seed: int, labels: Optional[torch.Tensor] = None, chunk: int = 500) -> float:
+def _test_loss(
+    diffusion, net, x: torch.Tensor, seed: int, labels: torch.Tensor | None = None, chunk: int = 500
+) -> float:
     """Mean unweighted epsilon-MSE (DDPM eq. 14) of ``net`` over test data x (N, ...), whatever its
     parametrisation (:meth:`GaussianDiffusion.eps_mse`), with t and noise drawn from a generator
     seeded with ``seed`` (the same draws for every network compared)."""
@@ -527,7 +308,9 @@ def _test_loss(diffusion, net, x: torch.Tensor, seed: int, labels: Optional[torc
         z = x[s : s + chunk]
         t = torch.randint(0, diffusion.num_timesteps, (len(z),), device=x.device, generator=g)
         noise = torch.randn(z.shape, device=x.device, generator=g)
-        total += float(diffusion.eps_mse(net, z, t, noise, labels=None if labels is None else labels[s : s + chunk]).sum())
+        total += float(
+            diffusion.eps_mse(net, z, t, noise, labels=None if labels is None else labels[s : s + chunk]).sum()
+        )
     return total / len(x)
 
 
@@ -536,10 +319,22 @@ def _make_diffusion(sec: Mapping):
     loss_weighting, min_snr_gamma)."""
     from pipeline.diffusion import GaussianDiffusion
 
-    return GaussianDiffusion(sec["schedule"], int(sec["timesteps"]), prediction=sec.get("prediction", "epsilon"), loss_weighting=sec.get("loss_weighting", "none"), min_snr_gamma=float(sec.get("min_snr_gamma", 5.0)))
+    return GaussianDiffusion(
+        sec["schedule"],
+        int(sec["timesteps"]),
+        prediction=sec.get("prediction", "epsilon"),
+        loss_weighting=sec.get("loss_weighting", "none"),
+        min_snr_gamma=float(sec.get("min_snr_gamma", 5.0)),
+    )
 
 
-def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None, budget: Optional[float] = None, conditional: bool = False) -> dict:
+def train_diffusion(
+    cfg: Mapping,
+    run_dir: str | os.PathLike,
+    threads: int | None = None,
+    budget: float | None = None,
+    conditional: bool = False,
+) -> dict:
     """Stage 5: train a latent diffusion model (``prediction`` and ``loss_weighting`` of the
     config: epsilon/v/x0, min-SNR) on the train latents scaled to unit variance per channel;
     write ``<folder>/model.pt`` (raw and EMA weights, the autoguidance snapshot, the schedule and
@@ -570,14 +365,21 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         std = torch.tensor(std_np, dtype=torch.float32, device=device)[None, :, None, None]
         train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
         test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
-        args = {"in_channels": info.embedding_dim, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
+        model_args = {
+            "in_channels": info.embedding_dim,
+            "base_channels": sec["base_channels"],
+            "channel_mult": list(sec["channel_mult"]),
+            "num_res_blocks": sec["num_res_blocks"],
+            "attention": sec["attention"],
+            "dropout": sec["dropout"],
+        }
         n_cls = NUM_CLASSES if conditional else 0
         if n_cls:
-            args["num_classes"] = n_cls
+            model_args["num_classes"] = n_cls
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
-        model = build_model("unet", args).to(device)
+        model = build_model("unet", model_args).to(device)
         diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
 
@@ -587,36 +389,69 @@ def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             y = shard(drop_labels(train_y[idx], p_drop, n_cls)) if n_cls else None
             return diffusion.training_losses(net, shard(train_z[idx]), shard(t), shard(noise), labels=y).mean(), {}
 
-        res = train_loop(stage="train_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_z), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]), snapshot_step=snapshot_step(sec))
-        ema = res["ema"]
+        res = train_loop(
+            stage="train_diffusion",
+            model=model,
+            kind="unet",
+            model_args=model_args,
+            section=sec,
+            compute_loss=compute_loss,
+            n_data=len(train_z),
+            out_dir=out,
+            device=device,
+            bf16=cfg["bf16"],
+            ema_decay=float(sec["ema_decay"]),
+            snapshot_step=snapshot_step(sec),
+        )
+        ema = res.ema
         seed = int(sec["seed"]) + 1
-        losses = {"ema": _test_loss(diffusion, ema.module, test_z, seed), "raw": _test_loss(diffusion, model, test_z, seed)}
+        losses = {
+            "ema": _test_loss(diffusion, ema.module, test_z, seed),
+            "raw": _test_loss(diffusion, model, test_z, seed),
+        }
         if n_cls:
             losses["conditional_ema"] = _test_loss(diffusion, ema.module, test_z, seed, test_y)
-        metrics.update(final_train_loss=res["final_loss"], test_loss_ema=losses["ema"], test_loss_raw=losses["raw"], conditional=bool(n_cls), schedule=sec["schedule"], timesteps=T, prediction=diffusion.prediction, loss_weighting=diffusion.loss_weighting, latent=sec.get("latent", "quantized"), num_train_latents=len(train_z), steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2), train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1), vqvae_sha256=vq_sha)
+        metrics.update(
+            final_train_loss=res.final_loss,
+            test_loss_ema=losses["ema"],
+            test_loss_raw=losses["raw"],
+            conditional=bool(n_cls),
+            schedule=sec["schedule"],
+            timesteps=T,
+            prediction=diffusion.prediction,
+            loss_weighting=diffusion.loss_weighting,
+            latent=sec.get("latent", "quantized"),
+            num_train_latents=len(train_z),
+            steps=sec["steps"],
+            train_seconds=round(res.elapsed_s, 2),
+            train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res.elapsed_s, 1e-9), 1),
+            vqvae_sha256=vq_sha,
+        )
         if n_cls:
             metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
-        metrics["resumed_wall_time_s"] = res["resumed_s"]
         metrics["budget"] = 1.0 if budget is None else float(budget)
         metrics["guide_step"] = snapshot_step(sec)
-        save_model(
+        finish_training(
             out / "model.pt",
             "unet",
-            args,
+            model_args,
             model,
-            ema=ema,
-            guide=res["snapshot"],
+            res,
+            metrics,
             diffusion=diffusion.config(),
             latent=sec.get("latent", "quantized"),
             latent_mean=torch.tensor(mean_np),
             latent_std=torch.tensor(std_np),
             latent_min=train_z.amin(dim=(0, 2, 3)).cpu(),
             latent_max=train_z.amax(dim=(0, 2, 3)).cpu(),
-            metrics=dict(metrics),
             vqvae_sha256=vq_sha,
         )
-        _finish(out)
-        log.info(f"{out.name}: final train loss %.4f, test loss EMA %.4f / raw %.4f", res["final_loss"], losses["ema"], losses["raw"])
+        log.info(
+            f"{out.name}: final train loss %.4f, test loss EMA %.4f / raw %.4f",
+            res.final_loss,
+            losses["ema"],
+            losses["raw"],
+        )
     return metrics
 
 
@@ -643,46 +478,64 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
         train_x, train_y = _images(paths, "train", device)
         test_x, test_y = _images(paths, "test", device)
         train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
-        args = {"num_classes": NUM_CLASSES, "channels": sec["channels"], "feature_dim": sec["feature_dim"], "dropout": sec["dropout"]}
+        model_args = {
+            "num_classes": NUM_CLASSES,
+            "channels": sec["channels"],
+            "feature_dim": sec["feature_dim"],
+            "dropout": sec["dropout"],
+        }
         seed_everything(int(sec["seed"]))
-        model = build_model("classifier", args).to(device)
+        model = build_model("classifier", model_args).to(device)
 
         def compute_loss(net, idx, shard):
             x = train_x[idx]
             if sec["augment_degrees"] or sec["augment_shift"]:
-                x = random_affine(x, float(sec["augment_degrees"]), float(sec["augment_shift"]))  # global RNG: checkpointed, same on every rank
+                x = random_affine(
+                    x, float(sec["augment_degrees"]), float(sec["augment_shift"])
+                )  # global RNG: checkpointed, same on every rank
             logits = net(shard(x))
             y = shard(train_y[idx])
             loss = F.cross_entropy(logits.float(), y)
             return loss, {"accuracy": (logits.argmax(1) == y).float().mean()}
 
-        res = train_loop(stage="train_classifier", model=model, kind="classifier", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_x), out_dir=out, device=device, bf16=cfg["bf16"])
+        res = train_loop(
+            stage="train_classifier",
+            model=model,
+            kind="classifier",
+            model_args=model_args,
+            section=sec,
+            compute_loss=compute_loss,
+            n_data=len(train_x),
+            out_dir=out,
+            device=device,
+            bf16=cfg["bf16"],
+        )
         test_acc = classifier_accuracy(model, test_x, test_y)
         train_acc = classifier_accuracy(model, train_x, train_y)
-        metrics.update(test_accuracy=test_acc, train_accuracy=train_acc, num_test=len(test_x), steps=sec["steps"], train_seconds=round(res["elapsed_s"], 2))
-        metrics["resumed_wall_time_s"] = res["resumed_s"]
-        save_model(paths.classifier_model, "classifier", args, model, metrics=dict(metrics))
-        _finish(out)
-        log.info("train_classifier: test accuracy %.4f (%d images), train accuracy %.4f", test_acc, len(test_x), train_acc)
+        metrics.update(
+            test_accuracy=test_acc,
+            train_accuracy=train_acc,
+            num_test=len(test_x),
+            steps=sec["steps"],
+            train_seconds=round(res.elapsed_s, 2),
+        )
+        finish_training(paths.classifier_model, "classifier", model_args, model, res, metrics)
+        log.info(
+            "train_classifier: test accuracy %.4f (%d images), train accuracy %.4f", test_acc, len(test_x), train_acc
+        )
     return metrics
 
 
 # --- baseline: diffusion in pixel space ---------------------------------------------------------
-PIXEL_PAD = 2  # 28x28 -> 32x32 (value -1 = background after scaling to [-1, 1])
-
-
-def images_to_pixel_space(x: torch.Tensor) -> torch.Tensor:
-    """float (N, 1, 28, 28) in [0, 1] -> float (N, 1, 32, 32) in [-1, 1] (padded with -1, the
-    background), the input range of pixel-space DDPM (Ho et al. 2020 sec. 4)."""
-    return F.pad(x * 2 - 1, (PIXEL_PAD,) * 4, value=-1.0)
-
-
-def pixel_space_to_images(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`images_to_pixel_space`: crop to 28x28 and map [-1, 1] to [0, 1] (clamped)."""
-    return ((x[..., PIXEL_PAD:-PIXEL_PAD, PIXEL_PAD:-PIXEL_PAD] + 1) / 2).clamp(0, 1)
-
-
-def _steps_for_budget(model: torch.nn.Module, diffusion, x: torch.Tensor, batch_size: int, lr: float, budget_s: float, probe_steps: int = 10) -> tuple[int, float]:
+def _steps_for_budget(
+    model: torch.nn.Module,
+    diffusion,
+    x: torch.Tensor,
+    batch_size: int,
+    lr: float,
+    budget_s: float,
+    probe_steps: int = 10,
+) -> tuple[int, float]:
     """Optimizer steps of ``model`` that fit in ``budget_s`` seconds, measured on a throwaway copy
     (its own RNG, so the real run's RNG is untouched). Returns (steps >= 1, seconds per step)."""
     import copy
@@ -722,7 +575,6 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
     Raises:
         pipeline.io.StageInputError: ``steps: null`` but ``diffusion/metrics.json`` does not exist.
     """
-    from pipeline.diffusion import GaussianDiffusion
     from pipeline.io import read_json
 
     paths = RunPaths(run_dir)
@@ -733,28 +585,48 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
         train_x, _ = _images(paths, "train", device)
         test_x, _ = _images(paths, "test", device)
         train_p, test_p = images_to_pixel_space(train_x), images_to_pixel_space(test_x)
-        args = {"in_channels": 1, "base_channels": sec["base_channels"], "channel_mult": list(sec["channel_mult"]), "num_res_blocks": sec["num_res_blocks"], "attention": sec["attention"], "dropout": sec["dropout"]}
+        model_args = {
+            "in_channels": 1,
+            "base_channels": sec["base_channels"],
+            "channel_mult": list(sec["channel_mult"]),
+            "num_res_blocks": sec["num_res_blocks"],
+            "attention": sec["attention"],
+            "dropout": sec["dropout"],
+        }
         seed_everything(int(sec["seed"]))
-        model = build_model("unet", args).to(device)
+        model = build_model("unet", model_args).to(device)
         diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
         budget = None
         if sec["steps"] is None:
             latent_metrics = paths.diffusion_model.parent / "metrics.json"
             if not latent_metrics.is_file():
-                raise StageInputError(f"pixel_diffusion.steps is null (match the latent model's training time) but {latent_metrics} does not exist; run train_diffusion first or set pixel_diffusion.steps")
+                raise StageInputError(
+                    f"pixel_diffusion.steps is null (match the latent model's training time) but {latent_metrics} does "
+                    "not exist; run train_diffusion first or set pixel_diffusion.steps"
+                )
             budget = float(read_json(latent_metrics)["train_seconds"])
             ckpt = RunPaths.checkpoint(out)
             resumed_steps = None
             if ckpt.exists():
                 state = ckpt_io.load(ckpt, map_location="cpu")
-                if {k: v for k, v in state.get("section", {}).items() if k != "steps"} == {k: v for k, v in sec.items() if k != "steps"}:
+                if {k: v for k, v in state.get("section", {}).items() if k != "steps"} == {
+                    k: v for k, v in sec.items() if k != "steps"
+                }:
                     resumed_steps = int(state["section"]["steps"])
             if resumed_steps is not None:
                 sec["steps"] = resumed_steps
             else:
-                sec["steps"], per_step = _steps_for_budget(model, diffusion, train_p, int(sec["batch_size"]), float(sec["lr"]), budget)
-                log.info("train_pixel_diffusion: %.3f s/step measured; %d steps fit in the latent model's %.1f training seconds", per_step, sec["steps"], budget)
+                sec["steps"], per_step = _steps_for_budget(
+                    model, diffusion, train_p, int(sec["batch_size"]), float(sec["lr"]), budget
+                )
+                log.info(
+                    "train_pixel_diffusion: %.3f s/step measured; %d steps fit in the latent model's %.1f training "
+                    "seconds",
+                    per_step,
+                    sec["steps"],
+                    budget,
+                )
             sec["log_every"] = min(int(sec["log_every"]), int(sec["steps"]))
 
         def compute_loss(net, idx, shard):
@@ -762,16 +634,40 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
             noise = torch.randn((len(idx), *train_p.shape[1:]), device=device)
             return diffusion.training_losses(net, shard(train_p[idx]), shard(t), shard(noise)).mean(), {}
 
-        res = train_loop(stage="train_pixel_diffusion", model=model, kind="unet", args=args, section=sec, compute_loss=compute_loss, n_data=len(train_p), out_dir=out, device=device, bf16=cfg["bf16"], ema_decay=float(sec["ema_decay"]))
-        test_loss = _test_loss(diffusion, res["ema"].module, test_p, int(sec["seed"]) + 1)
+        res = train_loop(
+            stage="train_pixel_diffusion",
+            model=model,
+            kind="unet",
+            model_args=model_args,
+            section=sec,
+            compute_loss=compute_loss,
+            n_data=len(train_p),
+            out_dir=out,
+            device=device,
+            bf16=cfg["bf16"],
+            ema_decay=float(sec["ema_decay"]),
+        )
+        test_loss = _test_loss(diffusion, res.ema.module, test_p, int(sec["seed"]) + 1)
         steps = int(sec["steps"])
         metrics.update(
-            final_train_loss=res["final_loss"], test_loss_ema=test_loss, schedule=sec["schedule"], timesteps=T, steps=steps,
-            time_budget_s=budget, train_seconds=round(res["elapsed_s"], 2),
-            train_images_per_s=round(steps * int(sec["batch_size"]) / max(res["elapsed_s"], 1e-9), 1),
+            final_train_loss=res.final_loss,
+            test_loss_ema=test_loss,
+            schedule=sec["schedule"],
+            timesteps=T,
+            steps=steps,
+            time_budget_s=budget,
+            train_seconds=round(res.elapsed_s, 2),
+            train_images_per_s=round(steps * int(sec["batch_size"]) / max(res.elapsed_s, 1e-9), 1),
         )
-        metrics["resumed_wall_time_s"] = res["resumed_s"]
-        save_model(paths.pixel_diffusion_model, "unet", args, model, ema=res["ema"], diffusion=diffusion.config(), space="pixel", metrics=dict(metrics))
-        _finish(out)
-        log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res["elapsed_s"], test_loss)
+        finish_training(
+            paths.pixel_diffusion_model,
+            "unet",
+            model_args,
+            model,
+            res,
+            metrics,
+            diffusion=diffusion.config(),
+            space="pixel",
+        )
+        log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res.elapsed_s, test_loss)
     return metrics

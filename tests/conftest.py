@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny config and one tiny run made in-process by the real stages."""
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,23 @@ def tiny_cfg() -> dict:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_cfg) -> Path:
     """A complete tiny run (every stage, every sample set, the evaluation) in a temporary results folder."""
-    from pipeline.stages import collect_timings, get_stage
+    from pipeline.stages import get_stage
+    from pipeline.timings import collect_timings
 
     run = tmp_path_factory.mktemp("results") / "tiny"
-    for stage in ("prepare_data", "train_vqvae", "extract_latents", "train_classifier", "train_pixelcnn", "train_diffusion"):
+    for stage in (
+        "prepare_data",
+        "train_vqvae",
+        "extract_latents",
+        "train_classifier",
+        "train_pixelcnn",
+        "train_diffusion",
+    ):
         get_stage(stage)(tiny_cfg, str(run), threads=2)
     for stage in ("train_pixelcnn", "train_diffusion"):  # the class-conditional variants, for the _g<s> sets
         get_stage(stage)(tiny_cfg, str(run), threads=2, conditional=True)
     for model in tiny_cfg["sample"]["models"]:
-        get_stage("sample")(tiny_cfg, str(run), model=model, threads=2)
+        get_stage("sample")(tiny_cfg, str(run), sample_set=model, threads=2)
     get_stage("evaluate")(tiny_cfg, str(run), threads=2)
     collect_timings(run)
     return run

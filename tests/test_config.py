@@ -3,7 +3,16 @@ import json
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, DEFAULT_PATH, SCHEMA_PATH, deep_merge, load_default, parse_override, resolve, stage_view
+from pipeline.config import (
+    DEFAULT_PATH,
+    SCHEMA_PATH,
+    ConfigError,
+    deep_merge,
+    load_default,
+    parse_override,
+    resolve,
+    stage_view,
+)
 
 
 def test_default_config_is_valid():
@@ -33,7 +42,11 @@ def test_unknown_key_in_user_file_names_key(tmp_path):
         ("vqvae.steps=ten", r"'vqvae.steps': 'ten' is not of type 'integer'"),
         ("diffusion.schedule=quadratic", r"'diffusion.schedule': 'quadratic' is not one of"),
         ("device=tpu", r"'device': 'tpu' is not one of"),
-        ("sample.models=[vae]", r"'sample.models.0': unknown sample set 'vae'; expected pixelcnn\[_greedy\|_t<tau>\]\[_g<s>\|_ag<w>\]\[_b<f>\]"),
+        (
+            "sample.models=[vae]",
+            r"'sample.models.0': unknown sample set 'vae'; expected "
+            r"pixelcnn\[_greedy\|_t<tau>\]\[_g<s>\|_ag<w>\]\[_b<f>\]",
+        ),
         ("sample.models=[pixeldiff_ddim_g2]", r"unknown sample set 'pixeldiff_ddim_g2'"),
         ("run=a b", r"'run': 'a b' does not match"),
     ],
@@ -83,15 +96,20 @@ def test_schema_and_default_cover_the_same_keys():
             assert set(sub["properties"]) == set(default[section]), section
 
 
-def test_readme_documents_every_config_key():
+def test_config_reference_documents_every_key_with_its_default():
+    """docs/config.md has one row per key of default.yaml (no more, no fewer), and each row's
+    default is default.yaml's value: the reference cannot go stale."""
+    import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \|", doc, re.M))
     default = yaml.safe_load(DEFAULT_PATH.read_text())
-    keys = [f"{s}.{k}" for s, sub in default.items() if isinstance(sub, dict) for k in sub]
-    keys += [k for k, v in default.items() if not isinstance(v, dict)]
-    missing = [k for k in keys if f"| `{k}` |" not in readme]
-    assert not missing, f"README config reference lacks {missing}"
+    flat = {f"{s}.{k}": v for s, sub in default.items() if isinstance(sub, dict) for k, v in sub.items()}
+    flat.update({k: v for k, v in default.items() if not isinstance(v, dict)})
+    assert set(rows) == set(flat), f"missing {sorted(set(flat) - set(rows))}, unknown {sorted(set(rows) - set(flat))}"
+    wrong = {k: (rows[k], flat[k]) for k in flat if yaml.safe_load(rows[k]) != flat[k]}
+    assert not wrong, f"defaults in docs/config.md differ from default.yaml: {wrong}"
 
 
 def test_schema_pattern_is_the_sample_set_grammar():
@@ -101,23 +119,39 @@ def test_schema_pattern_is_the_sample_set_grammar():
     assert schema["properties"]["sample"]["properties"]["models"]["items"]["pattern"] == f"^(?:{SAMPLE_SET_PATTERN})$"
     spec = parse_sample_set("diffusion_ddim_s25_raw_g3")
     assert (spec.prior, spec.method, spec.steps, spec.weights, spec.guidance) == ("diffusion", "ddim", 25, "raw", 3.0)
-    assert parse_sample_set("pixelcnn_t0.8").temperature == 0.8 and parse_sample_set("pixelcnn_greedy").method == "greedy"
+    assert (
+        parse_sample_set("pixelcnn_t0.8").temperature == 0.8 and parse_sample_set("pixelcnn_greedy").method == "greedy"
+    )
     assert not parse_sample_set("diffusion_ddpm").conditional and parse_sample_set("pixelcnn_g1").conditional
     for bad in ("diffusion_ddpm_s10", "pixeldiff_ddim_g1", "pixelcnn_t0", "vae"):
         with pytest.raises(ValueError, match="unknown sample set|must be > 0"):
             parse_sample_set(bad)
     assert studies_for(["pixelcnn", "diffusion_ddim"]) == []
-    assert studies_for(["pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm", "pixeldiff_ddim", "diffusion_ddim_g2"]) == ["sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance"]
+    assert studies_for(
+        ["pixelcnn_greedy", "diffusion_ddim", "diffusion_ddpm", "pixeldiff_ddim", "diffusion_ddim_g2"]
+    ) == ["sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance"]
 
 
 def test_sample_set_grammar_for_solvers_autoguidance_and_budgets():
     from pipeline.sets import base_name, parse_sample_set, prior_folder, studies_for
 
     spec = parse_sample_set("diffusion_dpmsde_s40_ag2.5_b0.25")
-    assert (spec.method, spec.steps, spec.autoguidance, spec.budget, spec.conditional) == ("dpmsde", 40, 2.5, 0.25, False)
+    assert (spec.method, spec.steps, spec.autoguidance, spec.budget, spec.conditional) == (
+        "dpmsde",
+        40,
+        2.5,
+        0.25,
+        False,
+    )
     assert spec.model_folder == "diffusion_b0.25" and base_name(spec.name) == "diffusion_dpmsde_s40_ag2.5"
-    assert parse_sample_set("pixelcnn_ag2").autoguidance == 2.0 and parse_sample_set("pixelcnn_ag2").model_folder == "pixelcnn"
-    assert parse_sample_set("pixelcnn_b1").model_folder == "pixelcnn" and parse_sample_set("pixelcnn_b4").model_folder == "pixelcnn_b4"
+    assert (
+        parse_sample_set("pixelcnn_ag2").autoguidance == 2.0
+        and parse_sample_set("pixelcnn_ag2").model_folder == "pixelcnn"
+    )
+    assert (
+        parse_sample_set("pixelcnn_b1").model_folder == "pixelcnn"
+        and parse_sample_set("pixelcnn_b4").model_folder == "pixelcnn_b4"
+    )
     assert prior_folder("pixeldiff") == "pixel_diffusion" and prior_folder("diffusion", 0.5) == "diffusion_b0.5"
     for bad in ("diffusion_dpmpp_g2_ag2", "pixeldiff_ddim_b2", "diffusion_ddim_b0", "diffusion_plms", "pixelcnn_ag"):
         with pytest.raises(ValueError, match="unknown sample set|must be > 0"):

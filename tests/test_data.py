@@ -10,14 +10,31 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.data import IDX_FILES, DataError, load_idx_source, load_mnist5k, parse_idx, read_dataset, write_dataset, Split
 from pipeline.config import resolve
+from pipeline.data import (
+    IDX_FILES,
+    DataError,
+    Split,
+    load_idx_source,
+    load_mnist5k,
+    parse_idx,
+    read_dataset,
+    write_dataset,
+)
 
 
-def write_idx(path: Path, kind: str, arr: np.ndarray, magic: int | None = None, dims=None, gz: bool = True, extra: bytes = b"") -> Path:
+def write_idx(
+    path: Path, kind: str, arr: np.ndarray, magic: int | None = None, dims=None, gz: bool = True, extra: bytes = b""
+) -> Path:
     magic = magic if magic is not None else (0x803 if kind == "images" else 0x801)
     dims = dims if dims is not None else arr.shape
-    raw = struct.pack(">I", magic)[:3] + bytes([len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + arr.astype(np.uint8).tobytes() + extra
+    raw = (
+        struct.pack(">I", magic)[:3]
+        + bytes([len(dims)])
+        + struct.pack(f">{len(dims)}I", *dims)
+        + arr.astype(np.uint8).tobytes()
+        + extra
+    )
     raw = struct.pack(">I", magic) + raw[4:] if magic is not None else raw
     path.write_bytes(gzip.compress(raw) if gz else raw)
     return path
@@ -62,7 +79,7 @@ def test_parse_idx_errors_name_the_file(tmp_path):
 
 def test_idx_source_from_path(tmp_path):
     make_idx_folder(tmp_path / "mnist", 30, 10)
-    cfg = resolve(overrides=[f"data.source=mnist", f"data.path={tmp_path / 'mnist'}"])["data"]
+    cfg = resolve(overrides=["data.source=mnist", f"data.path={tmp_path / 'mnist'}"])["data"]
     splits, digests = load_idx_source(cfg)
     assert splits["train"].images.shape == (30, 1, 28, 28) and splits["test"].labels.shape == (10,)
     assert set(digests) == set(IDX_FILES.values())
@@ -70,7 +87,11 @@ def test_idx_source_from_path(tmp_path):
 
 def test_idx_source_missing_file_without_download(tmp_path):
     cfg = resolve(overrides=["data.source=fashion_mnist", f"data.path={tmp_path}"])["data"]
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz does not exist; put the fashion_mnist IDX files in data.path or set data.download: true"):
+    with pytest.raises(
+        DataError,
+        match="train-images-idx3-ubyte.gz does not exist; "
+        "put the fashion_mnist IDX files in data.path or set data.download: true",
+    ):
         load_idx_source(cfg)
 
 
@@ -79,6 +100,7 @@ def http_server(tmp_path):
     """A static file server on 127.0.0.1 (random port) serving tmp_path/www; shut down after."""
     root = tmp_path / "www"
     root.mkdir()
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -97,11 +119,18 @@ def test_download_checks_sha256_and_skips_dead_mirror(tmp_path, http_server):
     root, url = http_server
     digests = make_idx_folder(root / "mnist", 20, 5)
     dest = tmp_path / "dl"
-    overrides = ["data.source=mnist", f"data.path={dest}", "data.download=true", "data.timeout_s=5",
-                 f"data.mirrors=['http://127.0.0.1:9/nothing/', '{url}mnist/']"]
+    overrides = [
+        "data.source=mnist",
+        f"data.path={dest}",
+        "data.download=true",
+        "data.timeout_s=5",
+        f"data.mirrors=['http://127.0.0.1:9/nothing/', '{url}mnist/']",
+    ]
     import json
 
-    splits, got = load_idx_source(resolve(json_text=json.dumps({"data": {"sha256": digests}}), overrides=overrides)["data"])
+    splits, got = load_idx_source(
+        resolve(json_text=json.dumps({"data": {"sha256": digests}}), overrides=overrides)["data"]
+    )
     assert got == digests and splits["train"].images.shape == (20, 1, 28, 28)
     assert not list(dest.glob("*.tmp"))  # no temporary files left
 
@@ -110,9 +139,15 @@ def test_download_sha256_mismatch_is_an_error(tmp_path, http_server):
     root, url = http_server
     make_idx_folder(root / "mnist", 5, 5)
     dest = tmp_path / "dl"
-    cfg = resolve(overrides=["data.source=mnist", f"data.path={dest}", "data.download=true", f"data.mirrors=['{url}mnist/']"])["data"]
+    cfg = resolve(
+        overrides=["data.source=mnist", f"data.path={dest}", "data.download=true", f"data.mirrors=['{url}mnist/']"]
+    )["data"]
     # the built-in checksums are those of the real MNIST files, not of these test files
-    with pytest.raises(DataError, match=r"(?s)could not download 'train-images-idx3-ubyte.gz'.*SHA-256 mismatch: got [0-9a-f]{64}, expected 440fcabf"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)could not download 'train-images-idx3-ubyte.gz'"
+        r".*SHA-256 mismatch: got [0-9a-f]{64}, expected 440fcabf",
+    ):
         load_idx_source(cfg)
     assert not dest.exists() or not any(dest.iterdir())  # nothing half-written
 

@@ -1,4 +1,5 @@
 """The diffusion math against an independent reference (diffusers' schedulers) and hand values."""
+
 import math
 
 import numpy as np
@@ -21,7 +22,11 @@ def test_schedule_matches_diffusers(schedule):
 
 def test_linear_schedule_hand_values():
     b = make_betas("linear", 1000)
-    assert b[0] == pytest.approx(1e-4) and b[-1] == pytest.approx(0.02) and b[1] == pytest.approx(1e-4 + (0.02 - 1e-4) / 999)
+    assert (
+        b[0] == pytest.approx(1e-4)
+        and b[-1] == pytest.approx(0.02)
+        and b[1] == pytest.approx(1e-4 + (0.02 - 1e-4) / 999)
+    )
     abar = np.cumprod(1 - b)
     assert abar[-1] == pytest.approx(4.036e-5, rel=1e-3)  # DDPM's linear schedule ends near zero signal
 
@@ -39,7 +44,9 @@ def test_q_sample_matches_diffusers_add_noise(schedule):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_posterior_mean_variance_match_diffusers_step(schedule):
     """DDPMScheduler.step with fixed_small variance: prev = mu~(x0_hat, x_t) + sqrt(beta~_t) z."""
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=REF_SCHEDULE[schedule], clip_sample=False, variance_type="fixed_small")
+    ref = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule=REF_SCHEDULE[schedule], clip_sample=False, variance_type="fixed_small"
+    )
     d = GaussianDiffusion(schedule, 1000)
     g = torch.Generator().manual_seed(1)
     x_t, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
@@ -72,7 +79,13 @@ def test_posterior_by_hand():
 
 def test_ddim_step_matches_diffusers():
     """One deterministic DDIM update (eta = 0) equals DDIMScheduler's with trailing spacing."""
-    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
     ref.set_timesteps(50)
     d = GaussianDiffusion("linear", 1000)
     g = torch.Generator().manual_seed(2)
@@ -85,7 +98,9 @@ def test_ddim_step_matches_diffusers():
 
 
 def test_ddim_timesteps():
-    assert ddim_timesteps(1000, 50)[0] == 999 and ddim_timesteps(1000, 50)[-1] == 0 and len(ddim_timesteps(1000, 50)) == 50
+    assert (
+        ddim_timesteps(1000, 50)[0] == 999 and ddim_timesteps(1000, 50)[-1] == 0 and len(ddim_timesteps(1000, 50)) == 50
+    )
     assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
     with pytest.raises(ValueError, match=r"DDIM steps must be in \[1, 10\]"):
         ddim_timesteps(10, 11)

@@ -5,12 +5,10 @@ SHA-256 mismatch in test_data.py; latents.h5 of another schema version, missing 
 dtype, other VQ-VAE checkpoint in test_latents.py; config unknown key, wrong type, zero steps,
 unknown schedule in test_config.py; a SLURM profile without an account in test_slurm.py.)
 """
+
 from __future__ import annotations
 
 import http.server
-import io
-import json
-import pickle
 import subprocess
 import sys
 import threading
@@ -21,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, load, save
+from pipeline.checkpoint import CheckpointError, load, load_model, save
 from pipeline.config import resolve
-from pipeline.data import DataError, IDX_FILES, load_idx_source, read_dataset
+from pipeline.data import IDX_FILES, DataError, load_idx_source, read_dataset
 from pipeline.models import build_model
 from pipeline.runtime import DeviceError, resolve_device
-from pipeline.train import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -59,15 +56,36 @@ def dropping_server():
 
 
 def test_connection_dropped_mid_file(dropping_server, tmp_path):
-    cfg = resolve(overrides=["data.source=mnist", f"data.path={tmp_path}", "data.download=true", f"data.mirrors=['{dropping_server}']", "data.timeout_s=5"])["data"]
-    with pytest.raises(DataError, match=r"(?s)could not download 'train-images-idx3-ubyte.gz'.*connection dropped after 100 of 10000 bytes"):
+    cfg = resolve(
+        overrides=[
+            "data.source=mnist",
+            f"data.path={tmp_path}",
+            "data.download=true",
+            f"data.mirrors=['{dropping_server}']",
+            "data.timeout_s=5",
+        ]
+    )["data"]
+    with pytest.raises(
+        DataError,
+        match=r"(?s)could not download 'train-images-idx3-ubyte.gz'.*connection dropped after 100 of 10000 bytes",
+    ):
         load_idx_source(cfg)
     assert not any(tmp_path.iterdir())  # no partial file left
 
 
 def test_every_mirror_down_lists_each(tmp_path):
-    cfg = resolve(overrides=["data.source=mnist", f"data.path={tmp_path}", "data.download=true", "data.mirrors=['http://127.0.0.1:9/a/', 'http://127.0.0.1:9/b/']", "data.timeout_s=2"])["data"]
-    with pytest.raises(DataError, match=r"(?s)tried:\n  http://127.0.0.1:9/a/train-images.*\n  http://127.0.0.1:9/b/train-images"):
+    cfg = resolve(
+        overrides=[
+            "data.source=mnist",
+            f"data.path={tmp_path}",
+            "data.download=true",
+            "data.mirrors=['http://127.0.0.1:9/a/', 'http://127.0.0.1:9/b/']",
+            "data.timeout_s=2",
+        ]
+    )["data"]
+    with pytest.raises(
+        DataError, match=r"(?s)tried:\n  http://127.0.0.1:9/a/train-images.*\n  http://127.0.0.1:9/b/train-images"
+    ):
         load_idx_source(cfg)
 
 
@@ -96,11 +114,29 @@ def test_dataset_h5_wrong_shape_and_not_hdf5(tmp_path):
 
 def test_checkpoint_from_another_architecture_names_the_keys(tmp_path):
     small = build_model("pixelcnn", {"num_embeddings": 16, "hidden_channels": 8, "num_layers": 2})
-    save(tmp_path / "model.pt", {"kind": "pixelcnn", "args": {"num_embeddings": 16, "hidden_channels": 8, "num_layers": 3}, "model": small.state_dict()})
-    with pytest.raises(CheckpointError, match=r"model.pt: checkpoint does not fit the model architecture: missing keys \['layers.2"):
+    save(
+        tmp_path / "model.pt",
+        {
+            "kind": "pixelcnn",
+            "args": {"num_embeddings": 16, "hidden_channels": 8, "num_layers": 3},
+            "model": small.state_dict(),
+        },
+    )
+    with pytest.raises(
+        CheckpointError, match=r"model.pt: checkpoint does not fit the model architecture: missing keys \['layers.2"
+    ):
         load_model(tmp_path / "model.pt")
-    save(tmp_path / "wide.pt", {"kind": "pixelcnn", "args": {"num_embeddings": 16, "hidden_channels": 12, "num_layers": 2}, "model": small.state_dict()})
-    with pytest.raises(CheckpointError, match=r"shape mismatch embedding.weight: checkpoint \(16, 8\) vs model \(16, 12\)"):
+    save(
+        tmp_path / "wide.pt",
+        {
+            "kind": "pixelcnn",
+            "args": {"num_embeddings": 16, "hidden_channels": 12, "num_layers": 2},
+            "model": small.state_dict(),
+        },
+    )
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch embedding.weight: checkpoint \(16, 8\) vs model \(16, 12\)"
+    ):
         load_model(tmp_path / "wide.pt")
 
 
@@ -134,14 +170,27 @@ def test_checkpoint_that_is_not_ours(tmp_path):
 def test_device_cuda_without_gpu():
     with pytest.raises(DeviceError, match=r"config key 'device' is 'cuda' but no CUDA GPU is visible"):
         resolve_device("cuda")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train_vqvae", "--run", "/nonexistent/run", "--set", "device=cuda"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train_vqvae", "--run", "/nonexistent/run", "--set", "device=cuda"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1 and "error: train_vqvae: config key 'device' is 'cuda'" in proc.stderr
 
 
 def test_missing_input_file_is_named(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train_vqvae", "--run", str(tmp_path / "r"), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train_vqvae", "--run", str(tmp_path / "r"), "--configfile", str(TINY)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1
-    assert f"dataset file '{tmp_path / 'r' / 'data' / 'dataset.h5'}' does not exist (run the prepare_data stage)" in proc.stderr
+    assert (
+        f"dataset file '{tmp_path / 'r' / 'data' / 'dataset.h5'}' does not exist (run the prepare_data stage)"
+        in proc.stderr
+    )
 
 
 @pytest.fixture
@@ -150,7 +199,9 @@ def tiny_fs(tmp_path, request):
     Skipped where mounting is not allowed."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -159,8 +210,25 @@ def tiny_fs(tmp_path, request):
 @pytest.mark.parametrize("tiny_fs", ["256k"], indirect=True)
 def test_disk_full_while_writing_dataset(tiny_fs):
     run = tiny_fs / "r"
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "prepare_data", "--run", str(run), "--configfile", str(TINY), "--set", "data.max_train=4500", "--set", "data.max_test=500"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "prepare_data",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+            "--set",
+            "data.max_train=4500",
+            "--set",
+            "data.max_test=500",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"disk full while writing {run / 'data' / 'dataset.h5'} (nothing was replaced" in proc.stderr
     assert not (run / "data" / "dataset.h5").exists() and not list((run / "data").glob("*.tmp"))
@@ -174,7 +242,12 @@ def test_disk_full_before_writing_latents(tiny_run, tiny_fs):
     for rel in ("data/dataset.h5", "vqvae/model.pt"):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_run / rel, run / rel)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "extract_latents", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "extract_latents", "--run", str(run), "--configfile", str(TINY)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"disk full: writing {run / 'latents' / 'latents.h5'} needs up to" in proc.stderr
     assert not (run / "latents" / "latents.h5").exists()
@@ -188,9 +261,28 @@ def test_prior_trained_on_another_vqvae_is_refused_by_the_sampler(tiny_run, tmp_
     state = torch.load(run / "pixelcnn" / "model.pt", weights_only=True)
     state["vqvae_sha256"] = "0" * 64
     torch.save(state, run / "pixelcnn" / "model.pt")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "pixelcnn", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sample",
+            "--model",
+            "pixelcnn",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1
-    assert f"error: sample: {run / 'pixelcnn' / 'model.pt'} was trained on latents of another vqvae/model.pt; re-run train_pixelcnn" in proc.stderr
+    assert (
+        f"error: sample: {run / 'pixelcnn' / 'model.pt'} was trained on latents of another vqvae/model.pt; re-run "
+        "train_pixelcnn" in proc.stderr
+    )
 
 
 @pytest.mark.parametrize("tiny_fs", ["256k"], indirect=True)
@@ -217,12 +309,54 @@ def test_conditional_set_of_an_unconditional_model_and_unknown_sets_are_named(ti
 
     run = tmp_path / "r"
     shutil.copytree(tiny_run, run)
-    shutil.copy(run / "pixelcnn" / "model.pt", run / "pixelcnn_cond" / "model.pt")  # an unconditional model where the conditional one belongs
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "pixelcnn_g2", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    shutil.copy(
+        run / "pixelcnn" / "model.pt", run / "pixelcnn_cond" / "model.pt"
+    )  # an unconditional model where the conditional one belongs
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sample",
+            "--model",
+            "pixelcnn_g2",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1
-    assert f"error: sample: sample set 'pixelcnn_g2' is class-conditional but {run / 'pixelcnn_cond' / 'model.pt'} is not; train it with python -m pipeline train_pixelcnn --conditional" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--model", "diffusion_ddim_t2", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1 and "error: sample: unknown sample set 'diffusion_ddim_t2'; expected pixelcnn[_greedy|_t<tau>][_g<s>|_ag<w>][_b<f>]" in proc.stderr
+    assert (
+        f"error: sample: sample set 'pixelcnn_g2' is class-conditional but {run / 'pixelcnn_cond' / 'model.pt'} is "
+        "not; train it with python -m pipeline train_pixelcnn --conditional" in proc.stderr
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sample",
+            "--model",
+            "diffusion_ddim_t2",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert (
+        proc.returncode == 1
+        and "error: sample: unknown sample set 'diffusion_ddim_t2'; "
+        "expected pixelcnn[_greedy|_t<tau>][_g<s>|_ag<w>][_b<f>]"
+        in proc.stderr
+    )
 
 
 def test_pixel_baseline_without_the_latent_models_time_is_named(tiny_run, tmp_path):
@@ -231,6 +365,14 @@ def test_pixel_baseline_without_the_latent_models_time_is_named(tiny_run, tmp_pa
     run = tmp_path / "r"
     (run / "data").mkdir(parents=True)
     shutil.copy(tiny_run / "data" / "dataset.h5", run / "data" / "dataset.h5")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train_pixel_diffusion", "--run", str(run), "--configfile", str(TINY)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train_pixel_diffusion", "--run", str(run), "--configfile", str(TINY)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1
-    assert f"error: train_pixel_diffusion: pixel_diffusion.steps is null (match the latent model's training time) but {run / 'diffusion' / 'metrics.json'} does not exist" in proc.stderr
+    assert (
+        "error: train_pixel_diffusion: pixel_diffusion.steps is null (match the latent model's training time) but "
+        f"{run / 'diffusion' / 'metrics.json'} does not exist" in proc.stderr
+    )

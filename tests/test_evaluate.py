@@ -1,4 +1,5 @@
 """The evaluate stage: the Fréchet distance, the other sample-quality numbers, and metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.evaluate import (
+    class_entropy,
+    feature_statistics,
+    frechet_distance,
+    near_duplicate_fraction,
+    nearest_neighbour_rms,
+)
 from pipeline.sets import parse_sample_set
-from pipeline.evaluate import class_entropy, feature_statistics, frechet_distance, near_duplicate_fraction, nearest_neighbour_rms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +57,15 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
 
 
 def test_frechet_distance_of_two_samples_of_one_distribution_is_small_and_shrinks_with_n():
-    small = [frechet_distance(*feature_statistics(_gauss(n, 8, 1)), *feature_statistics(_gauss(n, 8, 2))) for n in (100, 10000)]
+    small = [
+        frechet_distance(*feature_statistics(_gauss(n, 8, 1)), *feature_statistics(_gauss(n, 8, 2)))
+        for n in (100, 10000)
+    ]
     assert small[1] < small[0] and small[1] < 0.05
-    assert frechet_distance(*feature_statistics(_gauss(1000, 8, 1)), *feature_statistics(_gauss(1000, 8, 2, scale=2.0))) > 5
+    assert (
+        frechet_distance(*feature_statistics(_gauss(1000, 8, 1)), *feature_statistics(_gauss(1000, 8, 2, scale=2.0)))
+        > 5
+    )
 
 
 def test_frechet_distance_rejects_mismatched_shapes():
@@ -79,9 +92,9 @@ def test_near_duplicates_and_nearest_neighbours():
 
 
 def _documented_keys() -> set[str]:
-    """The keys the README's "report/metrics.json" section documents (first column, in backticks)."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### `report/metrics.json`")[1].split("\n## ")[0]
+    """The keys docs/reference.md's "report/metrics.json" section documents (first column, in backticks)."""
+    text = (ROOT / "docs" / "reference.md").read_text()
+    section = text.split("## `report/metrics.json`")[1].split("\n## ")[0]
     keys = set()
     for first_cell in re.findall(r"^\| ([^|]+) \|", section, re.M):
         keys |= set(re.findall(r"`([a-z0-9_]+)`", first_cell))
@@ -100,7 +113,7 @@ def test_evaluate_writes_a_complete_documented_metrics_json(tiny_run, tiny_cfg):
     for stage in m["stages"].values():
         keys |= set(stage)
     undocumented = keys - documented
-    assert not undocumented, f"metrics.json keys missing from the README: {sorted(undocumented)}"
+    assert not undocumented, f"metrics.json keys missing from docs/reference.md: {sorted(undocumented)}"
     n = tiny_cfg["evaluate"]["num_images"]
     for name, row in m["sets"].items():
         assert row["n"] == min(n, row["num_samples"])
@@ -122,8 +135,8 @@ def test_evaluate_writes_a_complete_documented_metrics_json(tiny_run, tiny_cfg):
 def test_evaluate_names_a_missing_sample_file(tiny_run, tiny_cfg, tmp_path):
     import shutil
 
-    from pipeline.io import StageInputError
     from pipeline.evaluate import evaluate
+    from pipeline.io import StageInputError
 
     run = tmp_path / "tiny"
     shutil.copytree(tiny_run, run)
@@ -151,7 +164,12 @@ def test_scaling_crossover_by_hand():
         "diffusion_dpmsde_g2": {"fd_ratio": 2.0, "prior_train_seconds": 100.0},  # conditional: not in the study
     }
     rows = scaling_rows(sets, {n: parse_sample_set(n) for n in sets})
-    assert [(r["sampler"], r["budget"]) for r in rows] == [("diffusion_dpmsde", 1.0), ("diffusion_dpmsde", 4.0), ("pixelcnn", 1.0), ("pixelcnn", 4.0)]
+    assert [(r["sampler"], r["budget"]) for r in rows] == [
+        ("diffusion_dpmsde", 1.0),
+        ("diffusion_dpmsde", 4.0),
+        ("pixelcnn", 1.0),
+        ("pixelcnn", 4.0),
+    ]
     c = scaling_crossover(rows)
     x = math.log(12 / 8) / (math.log(12 / 8) + math.log(6 / 3))  # fraction of the log-seconds interval
     assert c["seconds"] == pytest.approx(100 * 4**x, rel=0.02)

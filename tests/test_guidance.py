@@ -1,4 +1,5 @@
 """Class conditioning and classifier-free guidance (Ho & Salimans 2022)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from pipeline.diffusion import autoguidance, classifier_free_guidance, guidance_combine
 from pipeline.models import GatedPixelCNN, UNet
 from pipeline.sample import sample_pixelcnn
-from pipeline.train import drop_labels
+from pipeline.training import drop_labels
 
 
 @pytest.fixture
@@ -83,7 +84,9 @@ def test_pixelcnn_guidance_at_no_guidance_equals_conditional_sampling():
     net = GatedPixelCNN(num_embeddings=16, hidden_channels=8, num_layers=2, num_classes=10).eval()
     y = torch.arange(6) % 10
     a = sample_pixelcnn(net, 6, labels=y, guidance=1.0, generator=torch.Generator().manual_seed(0))
-    b = sample_pixelcnn(net, 6, labels=y, guidance=1.0 + 1e-12, generator=torch.Generator().manual_seed(0))  # batched path
+    b = sample_pixelcnn(
+        net, 6, labels=y, guidance=1.0 + 1e-12, generator=torch.Generator().manual_seed(0)
+    )  # batched path
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="needs labels"):
         sample_pixelcnn(net, 2, guidance=2.0)
@@ -125,9 +128,13 @@ def test_pixelcnn_autoguidance_by_itself_changes_nothing_and_by_another_model_do
     net = GatedPixelCNN(num_embeddings=6, hidden_channels=8, num_layers=2).eval()
     other = GatedPixelCNN(num_embeddings=6, hidden_channels=8, num_layers=2).eval()
     plain = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5))
-    same = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=net, autoguidance=3.0)
+    same = sample_pixelcnn(
+        net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=net, autoguidance=3.0
+    )
     assert torch.equal(plain, same)  # l + w (l - l) = l
-    guided = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=other, autoguidance=3.0)
+    guided = sample_pixelcnn(
+        net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=other, autoguidance=3.0
+    )
     assert not torch.equal(plain, guided)
     with pytest.raises(ValueError, match="autoguidance needs guide_model"):
         sample_pixelcnn(net, 2, shape=(2, 2), autoguidance=2.0)
@@ -136,14 +143,21 @@ def test_pixelcnn_autoguidance_by_itself_changes_nothing_and_by_another_model_do
 def test_snapshot_is_taken_at_its_step_and_stored(tiny_run):
     """The stage keeps the EMA weights after guide_snapshot * steps: at the last step they are the
     final EMA weights; earlier they differ."""
-    from pipeline.train import load_model, snapshot_step
+    from pipeline.checkpoint import load_model
+    from pipeline.training import snapshot_step
 
     state = torch.load(tiny_run / "diffusion" / "model.pt", weights_only=True)
-    assert state["guide"] is not None and state["metrics"]["guide_step"] == snapshot_step({"steps": 20, "guide_snapshot": 0.25}) == 5
+    assert (
+        state["guide"] is not None
+        and state["metrics"]["guide_step"] == snapshot_step({"steps": 20, "guide_snapshot": 0.25}) == 5
+    )
     assert any(not torch.equal(state["guide"][k], state["ema"][k]) for k in state["ema"])
     weak, _ = load_model(tiny_run / "diffusion" / "model.pt", weights="guide")
     assert all(torch.equal(weak.state_dict()[k], state["guide"][k]) for k in state["guide"])
-    assert snapshot_step({"steps": 20, "guide_snapshot": 1.0}) == 20 and snapshot_step({"steps": 20, "guide_snapshot": 0}) is None
+    assert (
+        snapshot_step({"steps": 20, "guide_snapshot": 1.0}) == 20
+        and snapshot_step({"steps": 20, "guide_snapshot": 0}) is None
+    )
     assert snapshot_step({"steps": 3, "guide_snapshot": 0.01}) == 1
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import load_model
 from pipeline.io import sha256_file
 from pipeline.latents import LatentsError, read_info, read_split
-from pipeline.train import load_model
 
 
 def test_latents_schema_and_values(tiny_run, tiny_cfg):
@@ -54,7 +54,10 @@ def test_augmented_copies_keep_labels_and_shapes(tiny_run, tiny_cfg):
     aug, _ = read_split(p, "train_aug")
     n = len(train.labels)
     assert info.num_augmented == copies * n and info.augment["copies"] == copies
-    assert aug.codes.shape == (copies * n, 7, 7) and aug.encodings.shape == train.encodings.shape[:0] + (copies * n,) + train.encodings.shape[1:]
+    assert (
+        aug.codes.shape == (copies * n, 7, 7)
+        and aug.encodings.shape == train.encodings.shape[:0] + (copies * n,) + train.encodings.shape[1:]
+    )
     assert np.array_equal(aug.labels, np.tile(train.labels, copies))
     assert aug.codes.min() >= 0 and aug.codes.max() < info.num_embeddings
     # the copies are other images: their encoder outputs differ from the plain ones (codes may not,
@@ -75,7 +78,12 @@ def test_random_affine_keeps_shape_and_is_identity_at_zero():
     blob[:, :, 11:17, 11:17] = 1.0
     moved = random_affine(blob, 0.0, 2.0, generator=torch.Generator().manual_seed(0))
     ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    com = lambda im: torch.stack([(im[:, 0] * xs).sum((1, 2)), (im[:, 0] * ys).sum((1, 2))], 1) / im[:, 0].sum((1, 2))[:, None]  # noqa: E731
+
+    def com(im):
+        return (
+            torch.stack([(im[:, 0] * xs).sum((1, 2)), (im[:, 0] * ys).sum((1, 2))], 1) / im[:, 0].sum((1, 2))[:, None]
+        )
+
     shift = com(moved) - com(blob)
     assert shift.abs().max() <= 2.0 + 1e-4 and shift.abs().max() > 1.0
     assert torch.allclose(moved.sum((1, 2, 3)), blob.sum((1, 2, 3)), rtol=1e-4)
@@ -93,7 +101,9 @@ def test_reading_train_aug_from_a_file_without_it_names_the_key(tiny_run, tmp_pa
 
 def test_reader_rejects_other_checkpoint_and_schema(tiny_run, tmp_path):
     src = tiny_run / "latents" / "latents.h5"
-    with pytest.raises(LatentsError, match=r"made from a VQ-VAE checkpoint with SHA-256 .* but the configured vqvae/model.pt has"):
+    with pytest.raises(
+        LatentsError, match=r"made from a VQ-VAE checkpoint with SHA-256 .* but the configured vqvae/model.pt has"
+    ):
         read_info(src, expect_vqvae_sha256="0" * 64)
     p = tmp_path / "latents.h5"
     shutil.copy(src, p)

@@ -93,7 +93,7 @@ def test_pixelcnn_is_causal_and_has_no_blind_spot(kernel, layers):
 
 def test_pixelcnn_shapes_and_mask_types():
     m = GatedPixelCNN(num_embeddings=32, hidden_channels=8, num_layers=3)
-    assert [l.mask_type for l in m.layers] == ["A", "B", "B"]
+    assert [layer.mask_type for layer in m.layers] == ["A", "B", "B"]
     codes = torch.randint(0, 32, (4, 7, 7))
     assert m(codes).shape == (4, 32, 7, 7)
 
@@ -118,7 +118,7 @@ def test_build_model_errors():
 def test_ema_warmup_and_decay():
     from torch.optim.swa_utils import AveragedModel
 
-    from pipeline.train import ema_avg_fn
+    from pipeline.training import ema_avg_fn
 
     net = torch.nn.Linear(1, 1, bias=False)
     net.weight.data.fill_(0.0)
@@ -150,4 +150,6 @@ def test_pixelcnn_rows_are_causal_so_sampling_may_crop_the_grid(num_classes):
         assert torch.equal(m(x[:, : i + 1], y)[:, :, i], full[:, :, i])
     changed = x.clone()
     changed[:, 4:] = (changed[:, 4:] + 1) % 128  # rows below 3 do not reach row 3
-    assert torch.equal(m(changed, y)[:, :, :4], full[:, :, :4]) and not torch.equal(m(changed, y)[:, :, 4], full[:, :, 4])
+    assert torch.equal(m(changed, y)[:, :, :4], full[:, :, :4]) and not torch.equal(
+        m(changed, y)[:, :, 4], full[:, :, 4]
+    )

@@ -1,6 +1,7 @@
 """The diffusion objectives (epsilon / v / x0 prediction, min-SNR weighting) and the diffusers-driven
 samplers: hand values, exact inverses, diffusers as the reference, and a Gaussian toy whose exact
 denoiser is known in closed form."""
+
 import math
 
 import numpy as np
@@ -16,7 +17,10 @@ diffusers = pytest.importorskip("diffusers")
 def test_target_and_split_output_are_inverse(prediction):
     d = GaussianDiffusion("cosine", 1000, prediction=prediction)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64).float(), torch.randn(6, 3, 5, 5, generator=g).float()
+    x0, eps = (
+        torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64).float(),
+        torch.randn(6, 3, 5, 5, generator=g).float(),
+    )
     t = torch.tensor([0, 1, 100, 500, 900, 998])
     x_t = d.q_sample(x0, t, eps)
     x0_hat, eps_hat = d.split_output(x_t, t, d.target(x0, eps, t))
@@ -40,7 +44,9 @@ def test_v_target_matches_diffusers_get_velocity():
     assert torch.allclose(d.target(x0, eps, t), ref.get_velocity(x0, eps, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("prediction,divide", [("epsilon", lambda snr: snr), ("v", lambda snr: snr + 1), ("x0", lambda snr: 1.0)])
+@pytest.mark.parametrize(
+    "prediction,divide", [("epsilon", lambda snr: snr), ("v", lambda snr: snr + 1), ("x0", lambda snr: 1.0)]
+)
 def test_min_snr_weights_by_hand_and_against_diffusers(prediction, divide):
     d = GaussianDiffusion("linear", 1000, prediction=prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
     abar = np.cumprod(1 - make_betas("linear", 1000))
@@ -90,7 +96,10 @@ def test_scheduler_uses_our_schedule():
         d = GaussianDiffusion(schedule, 1000)
         for name in SCHEDULER_SAMPLERS:
             sched = d.diffusers_scheduler(name)
-            assert torch.allclose(sched.alphas_cumprod.float(), d.alphas_cumprod, rtol=1e-5, atol=1e-7), (schedule, name)
+            assert torch.allclose(sched.alphas_cumprod.float(), d.alphas_cumprod, rtol=1e-5, atol=1e-7), (
+                schedule,
+                name,
+            )
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         d.diffusers_scheduler("plms")
 
@@ -135,12 +144,21 @@ class GaussianDenoiser(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
-@pytest.mark.parametrize("sampler,steps,tol", [("dpmpp", 25, 0.06), ("heun", 25, 0.06), ("dpmsde", 50, 0.08), ("euler", 100, 0.08)])
+@pytest.mark.parametrize(
+    "sampler,steps,tol", [("dpmpp", 25, 0.06), ("heun", 25, 0.06), ("dpmsde", 50, 0.08), ("euler", 100, 0.08)]
+)
 def test_samplers_draw_the_gaussian_toy(prediction, sampler, steps, tol):
     """With the exact denoiser of N(mu, s2), a correct sampler returns samples of that law."""
     d = GaussianDiffusion("linear", 1000, prediction=prediction)
     mu, s2 = [1.0, -0.5, 0.0], [0.25, 1.0, 4.0]
-    x = scheduler_sample_loop(d, GaussianDenoiser(d, mu, s2), (20000, 3, 1, 1), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+    x = scheduler_sample_loop(
+        d,
+        GaussianDenoiser(d, mu, s2),
+        (20000, 3, 1, 1),
+        sampler=sampler,
+        steps=steps,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert np.allclose(x.mean((0, 2, 3)).numpy(), mu, atol=0.05)
     assert np.allclose(x.var((0, 2, 3)).numpy() / np.array(s2), 1.0, atol=tol), x.var((0, 2, 3))
 
@@ -159,7 +177,11 @@ def test_clip_bounds_the_predicted_x0():
     d = GaussianDiffusion("linear", 1000, prediction="x0")
     far = lambda x, t: torch.full_like(x, 10.0)  # noqa: E731
     clip = (torch.tensor(-1.0), torch.tensor(1.0))
-    x = scheduler_sample_loop(d, far, (8, 1, 2, 2), sampler="dpmpp", steps=10, generator=torch.Generator().manual_seed(0), clip=clip)
+    x = scheduler_sample_loop(
+        d, far, (8, 1, 2, 2), sampler="dpmpp", steps=10, generator=torch.Generator().manual_seed(0), clip=clip
+    )
     assert x.max() <= 1.0 + 1e-4 and x.max() > 0.9
-    unclipped = scheduler_sample_loop(d, far, (8, 1, 2, 2), sampler="dpmpp", steps=10, generator=torch.Generator().manual_seed(0))
+    unclipped = scheduler_sample_loop(
+        d, far, (8, 1, 2, 2), sampler="dpmpp", steps=10, generator=torch.Generator().manual_seed(0)
+    )
     assert unclipped.min() > 9.0

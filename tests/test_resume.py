@@ -1,5 +1,6 @@
 """Exact resume: a training stage interrupted at an arbitrary step and resumed ends with weights
 bit-for-bit equal to an uninterrupted run; SIGKILL never leaves a file taken as finished."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,25 @@ STEPS = 400
 
 def stage_cmd(stage: str, run: Path, *sets: str) -> list[str]:
     sec = SECTION[stage]
-    return [sys.executable, "-m", "pipeline", stage, "--run", str(run), "--configfile", str(TINY), "--threads", "1",
-            "--set", "deterministic=true", "--set", f"{sec}.steps={STEPS}", "--set", f"{sec}.log_every=10", *sets]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        stage,
+        "--run",
+        str(run),
+        "--configfile",
+        str(TINY),
+        "--threads",
+        "1",
+        "--set",
+        "deterministic=true",
+        "--set",
+        f"{sec}.steps={STEPS}",
+        "--set",
+        f"{sec}.log_every=10",
+        *sets,
+    ]
 
 
 def fresh_copy(tiny_run: Path, dest: Path, stage: str) -> Path:
@@ -88,12 +106,21 @@ def uninterrupted(tiny_run, tmp_path_factory) -> dict:
 def test_sigterm_at_arbitrary_step_then_resume_is_bit_exact(stage, tiny_run, uninterrupted, tmp_path):
     run = fresh_copy(tiny_run, tmp_path / "tiny", stage)
     # no periodic checkpoint: the one resumed from is the one SIGTERM makes, mid-epoch
-    rc, err = run_until(stage_cmd(stage, run, "--set", f"{SECTION[stage]}.checkpoint_every=100000"), rf"{stage} (1[3-9]\d|2\d\d)/{STEPS}", signal.SIGTERM)
+    rc, err = run_until(
+        stage_cmd(stage, run, "--set", f"{SECTION[stage]}.checkpoint_every=100000"),
+        rf"{stage} (1[3-9]\d|2\d\d)/{STEPS}",
+        signal.SIGTERM,
+    )
     assert rc == 128 + signal.SIGTERM, err[-2000:]
     assert "checkpoint saved at step" in err
     assert not (run / FOLDER[stage] / "model.pt").exists()  # no finished output
     assert (run / FOLDER[stage] / "checkpoint.pt").exists()
-    done = subprocess.run(stage_cmd(stage, run, "--set", f"{SECTION[stage]}.checkpoint_every=100000"), capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        stage_cmd(stage, run, "--set", f"{SECTION[stage]}.checkpoint_every=100000"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"resumed from .* at step \d+", done.stderr)
     assert_bit_equal(run / FOLDER[stage] / "model.pt", uninterrupted[stage])
@@ -119,7 +146,20 @@ def test_sigkill_during_latent_extraction_leaves_no_latents_file(tiny_run, tmp_p
     run = tmp_path / "tiny"
     shutil.copytree(tiny_run, run)
     (run / "latents" / "latents.h5").unlink()
-    cmd = [sys.executable, "-m", "pipeline", "extract_latents", "--run", str(run), "--configfile", str(TINY), "--set", "latents.batch_size=1", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract_latents",
+        "--run",
+        str(run),
+        "--configfile",
+        str(TINY),
+        "--set",
+        "latents.batch_size=1",
+        "--threads",
+        "1",
+    ]
     rc, _ = run_until(cmd, r"extract_latents: start", signal.SIGKILL)
     assert rc == -signal.SIGKILL
     assert not (run / "latents" / "latents.h5").exists()
@@ -131,9 +171,25 @@ def test_sigkill_during_latent_extraction_leaves_no_latents_file(tiny_run, tmp_p
 def test_snakemake_killed_mid_training_recovers_with_rerun_incomplete(tmp_path):
     """SIGKILL to Snakemake and its job mid-training: no output is taken as finished, and
     `snakemake --rerun-incomplete` completes the run, resuming the stage from its checkpoint."""
-    base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--configfile", str(TINY), "--cores", "2",
-            "--config", "diffusion={steps: 600, log_every: 20, checkpoint_every: 100}", "sample={models: [diffusion_ddim]}"]
-    proc = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
+    base = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(TINY),
+        "--cores",
+        "2",
+        "--config",
+        "diffusion={steps: 600, log_every: 20, checkpoint_every: 100}",
+        "sample={models: [diffusion_ddim]}",
+    ]
+    proc = subprocess.Popen(
+        base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -145,7 +201,7 @@ def test_snakemake_killed_mid_training_recovers_with_rerun_incomplete(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert any("train_diffusion" in l for l in seen), "".join(seen)[-2000:]
+    assert any("train_diffusion" in line for line in seen), "".join(seen)[-2000:]
     run = tmp_path / "results" / "tiny"
     assert not (run / "diffusion" / "model.pt").exists()
     assert (run / "diffusion" / "checkpoint.pt").exists()

@@ -1,4 +1,5 @@
 """Sampling: the seed study's point, and the sample files."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.checkpoint import load_model
 from pipeline.sample import sample_pixelcnn
-from pipeline.train import load_model
 
 
 def test_greedy_collapses_categorical_does_not(tiny_run):
@@ -44,7 +45,14 @@ def test_sample_files(tiny_run, tiny_cfg):
     ddpm = json.loads((tiny_run / "samples" / "diffusion_ddpm.json").read_text())
     assert ddpm["steps"] == tiny_cfg["diffusion"]["timesteps"] and ddpm["weights"] == "ema"
     timings = json.loads((tiny_run / "timings.json").read_text())
-    assert set(timings["stages"]) >= {"prepare_data", "train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion", "sample_pixelcnn"}
+    assert set(timings["stages"]) >= {
+        "prepare_data",
+        "train_vqvae",
+        "extract_latents",
+        "train_pixelcnn",
+        "train_diffusion",
+        "sample_pixelcnn",
+    }
     assert timings["total_s"] == round(sum(timings["stages"].values()), 3)
 
 
@@ -59,8 +67,9 @@ def test_stage_records(tiny_run):
     vq = json.loads((tiny_run / "vqvae" / "metrics.json").read_text())
     assert 1 <= vq["test_perplexity"] <= 128 and vq["test_codes_in_use"] <= 128
     # the reported test MSE is that of the saved model on the saved test split
+    from pipeline.checkpoint import load_model
     from pipeline.data import read_dataset
-    from pipeline.train import evaluate_vqvae, load_model
+    from pipeline.train import evaluate_vqvae
 
     model, _ = load_model(tiny_run / "vqvae" / "model.pt")
     test = torch.from_numpy(read_dataset(tiny_run / "data" / "dataset.h5", "test").images).float() / 255

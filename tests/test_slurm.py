@@ -2,6 +2,7 @@
 
 Skipped where no SLURM answers, except under CI=true, where a missing SLURM is a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 ACCOUNT = os.environ.get("VQLP_SLURM_ACCOUNT", "vqtest")
-GPU_STAGES = ["train_vqvae", "extract_latents", "train_classifier", "train_pixelcnn", "train_diffusion", "train_diffusion_cond", "evaluate"]
-SLURM_MODELS = ["pixelcnn", "diffusion_ddim", "diffusion_ddim_g2"]  # few sample sets keep the job count (and the test time) down; _g2 trains diffusion_cond/
+GPU_STAGES = [
+    "train_vqvae",
+    "extract_latents",
+    "train_classifier",
+    "train_pixelcnn",
+    "train_diffusion",
+    "train_diffusion_cond",
+    "evaluate",
+]
+SLURM_MODELS = [
+    "pixelcnn",
+    "diffusion_ddim",
+    "diffusion_ddim_g2",
+]  # few sample sets keep the job count (and the test time) down; _g2 trains diffusion_cond/
 
 
 def _slurm_up() -> bool:
@@ -44,7 +57,18 @@ if not _slurm_up():
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--profile", str(ROOT / "cluster" / "local"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--profile",
+        str(ROOT / "cluster" / "local"),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -57,7 +81,9 @@ def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
 
     deadline = time.monotonic() + wait_s
     while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,State"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,State"], capture_output=True, text=True, check=True
+        ).stdout
         name, state = out.strip().splitlines()[-1].split("|")
         state = state.split()[0]
         if state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.monotonic() > deadline:
@@ -72,8 +98,15 @@ def job_ids(log: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("slurmwf")
-    proc = snakemake(wd, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY), "--config", f"slurm={{account: {ACCOUNT}}}",
-                     f"sample={{models: [{', '.join(SLURM_MODELS)}]}}")
+    proc = snakemake(
+        wd,
+        "--configfile",
+        str(ROOT / "cluster" / "local" / "pipeline.yaml"),
+        str(TINY),
+        "--config",
+        f"slurm={{account: {ACCOUNT}}}",
+        f"sample={{models: [{', '.join(SLURM_MODELS)}]}}",
+    )
     return wd, proc
 
 
@@ -104,11 +137,31 @@ def test_ddp_two_tasks_world_size_two(slurm_run, tmp_path):
     shutil.copytree(wd / "results" / "tiny", run)
     single = torch.load(run / "diffusion" / "model.pt", weights_only=True)
     cluster = tmp_path / "ddp.yaml"
-    cluster.write_text(yaml.safe_dump({"defaults": {"partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}))
+    cluster.write_text(
+        yaml.safe_dump(
+            {"defaults": {"partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}
+        )
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--configfile", str(TINY),
-         "--submit", "--cluster-config", str(cluster), "--account", ACCOUNT],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train_diffusion",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+            "--submit",
+            "--cluster-config",
+            str(cluster),
+            "--account",
+            ACCOUNT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished (2 task(s))" in proc.stdout
@@ -127,8 +180,18 @@ def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_pa
     wd, _ = slurm_run
     shutil.copytree(wd / "results", tmp_path / "results")
     (tmp_path / "results" / "tiny" / "latents" / "latents.h5").write_bytes(b"not hdf5")  # breaks the trainers
-    proc = snakemake(tmp_path, "--configfile", str(ROOT / "cluster" / "local" / "pipeline.yaml"), str(TINY),
-                     "--config", f"slurm={{account: {ACCOUNT}}}", f"sample={{models: [{', '.join(SLURM_MODELS)}]}}", "--forcerun", "train_pixelcnn", check=False)
+    proc = snakemake(
+        tmp_path,
+        "--configfile",
+        str(ROOT / "cluster" / "local" / "pipeline.yaml"),
+        str(TINY),
+        "--config",
+        f"slurm={{account: {ACCOUNT}}}",
+        f"sample={{models: [{', '.join(SLURM_MODELS)}]}}",
+        "--forcerun",
+        "train_pixelcnn",
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert re.search(r"SLURM job \d+ ended in state FAILED", out), out[-3000:]
@@ -146,7 +209,17 @@ def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_pa
 
 def test_profile_without_account_fails_before_submitting(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "local")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--profile",
+        str(ROOT / "cluster" / "local"),
+    ]
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
@@ -158,8 +231,24 @@ def test_profile_without_account_fails_before_submitting(tmp_path):
 def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):
     """The Big Red 200 profile itself, with only the per-stage SLURM sizes swapped for this node's."""
     site = ROOT / "cluster" / "bigred200" / "pipeline.yaml"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "cluster" / "bigred200"),
-           "--configfile", str(site), str(TINY), "--config", f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}", "run=br200", "sample={models: [diffusion_ddim_g2]}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--profile",
+        str(ROOT / "cluster" / "bigred200"),
+        "--configfile",
+        str(site),
+        str(TINY),
+        "--config",
+        f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}",
+        "run=br200",
+        "sample={models: [diffusion_ddim_g2]}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "results" / "br200"
@@ -173,19 +262,54 @@ def test_run_stage_sbatch_quotes_arguments_and_checks_the_stage(tmp_path):
     small = ["-A", ACCOUNT, "-p", "gpu", "-c", "1", "--mem=1G", "--gpus-per-node=1", "--wait", "-D", str(ROOT)]
     # an argument with spaces and a quote reaches Python as one value: the config check names it
     out = tmp_path / "stage-%j.out"
-    proc = subprocess.run(["sbatch", *small, "-o", str(out), str(script), "prepare_data", "--run", str(tmp_path / "r"), "--set", "run=it's a; test"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            *small,
+            "-o",
+            str(out),
+            str(script),
+            "prepare_data",
+            "--run",
+            str(tmp_path / "r"),
+            "--set",
+            "run=it's a; test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0  # the job failed (exit 2 from the config check)
     text = next(tmp_path.glob("stage-*.out")).read_text()
     assert "config key 'run': \"it's a; test\" does not match" in text
     assert not (tmp_path / "r").exists()
     # a stage name that is not one of ours is refused before anything runs
-    bad = subprocess.run(["sbatch", *small, "-o", str(tmp_path / "bad-%j.out"), str(script), "train; rm -rf /"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        ["sbatch", *small, "-o", str(tmp_path / "bad-%j.out"), str(script), "train; rm -rf /"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0
     assert "unknown stage 'train; rm -rf /'" in next(tmp_path.glob("bad-*.out")).read_text()
     # and a real stage runs
-    good = subprocess.run(["sbatch", *small, "-o", str(tmp_path / "good-%j.out"), str(script), "prepare_data", "--run", str(tmp_path / "g"), "--configfile", str(TINY)],
-                          capture_output=True, text=True, timeout=300)
+    good = subprocess.run(
+        [
+            "sbatch",
+            *small,
+            "-o",
+            str(tmp_path / "good-%j.out"),
+            str(script),
+            "prepare_data",
+            "--run",
+            str(tmp_path / "g"),
+            "--configfile",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert good.returncode == 0, next(tmp_path.glob("good-*.out")).read_text()
     assert (tmp_path / "g" / "data" / "dataset.h5").is_file()
 
@@ -195,10 +319,35 @@ def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
     script = ROOT / "cluster" / "bigred200" / "run_pipeline.sbatch"
     wd = tmp_path / "wd"
     proc = subprocess.run(
-        ["sbatch", "-A", ACCOUNT, "-p", "gpu", "-c", "1", "--mem=2G", "--wait", "-D", str(ROOT), "-o", str(tmp_path / "driver-%j.out"),
-         "--export", "ALL,VQLP_PROFILE=cluster/local", str(script),
-         "-d", str(wd), "--configfile", "cluster/local/pipeline.yaml", str(TINY), "--config", "run=driver", "sample={models: [pixelcnn]}"],
-        capture_output=True, text=True, timeout=900,
+        [
+            "sbatch",
+            "-A",
+            ACCOUNT,
+            "-p",
+            "gpu",
+            "-c",
+            "1",
+            "--mem=2G",
+            "--wait",
+            "-D",
+            str(ROOT),
+            "-o",
+            str(tmp_path / "driver-%j.out"),
+            "--export",
+            "ALL,VQLP_PROFILE=cluster/local",
+            str(script),
+            "-d",
+            str(wd),
+            "--configfile",
+            "cluster/local/pipeline.yaml",
+            str(TINY),
+            "--config",
+            "run=driver",
+            "sample={models: [pixelcnn]}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     log = next(tmp_path.glob("driver-*.out")).read_text()
     assert proc.returncode == 0, log[-4000:]
@@ -220,12 +369,47 @@ def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
     for f in ("model.pt", "metrics.json", "train_log.csv"):
         (run / "diffusion" / f).unlink()
     cluster = tmp_path / "short.yaml"
-    cluster.write_text(yaml.safe_dump({"max_num_timeout": 8, "defaults": {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 1, "signal_delay_s": 25}}))
+    cluster.write_text(
+        yaml.safe_dump(
+            {
+                "max_num_timeout": 8,
+                "defaults": {
+                    "partition": "gpu",
+                    "gpus_per_node": 1,
+                    "cpus_per_task": 1,
+                    "mem_gb": 2,
+                    "timeout_min": 1,
+                    "signal_delay_s": 25,
+                },
+            }
+        )
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--configfile", str(TINY),
-         "--set", "diffusion.steps=2300", "--set", "diffusion.log_every=100", "--set", "diffusion.checkpoint_every=100000",
-         "--submit", "--cluster-config", str(cluster), "--account", ACCOUNT],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train_diffusion",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+            "--set",
+            "diffusion.steps=2300",
+            "--set",
+            "diffusion.log_every=100",
+            "--set",
+            "diffusion.checkpoint_every=100000",
+            "--submit",
+            "--cluster-config",
+            str(cluster),
+            "--account",
+            ACCOUNT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)

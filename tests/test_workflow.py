@@ -1,4 +1,5 @@
 """The real Snakemake workflow on the tiny config: outputs, schemas, and what re-runs when."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,23 @@ MODELS = yaml.safe_load(TINY.read_text())["sample"]["models"]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(TINY), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -33,7 +47,9 @@ def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     if "Nothing to be done" in text:
         return {}
     table = text.split("Job stats:")[1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
+    return {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +63,32 @@ def workflow_run(tmp_path_factory):
 def test_every_output_and_schema(workflow_run):
     run = workflow_run / "results" / "tiny"
     cfg = yaml.safe_load(TINY.read_text())
-    for rel in ["data/dataset.h5", "vqvae/model.pt", "vqvae/metrics.json", "vqvae/reconstructions.png", "vqvae/train_log.csv",
-                "latents/latents.h5", "pixelcnn/model.pt", "pixelcnn/metrics.json", "pixelcnn/train_log.csv",
-                "diffusion/model.pt", "diffusion/metrics.json", "diffusion/train_log.csv", "timings.json",
-                "pixelcnn_cond/model.pt", "diffusion_cond/model.pt",
-                "classifier/model.pt", "classifier/metrics.json", "report/metrics.json", "report/summary.md", "report/sets.tsv",
-                "report/training_curves.png", "report/sampling_layer.tsv", "report/diffusion_steps.tsv", "report/guidance.tsv"]:
+    for rel in [
+        "data/dataset.h5",
+        "vqvae/model.pt",
+        "vqvae/metrics.json",
+        "vqvae/reconstructions.png",
+        "vqvae/train_log.csv",
+        "latents/latents.h5",
+        "pixelcnn/model.pt",
+        "pixelcnn/metrics.json",
+        "pixelcnn/train_log.csv",
+        "diffusion/model.pt",
+        "diffusion/metrics.json",
+        "diffusion/train_log.csv",
+        "timings.json",
+        "pixelcnn_cond/model.pt",
+        "diffusion_cond/model.pt",
+        "classifier/model.pt",
+        "classifier/metrics.json",
+        "report/metrics.json",
+        "report/summary.md",
+        "report/sets.tsv",
+        "report/training_curves.png",
+        "report/sampling_layer.tsv",
+        "report/diffusion_steps.tsv",
+        "report/guidance.tsv",
+    ]:
         assert (run / rel).is_file(), rel
     for stage in ["prepare_data", "train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion"]:
         assert (run / "logs" / f"{stage}.log").stat().st_size > 0
@@ -63,7 +99,12 @@ def test_every_output_and_schema(workflow_run):
     with h5py.File(run / "latents" / "latents.h5") as f:
         assert f.attrs["schema_version"] == 2 and f.attrs["K"] == 128 and f.attrs["D"] == 16
         assert f["train/codes"].dtype == np.int16 and f["train/codes"].shape == (cfg["data"]["max_train"], 7, 7)
-        assert f["train/latents"].dtype == np.float32 and f["train/latents"].shape == (cfg["data"]["max_train"], 16, 7, 7)
+        assert f["train/latents"].dtype == np.float32 and f["train/latents"].shape == (
+            cfg["data"]["max_train"],
+            16,
+            7,
+            7,
+        )
         assert len(f.attrs["vqvae_sha256"]) == 64
         copies = cfg["latents"]["augment_copies"]
         assert f["train_aug/codes"].shape == (copies * cfg["data"]["max_train"], 7, 7)
@@ -77,9 +118,14 @@ def test_every_output_and_schema(workflow_run):
     assert diff_log[0].startswith("step,lr,loss") and diff_log[-1].startswith(str(cfg["diffusion"]["steps"]))
     # each stage wrote the part of the config it read
     written = yaml.safe_load((run / "diffusion" / "config.yaml").read_text())
-    assert set(written) == {"run", "device", "bf16", "deterministic", "diffusion"} and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
+    assert (
+        set(written) == {"run", "device", "bf16", "deterministic", "diffusion"}
+        and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
+    )
     timings = json.loads((run / "timings.json").read_text())
-    assert {"train_vqvae", "train_diffusion", "sample_diffusion_ddpm", "train_classifier", "evaluate"} <= set(timings["stages"])
+    assert {"train_vqvae", "train_diffusion", "sample_diffusion_ddpm", "train_classifier", "evaluate"} <= set(
+        timings["stages"]
+    )
     assert not (run / "pixel_diffusion").exists()  # the baseline trains only for a pixeldiff_* set
 
 
@@ -91,9 +137,22 @@ def test_reruns_follow_config_sections(workflow_run):
     # not the class-conditional variant diffusion_cond/ (it reads conditional_steps)
     changed = planned_jobs(wd, "--config", "diffusion={steps: 21}")
     assert changed == {"train_diffusion": 1, "sample": 3, "evaluate": 1, "timings": 1, "all": 1}
-    assert planned_jobs(wd, "--config", "diffusion={conditional_steps: 21}") == {"train_prior_variant": 1, "sample": 1, "evaluate": 1, "timings": 1, "all": 1}
+    assert planned_jobs(wd, "--config", "diffusion={conditional_steps: 21}") == {
+        "train_prior_variant": 1,
+        "sample": 1,
+        "evaluate": 1,
+        "timings": 1,
+        "all": 1,
+    }
     # a recipe key is read by both models
-    assert planned_jobs(wd, "--config", "diffusion={prediction: epsilon}") == {"train_diffusion": 1, "train_prior_variant": 1, "sample": 4, "evaluate": 1, "timings": 1, "all": 1}
+    assert planned_jobs(wd, "--config", "diffusion={prediction: epsilon}") == {
+        "train_diffusion": 1,
+        "train_prior_variant": 1,
+        "sample": 4,
+        "evaluate": 1,
+        "timings": 1,
+        "all": 1,
+    }
     # so does --forcerun train_diffusion
     assert planned_jobs(wd, "--forcerun", "train_diffusion") == changed
     # each sample set reads only its own keys: the temperature re-runs the three categorical PixelCNN
@@ -125,9 +184,17 @@ def test_snakemake_report_holds_grids_curves_and_tables(workflow_run):
     snakemake(workflow_run, "--report", str(out))
     names = zipfile.ZipFile(out).namelist()
     text = " ".join(names)
-    for part in ["reconstructions.png", "training_curves.png", "sets.tsv", "guidance.tsv", "sampling_layer.tsv", "metrics.json", *[f"{m}.png" for m in MODELS]]:
+    for part in [
+        "reconstructions.png",
+        "training_curves.png",
+        "sets.tsv",
+        "guidance.tsv",
+        "sampling_layer.tsv",
+        "metrics.json",
+        *[f"{m}.png" for m in MODELS],
+    ]:
         assert part in text, part
-    html = snakemake(workflow_run, "--report", str(workflow_run / "report.html"))
+    snakemake(workflow_run, "--report", str(workflow_run / "report.html"))
     page = (workflow_run / "report.html").read_text()
     assert "Greedy decoding is deterministic" in page  # a caption, rendered
     assert "classifier-free" in page.lower() or "guidance scale" in page
@@ -160,7 +227,9 @@ def test_bad_config_fails_before_any_job(tmp_path):
 
 
 def test_snakemake_lint_is_clean():
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations" in proc.stdout + proc.stderr
 
@@ -172,13 +241,34 @@ def test_single_stage_cli_writes_where_told(tiny_run, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(tiny_run, run)
     before = (run / "pixelcnn" / "model.pt").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--configfile", str(TINY), "--set", "diffusion.steps=5", "--threads", "2"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train_diffusion",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+            "--set",
+            "diffusion.steps=5",
+            "--threads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load((run / "diffusion" / "config.yaml").read_text())["diffusion"]["steps"] == 5
     assert "train_diffusion 5/5" in proc.stderr
     assert (run / "pixelcnn" / "model.pt").read_bytes() == before
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--set", "diffusion.stepz=5"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train_diffusion", "--run", str(run), "--set", "diffusion.stepz=5"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "did you mean 'diffusion.steps'" in bad.stderr
 
 
@@ -187,12 +277,29 @@ def test_cluster_profiles_dry_run_without_account_and_guard_site_config(tmp_path
     would silently drop the profile's site config (SLURM dispatch) is refused."""
     env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
     base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
-    plan = subprocess.run([*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "-p"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    plan = subprocess.run(
+        [*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "-p"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert "--submit --cluster-config" in plan.stdout and "train_diffusion" in plan.stdout
-    guard = subprocess.run([*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "--configfile", str(TINY)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    guard = subprocess.run(
+        [*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "--configfile", str(TINY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert guard.returncode != 0
-    assert "--configfile replaced the profile's site config cluster/bigred200/pipeline.yaml; list it first" in guard.stdout + guard.stderr
+    assert (
+        "--configfile replaced the profile's site config cluster/bigred200/pipeline.yaml; list it first"
+        in guard.stdout + guard.stderr
+    )
 
 
 @pytest.mark.slow
@@ -202,7 +309,9 @@ def test_scaling_study_config_runs_end_to_end(workflow_run):
     stage, with the table, the plot, the crossover sentence and the Snakemake report entries."""
     study = ROOT / "pipeline" / "configs" / "scaling.yaml"
     plan = planned_jobs(workflow_run, "--configfile", str(TINY), str(study))
-    assert plan["train_prior_variant"] == 6  # {pixelcnn, diffusion} x {0.25, 0.5, 4}; f = 1 and the guided set reuse the run's models
+    assert (
+        plan["train_prior_variant"] == 6
+    )  # {pixelcnn, diffusion} x {0.25, 0.5, 4}; f = 1 and the guided set reuse the run's models
     assert "train_pixelcnn" not in plan and "train_diffusion" not in plan
     snakemake(workflow_run, "--cores", "2", "--configfile", str(TINY), str(study))
     run = workflow_run / "results" / "tiny"
@@ -227,9 +336,29 @@ def test_ablation_row_retrains_one_prior_and_prints_the_evaluate_numbers(tiny_ru
     """benchmarks/ablation.py: links the base run's data/VQ-VAE/judge/latents, retrains only the
     prior the sets need with the override, and prints the evaluate stage's own numbers."""
     out = tmp_path / "abl"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--base", str(tiny_run), "--out", str(out), "--name", "eps",
-                           "--configfile", str(TINY), "--set", "diffusion.prediction=epsilon", "--sets", "diffusion_ddim", "diffusion_ddim_g2"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "ablation.py"),
+            "--base",
+            str(tiny_run),
+            "--out",
+            str(out),
+            "--name",
+            "eps",
+            "--configfile",
+            str(TINY),
+            "--set",
+            "diffusion.prediction=epsilon",
+            "--sets",
+            "diffusion_ddim",
+            "diffusion_ddim_g2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
     assert [r[1] for r in rows] == ["diffusion_ddim", "diffusion_ddim_g2"]

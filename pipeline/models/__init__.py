@@ -4,9 +4,11 @@
 for loading a checkpoint alike (improved-diffusion's ``create_model_and_diffusion``, nanoGPT's
 ``GPTConfig(**checkpoint["model_args"])``): a checkpoint stores ``kind`` and ``args``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -17,7 +19,12 @@ from pipeline.models.vqvae import VQVAE
 
 __all__ = ["MODEL_KINDS", "build_model", "VQVAE", "GatedPixelCNN", "UNet", "DigitClassifier"]
 
-MODEL_KINDS: dict[str, type[nn.Module]] = {"vqvae": VQVAE, "pixelcnn": GatedPixelCNN, "unet": UNet, "classifier": DigitClassifier}
+MODEL_KINDS: dict[str, type[nn.Module]] = {
+    "vqvae": VQVAE,
+    "pixelcnn": GatedPixelCNN,
+    "unet": UNet,
+    "classifier": DigitClassifier,
+}
 
 
 def build_model(kind: str, args: Mapping[str, Any]) -> nn.Module:

@@ -7,6 +7,7 @@ MNIST (e.g. the "FID with a LeNet" of many GAN papers), the features are the pen
 of a classifier trained on the run's own train split. The architecture is the classic
 conv-conv-pool x2 MNIST CNN with batch norm and dropout.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,12 @@ __all__ = ["DigitClassifier"]
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
         nn.MaxPool2d(2),
     )
 

@@ -21,10 +21,10 @@ p(c | y) and p(c), and classifier-free guidance can mix their logits (``pipeline
 The model is generative only through its categorical sampling layer (``pipeline.sample``):
 drawing each code from softmax(logits / tau); argmax decoding collapses to one output.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MaskedConv2d", "GatedMaskedLayer", "GatedPixelCNN"]
@@ -63,7 +63,15 @@ class GatedMaskedLayer(nn.Module):
     tensors; ``cond`` is float (B, cond_dim).
     """
 
-    def __init__(self, mask_type: str, channels: int, kernel_size: int = 3, residual: bool = True, cond_dim: int = 0, dropout: float = 0.0):
+    def __init__(
+        self,
+        mask_type: str,
+        channels: int,
+        kernel_size: int = 3,
+        residual: bool = True,
+        cond_dim: int = 0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if mask_type not in ("A", "B"):
             raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -91,7 +99,9 @@ class GatedMaskedLayer(nn.Module):
         f, g = x.chunk(2, dim=1)
         return torch.tanh(f) * torch.sigmoid(g)
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = v.shape[-2:]
         v_feat = self.v_conv(v)[:, :, :height, :]
         h_feat = self.h_conv(h)[:, :, :, :width]
@@ -126,7 +136,15 @@ class GatedPixelCNN(nn.Module):
     codes)`` is the training loss (nats per code).
     """
 
-    def __init__(self, num_embeddings: int = 128, hidden_channels: int = 64, num_layers: int = 8, kernel_size: int = 3, num_classes: int = 0, dropout: float = 0.0):
+    def __init__(
+        self,
+        num_embeddings: int = 128,
+        hidden_channels: int = 64,
+        num_layers: int = 8,
+        kernel_size: int = 3,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -137,7 +155,10 @@ class GatedPixelCNN(nn.Module):
         cond_dim = hidden_channels if num_classes else 0
         self.layers = nn.ModuleList(
             [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False, cond_dim=cond_dim, dropout=dropout)]
-            + [GatedMaskedLayer("B", hidden_channels, kernel_size, cond_dim=cond_dim, dropout=dropout) for _ in range(num_layers - 1)]
+            + [
+                GatedMaskedLayer("B", hidden_channels, kernel_size, cond_dim=cond_dim, dropout=dropout)
+                for _ in range(num_layers - 1)
+            ]
         )
         self.head = nn.Sequential(
             nn.Conv2d(hidden_channels, 4 * hidden_channels, 1),
@@ -153,7 +174,10 @@ class GatedPixelCNN(nn.Module):
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         if labels.shape != (batch,) or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
-            raise ValueError(f"labels must be int ({batch},) in [0, {self.num_classes}] ({self.num_classes} = null), got shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be int ({batch},) in [0, {self.num_classes}] ({self.num_classes} = null), got shape "
+                f"{tuple(labels.shape)}"
+            )
         return self.label_embedding(labels.long())
 
     def forward_embedded(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ embedding, with label ``num_classes`` as the null label, so that one network tra
 dropout gives both eps(x_t, t, y) and eps(x_t, t) for classifier-free guidance (Ho & Salimans
 2022, sec. 3.2; ``pipeline.diffusion.classifier_free_guidance``).
 """
+
 from __future__ import annotations
 
 import math
@@ -132,7 +133,14 @@ class UNet(nn.Module):
             out = base_channels * mult
             lowest = i == self.levels - 1
             for _ in range(num_res_blocks):
-                self.down.append(nn.ModuleList([ResBlock(ch, out, temb_dim, dropout), AttentionBlock(out) if (attention and lowest) else nn.Identity()]))
+                self.down.append(
+                    nn.ModuleList(
+                        [
+                            ResBlock(ch, out, temb_dim, dropout),
+                            AttentionBlock(out) if (attention and lowest) else nn.Identity(),
+                        ]
+                    )
+                )
                 ch = out
                 skip_chs.append(ch)
             if not lowest:
@@ -148,10 +156,19 @@ class UNet(nn.Module):
             out = base_channels * mult
             lowest = i == self.levels - 1
             for _ in range(num_res_blocks + 1):
-                self.up.append(nn.ModuleList([ResBlock(ch + skip_chs.pop(), out, temb_dim, dropout), AttentionBlock(out) if (attention and lowest) else nn.Identity()]))
+                self.up.append(
+                    nn.ModuleList(
+                        [
+                            ResBlock(ch + skip_chs.pop(), out, temb_dim, dropout),
+                            AttentionBlock(out) if (attention and lowest) else nn.Identity(),
+                        ]
+                    )
+                )
                 ch = out
             if i > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)])
+                )
 
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
@@ -174,7 +191,10 @@ class UNet(nn.Module):
             if labels is None:
                 labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             if labels.shape != (x.shape[0],) or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
-                raise ValueError(f"labels must be int ({x.shape[0]},) in [0, {self.num_classes}] ({self.num_classes} = null), got shape {tuple(labels.shape)}")
+                raise ValueError(
+                    f"labels must be int ({x.shape[0]},) in [0, {self.num_classes}] ({self.num_classes} = null), got "
+                    f"shape {tuple(labels.shape)}"
+                )
             temb = temb + self.label_emb(labels.long())
         elif labels is not None:
             raise ValueError("labels given to an unconditional UNet (num_classes=0)")

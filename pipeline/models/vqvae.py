@@ -11,6 +11,7 @@ keeps the encoder close to its codes.
 
 This module holds ``nn.Module`` s only; it imports neither config, training code nor h5py.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -231,7 +232,9 @@ class VQVAE(nn.Module):
         if hidden_channels % 2:
             raise ValueError(f"hidden_channels must be even, got {hidden_channels}")
         self.encoder = Encoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim)
-        self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, ema_decay, dead_code_threshold)
+        self.quantizer = VectorQuantizerEMA(
+            num_embeddings, embedding_dim, commitment_cost, ema_decay, dead_code_threshold
+        )
         self.decoder = Decoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim)
 
     @property

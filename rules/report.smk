@@ -1,0 +1,103 @@
+# Sampling, the evaluation and the run's timings.
+
+STUDY_CAPTIONS = {
+    s: f"pipeline/report/{s}.rst"
+    for s in ("scaling", "sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance")
+}
+
+
+rule sample:
+    input:
+        sampler_inputs,
+    output:
+        npy=f"{RUN}/samples/{{model}}.npy",
+        png=report(
+            f"{RUN}/samples/{{model}}.png",
+            caption="pipeline/report/samples.rst",
+            category="Samples",
+            labels={"sample set": "{model}"},
+        ),
+        record=f"{RUN}/samples/{{model}}.json",
+    log:
+        f"{RUN}/logs/sample_{{model}}.log",
+    wildcard_constraints:
+        model=SAMPLE_SET_PATTERN,
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    params:
+        run=run_dir,
+        cfg=sample_params,
+    shell:
+        stage_shell("sample", "--model {wildcards.model}")
+
+
+rule evaluate:
+    input:
+        f"{RUN}/data/dataset.h5",
+        f"{RUN}/classifier/model.pt",
+        expand(f"{RUN}/samples/{{model}}.{{ext}}", model=MODELS, ext=("npy", "json")),
+        # carried into the table: every trained model's own metrics and training log
+        expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + MODEL_FOLDERS, f=("metrics.json", "train_log.csv")),
+    output:
+        metrics=report(f"{RUN}/report/metrics.json", caption="pipeline/report/metrics.rst", category="Metrics"),
+        summary=f"{RUN}/report/summary.md",
+        sets=report(
+            f"{RUN}/report/sets.tsv",
+            caption="pipeline/report/sets.rst",
+            category="Metrics",
+            labels={"table": "all sample sets"},
+        ),
+        curves=report(f"{RUN}/report/training_curves.png", caption="pipeline/report/curves.rst", category="Training"),
+        studies=[
+            report(f"{RUN}/report/{s}.tsv", caption=STUDY_CAPTIONS[s], category="Studies", labels={"study": s})
+            for s in STUDIES
+        ],
+        scaling_plot=(
+            [
+                report(
+                    f"{RUN}/report/scaling.png",
+                    caption="pipeline/report/scaling_plot.rst",
+                    category="Studies",
+                    labels={"study": "scaling plot"},
+                )
+            ]
+            if "scaling" in STUDIES
+            else []
+        ),
+    log:
+        f"{RUN}/logs/evaluate.log",
+    conda:
+        CONDA_ENV
+    threads: CORES
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    params:
+        run=run_dir,
+        cfg=stage_config("evaluate"),
+    shell:
+        stage_shell("evaluate")
+
+
+rule timings:
+    input:
+        f"{RUN}/data/dataset.h5",
+        f"{RUN}/vqvae/metrics.json",
+        f"{RUN}/latents/latents.h5",
+        expand(f"{RUN}/samples/{{model}}.json", model=MODELS),
+        f"{RUN}/report/metrics.json",
+    output:
+        f"{RUN}/timings.json",
+    log:
+        f"{RUN}/logs/timings.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    params:
+        run=timings_run_dir,
+    shell:
+        "python -m pipeline timings --run {params.run:q} > {log:q} 2>&1"
