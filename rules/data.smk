@@ -25,7 +25,7 @@ rule train_vqvae:
         model=f"{RUN}/vqvae/model.pt",
         metrics=f"{RUN}/vqvae/metrics.json",
         recon=report(
-            f"{RUN}/vqvae/reconstructions.png", caption="pipeline/report/reconstructions.rst", category="VQ-VAE"
+            f"{RUN}/vqvae/reconstructions.png", caption="../pipeline/report/reconstructions.rst", category="VQ-VAE"
         ),
         log_csv=f"{RUN}/vqvae/train_log.csv",
     log:

@@ -1,7 +1,8 @@
 # Sampling, the evaluation and the run's timings.
+# Paths in a rule file (conda:, caption=) are relative to this folder, rules/; inputs and outputs to the working directory.
 
 STUDY_CAPTIONS = {
-    s: f"pipeline/report/{s}.rst"
+    s: f"../pipeline/report/{s}.rst"
     for s in ("scaling", "sampling_layer", "diffusion_steps", "latent_vs_pixel", "guidance")
 }
 
@@ -13,7 +14,7 @@ rule sample:
         npy=f"{RUN}/samples/{{model}}.npy",
         png=report(
             f"{RUN}/samples/{{model}}.png",
-            caption="pipeline/report/samples.rst",
+            caption="../pipeline/report/samples.rst",
             category="Samples",
             labels={"sample set": "{model}"},
         ),
@@ -43,15 +44,15 @@ rule evaluate:
         # carried into the table: every trained model's own metrics and training log
         expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + MODEL_FOLDERS, f=("metrics.json", "train_log.csv")),
     output:
-        metrics=report(f"{RUN}/report/metrics.json", caption="pipeline/report/metrics.rst", category="Metrics"),
+        metrics=report(f"{RUN}/report/metrics.json", caption="../pipeline/report/metrics.rst", category="Metrics"),
         summary=f"{RUN}/report/summary.md",
         sets=report(
             f"{RUN}/report/sets.tsv",
-            caption="pipeline/report/sets.rst",
+            caption="../pipeline/report/sets.rst",
             category="Metrics",
             labels={"table": "all sample sets"},
         ),
-        curves=report(f"{RUN}/report/training_curves.png", caption="pipeline/report/curves.rst", category="Training"),
+        curves=report(f"{RUN}/report/training_curves.png", caption="../pipeline/report/curves.rst", category="Training"),
         studies=[
             report(f"{RUN}/report/{s}.tsv", caption=STUDY_CAPTIONS[s], category="Studies", labels={"study": s})
             for s in STUDIES
@@ -60,7 +61,7 @@ rule evaluate:
             [
                 report(
                     f"{RUN}/report/scaling.png",
-                    caption="pipeline/report/scaling_plot.rst",
+                    caption="../pipeline/report/scaling_plot.rst",
                     category="Studies",
                     labels={"study": "scaling plot"},
                 )

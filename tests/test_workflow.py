@@ -321,7 +321,7 @@ def test_scaling_study_config_runs_end_to_end(workflow_run):
             m = json.loads((run / f"{prior}_b{f:g}" / "metrics.json").read_text())
             assert m["steps"] == max(1, round(f * cfg[prior]["steps"])) and m["budget"] == f
     report = json.loads((run / "report" / "metrics.json").read_text())
-    rows = report["studies"]["scaling"]["rows"]
+    rows = report["studies"]["scaling"]
     for sampler in ("pixelcnn", "diffusion_dpmsde"):
         mine = [r for r in rows if r["sampler"] == sampler]
         assert [r["budget"] for r in mine] == [0.25, 0.5, 1.0, 4.0]
