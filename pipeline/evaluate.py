@@ -336,11 +336,8 @@ def scaling_crossover(rows: list[dict]) -> dict:
     )
     grid = [g for g in grid if lo <= g <= hi]
     dense = sorted(set(grid + [math.exp(v) for v in np.linspace(math.log(lo), math.log(hi), 200)])) if lo < hi else grid
-    diffs = [
-        (sec, interp(df, sec) - interp(pc, sec))
-        for sec in dense
-        if interp(df, sec) is not None and interp(pc, sec) is not None
-    ]
+    curves = [(sec, interp(df, sec), interp(pc, sec)) for sec in dense]  # each curve interpolated once
+    diffs = [(sec, d - p) for sec, d, p in curves if d is not None and p is not None]
     pc_b = {r["budget"]: r["fd_ratio"] for r in pc}
     at_budgets = [(b, pc_b[b], r["fd_ratio"]) for r in df for b in [r["budget"]] if b in pc_b]
     seconds = None
