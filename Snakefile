@@ -54,7 +54,8 @@ RUN = f"results/{config['run']}"
 MODELS = config["sample"]["models"]
 MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in MODELS})  # pixelcnn, diffusion_cond, ...
 STUDIES = studies_for(MODELS)
-CONDA_ENV = os.path.join(workflow.basedir, config["conda_env"])  # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
+# envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
+CONDA_ENV = os.path.join(workflow.basedir, config["conda_env"])
 # PixelCNN and diffusion training (and the samplers) may run side by side. With 4+ cores each
 # gets half; with fewer, each takes them all and they run one after another, which on 2 cores is
 # faster than 1 thread each because the two trainings are unequal in length.
