@@ -50,6 +50,11 @@ if _site and _site not in [str(p) for p in workflow.config_settings.configfiles]
 config.update(coerce_strings(config))
 validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.yaml"))
 
+# `python -m pipeline plan` reads the resolved config of its dry run from here.
+if os.environ.get("VQLP_PLAN_CONFIG"):
+    with open(os.environ["VQLP_PLAN_CONFIG"], "w") as _f:
+        json.dump(config, _f)
+
 RUN = f"results/{config['run']}"
 MODELS = config["sample"]["models"]
 MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in MODELS})  # pixelcnn, diffusion_cond, ...
@@ -88,6 +93,7 @@ if SLURM["enabled"]:
     DISPATCH = shell_args(True, _cluster, _account)
 else:
     DISPATCH = shell_args(False, None, None)
+SAMPLE_IN_ONE_JOB = bool(SLURM["enabled"] and SLURM["sample_in_one_job"])
 
 
 rule all:

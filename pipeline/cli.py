@@ -5,6 +5,7 @@
     python -m pipeline evaluate --run results/<run>              # report/metrics.json, summary.md
     python -m pipeline config [--configfile F] [--set ...]      # print the resolved config
     python -m pipeline timings --run results/<run>               # write timings.json
+    python -m pipeline plan --profile cluster/bigred200 [snakemake args]  # what would be submitted
     python -m pipeline train_diffusion --run results/<run> --submit [--account A]  # as a SLURM job
 
 Every stage reads the packaged defaults, then ``--configfile`` files, then ``--config-json``
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="Run one stage of vq-latent-pipeline.")
     p.add_argument(
         "stage",
-        choices=[*STAGES, "config", "timings"],
-        help="stage to run, 'config' to print the resolved config, 'timings' to sum stage wall times",
+        choices=[*STAGES, "config", "timings", "plan"],
+        help="stage to run, 'config' to print the resolved config, 'timings' to sum stage wall times, "
+        "'plan' to print what a Snakemake run would submit (its arguments go to snakemake -n)",
     )
     p.add_argument("--run", help="run folder (default: results/<config key run>)")
     p.add_argument("--configfile", action="append", default=[], help="YAML file(s) merged over the packaged defaults")
@@ -49,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         "--sample-set",
         dest="sample_set",
-        default="pixelcnn",
-        help="sample set for the sample stage, e.g. pixelcnn, pixelcnn_ag1.5, diffusion_dpmsde_ag2, "
-        "diffusion_ddim_s25, diffusion_dpmsde_g2, pixeldiff_ddim (grammar in docs/reference.md)",
+        action="append",
+        default=None,
+        help="sample set for the sample stage (default pixelcnn), e.g. pixelcnn, pixelcnn_ag1.5, "
+        "diffusion_dpmsde_ag2, diffusion_ddim_s25, diffusion_dpmsde_g2, pixeldiff_ddim (grammar in "
+        "docs/reference.md); repeat it to draw several sets one after another (one SLURM job with --submit)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -83,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # everything after `plan` goes to snakemake's dry run
+        from pipeline.plan import main as plan_main
+
+        return plan_main(argv[1:], build_parser())
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve(args.configfile, args.config_json, args.overrides)
@@ -98,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(result, sort_keys=False), end="")
         return 0
     kwargs = {"threads": args.threads}
+    sets = args.sample_set or ["pixelcnn"]
     if args.stage == "sample":
-        kwargs["sample_set"] = args.sample_set
+        kwargs.update({"sample_sets": sets} if len(sets) > 1 else {"sample_set": sets[0]})
     if args.budget is not None or args.conditional:
         if args.stage not in ("train_pixelcnn", "train_diffusion"):
             print(
@@ -124,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runtime import DeviceError
 
     try:
-        get_stage(args.stage)(cfg, str(run_dir), **kwargs)
+        for one in [{"sample_set": s} for s in kwargs.pop("sample_sets")] if "sample_sets" in kwargs else [{}]:
+            get_stage(args.stage)(cfg, str(run_dir), **kwargs, **one)
     except (DataError, LatentsError, CheckpointError, DiskFullError, DeviceError, ConfigError, StageInputError) as exc:
         print(f"error: {args.stage}: {exc}", file=sys.stderr)
         return 1

@@ -51,7 +51,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {s.name: s.sections for s in TABLE}
 
 
 #: Top-level keys every stage reads.
-TOP_LEVEL_KEYS = ("run", "device", "bf16", "deterministic")
+TOP_LEVEL_KEYS = ("run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic")
 
 
 class ConfigError(ValueError):

@@ -22,20 +22,22 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import submitit
 import yaml
 
-from pipeline.stages import get_stage
+from pipeline.stages import STAGES, get_stage
 
 __all__ = [
     "DispatchError",
     "StageJob",
     "load_cluster_config",
     "stage_parameters",
+    "submitit_parameters",
+    "job_suffix",
     "run_in_job",
     "submit_stage",
     "resolve_account",
@@ -52,11 +54,90 @@ _PARAM_MAP = {
     "constraint": "slurm_constraint",
     "qos": "slurm_qos",
     "signal_delay_s": "slurm_signal_delay_s",
+    "mail_type": "slurm_mail_type",
+    "mail_user": "slurm_mail_user",
+    "exclusive": "slurm_exclusive",
+    "wckey": "slurm_wckey",
+    "exclude": "slurm_exclude",
+    "comment": "slurm_comment",
+    "additional_parameters": "slurm_additional_parameters",
+    "srun_args": "slurm_srun_args",
 }
+#: keys of a stage entry that are ours, not submitit's: memory per GPU (the node's ``--mem`` is
+#: this times ``gpus_per_node``) and what the plan assumes: sustained TFLOP/s per GPU and a
+#: per-call latency floor in ms (:mod:`pipeline.plan`)
+_OWN_KEYS = {"mem_per_gpu_gb", "assumed_tflops", "assumed_step_ms"}
+_MEMORY_KEYS = ("mem_gb", "mem_per_gpu_gb")
+_MAIL_TYPES = {
+    "NONE",
+    "BEGIN",
+    "END",
+    "FAIL",
+    "REQUEUE",
+    "ALL",
+    "INVALID_DEPEND",
+    "STAGE_OUT",
+    "TIME_LIMIT",
+    "TIME_LIMIT_90",
+    "TIME_LIMIT_80",
+    "TIME_LIMIT_50",
+    "ARRAY_TASKS",
+}
+#: the type each key must have (YAML values are checked before anything is submitted)
+_TYPES = {
+    "partition": str,
+    "gpus_per_node": int,
+    "cpus_per_task": int,
+    "mem_gb": (int, float),
+    "mem_per_gpu_gb": (int, float),
+    "timeout_min": int,
+    "nodes": int,
+    "constraint": str,
+    "qos": str,
+    "signal_delay_s": int,
+    "mail_type": str,
+    "mail_user": str,
+    "exclusive": (bool, str),
+    "wckey": (str, type(None)),
+    "exclude": str,
+    "comment": str,
+    "additional_parameters": dict,
+    "srun_args": list,
+    "assumed_tflops": (int, float),
+    "assumed_step_ms": (int, float),
+}
+
+
+#: signals that make a waiting ``--submit`` command cancel its job: SIGTERM (Snakemake stopping,
+#: scancel of the driver), SIGHUP (the SSH session dropped); SIGINT raises KeyboardInterrupt anyway
+_CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class DispatchError(RuntimeError):
     """A SLURM submission could not be made, or the job did not finish; the message says why."""
+
+
+def _check_entry(path: Path, where: str, entry: Mapping) -> None:
+    bad = set(entry) - set(_PARAM_MAP) - _OWN_KEYS
+    if bad:
+        raise DispatchError(
+            f"{path}: {where} has unknown keys {sorted(bad)}; expected some of {sorted(set(_PARAM_MAP) | _OWN_KEYS)}"
+        )
+    for key, value in entry.items():
+        kind = _TYPES[key]
+        if isinstance(value, bool) and kind in (int, (int, float)) or not isinstance(value, kind):
+            names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise DispatchError(f"{path}: {where}.{key} is {value!r}; expected {names}")
+    if "mem_gb" in entry and "mem_per_gpu_gb" in entry:
+        raise DispatchError(f"{path}: {where} sets both mem_gb and mem_per_gpu_gb; keep one")
+    if "mail_type" in entry:
+        unknown = {t.strip().upper() for t in entry["mail_type"].split(",")} - _MAIL_TYPES
+        if unknown:
+            raise DispatchError(
+                f"{path}: {where}.mail_type has {sorted(unknown)}; expected a comma list of {sorted(_MAIL_TYPES)}"
+            )
+    if "srun_args" in entry and not all(isinstance(a, str) for a in entry["srun_args"]):
+        raise DispatchError(f"{path}: {where}.srun_args must be a list of strings, got {entry['srun_args']!r}")
 
 
 def load_cluster_config(path: str | os.PathLike) -> dict:
@@ -64,8 +145,18 @@ def load_cluster_config(path: str | os.PathLike) -> dict:
     ``setup`` (shell lines run in the job before Python starts, e.g. ``module load``),
     ``max_num_timeout`` (requeues after a time limit).
 
+    Stage keys (each optional): ``partition``, ``gpus_per_node`` (> 1: DDP, one task per GPU),
+    ``cpus_per_task`` (per task, so per GPU), ``mem_gb`` (per node) or ``mem_per_gpu_gb`` (the
+    node's memory is this times ``gpus_per_node``), ``timeout_min``, ``signal_delay_s``,
+    ``nodes``, ``constraint``, ``qos``, ``mail_type`` (e.g. ``END,FAIL``), ``mail_user``,
+    ``exclusive``, ``wckey`` (null: none; submitit's default ``submitit`` is never sent),
+    ``exclude``, ``comment``, ``additional_parameters`` (any other ``#SBATCH --key=value``, as
+    a mapping), ``srun_args`` (a list passed to the ``srun`` inside the job), ``assumed_tflops``
+    and ``assumed_step_ms`` (sustained TFLOP/s per GPU and per-call latency the plan assumes).
+
     Raises:
-        DispatchError: missing file, not YAML, or keys that are not SLURM parameters we know.
+        DispatchError: missing file, not YAML, keys that are not SLURM parameters we know, or a
+            value of the wrong type (the message names the file, the key and what was expected).
     """
     p = Path(path)
     if not p.is_file():
@@ -74,25 +165,60 @@ def load_cluster_config(path: str | os.PathLike) -> dict:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise DispatchError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise DispatchError(f"{p}: expected a mapping with defaults, stages, setup, max_num_timeout")
     unknown = set(data) - {"defaults", "stages", "setup", "max_num_timeout"}
     if unknown:
         raise DispatchError(
             f"{p}: unknown top-level keys {sorted(unknown)}; expected defaults, stages, setup, max_num_timeout"
         )
+    stages = data.get("stages") or {}
+    bad_stages = set(stages) - set(STAGES)
+    if bad_stages:
+        raise DispatchError(f"{p}: stages has unknown stages {sorted(bad_stages)}; expected some of {list(STAGES)}")
     for where, entry in [("defaults", data.get("defaults") or {})] + [
-        (f"stages.{k}", v or {}) for k, v in (data.get("stages") or {}).items()
+        (f"stages.{k}", v or {}) for k, v in stages.items()
     ]:
-        bad = set(entry) - set(_PARAM_MAP)
-        if bad:
-            raise DispatchError(f"{p}: {where} has unknown keys {sorted(bad)}; expected some of {sorted(_PARAM_MAP)}")
+        _check_entry(p, where, entry)
+    setup = data.get("setup") or []
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise DispatchError(f"{p}: setup must be a list of shell lines, got {setup!r}")
     return data
 
 
 def stage_parameters(cluster: Mapping, stage: str) -> dict:
-    """The cluster YAML's defaults updated by the stage's entry (our key names)."""
+    """The cluster YAML's defaults updated by the stage's entry (our key names). A stage entry
+    that sets a memory key (``mem_gb`` or ``mem_per_gpu_gb``) replaces the defaults' memory."""
     params = dict(cluster.get("defaults") or {})
-    params.update((cluster.get("stages") or {}).get(stage) or {})
+    entry = (cluster.get("stages") or {}).get(stage) or {}
+    if any(k in entry for k in _MEMORY_KEYS):
+        for k in _MEMORY_KEYS:
+            params.pop(k, None)
+    params.update(entry)
     return params
+
+
+def submitit_parameters(params: Mapping, name: str, account: str | None, setup: list[str] | None) -> dict:
+    """The keyword arguments of ``executor.update_parameters`` for one stage job.
+
+    ``tasks_per_node`` is ``gpus_per_node`` (one DDP task per GPU); ``mem_gb`` is the node's
+    memory (``mem_per_gpu_gb`` times the GPUs when that is given); no ``--wckey`` is sent unless
+    one is configured (submitit's default, ``submitit``, is rejected by clusters that check
+    wckeys). ``account`` and ``setup`` are SLURM-only (omitted when None).
+    """
+    gpus = int(params.get("gpus_per_node", 1))
+    sub = {_PARAM_MAP[k]: v for k, v in params.items() if k in _PARAM_MAP}
+    if "mem_per_gpu_gb" in params:
+        sub["mem_gb"] = float(params["mem_per_gpu_gb"]) * max(1, gpus)
+    sub["tasks_per_node"] = max(1, gpus)
+    sub.setdefault("timeout_min", 60)
+    sub.setdefault("slurm_wckey", None)
+    sub["name"] = name
+    if account is not None:
+        sub["slurm_account"] = account
+    if setup is not None:
+        sub["slurm_setup"] = list(setup)
+    return sub
 
 
 def resolve_account(account: str | None) -> str:
@@ -124,9 +250,42 @@ def _init_distributed() -> tuple[int, int]:
     return dist_env.rank, dist_env.world_size
 
 
+def _requeue_all_ranks(handler: Callable) -> Callable[[int], None]:
+    """The hook a training loop calls once its checkpoint is on disk (every rank, after a
+    barrier): rank 0 runs submitit's checkpoint-and-requeue handler (it pickles the job and
+    calls ``scontrol requeue``, then ``sys.exit``); every rank then meets at a second barrier
+    and only then leaves, with rank 0's exit code. So no rank exits while rank 0 is still
+    saving or requeueing (submitit's handler itself returns on ranks > 0 for that reason)."""
+
+    def hook(signum: int) -> None:
+        import torch.distributed as dist
+
+        from pipeline.runtime import dist_info
+
+        rank, world = dist_info()
+        code: Any = -1
+        error: BaseException | None = None
+        try:
+            if rank == 0:
+                handler(signum, None)
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException as exc:  # e.g. UncompletedJobError: "timed-out too many times"
+            error = exc
+        if world > 1:
+            dist.barrier()
+        if error is not None:
+            raise error
+        raise SystemExit(code)
+
+    return hook
+
+
 def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]) -> dict:
     """What runs in each SLURM task: join the process group if there are several tasks, run the
-    stage, leave the group. Returns the stage's metrics (from every rank)."""
+    stage, leave the group. Returns the stage's metrics (from every rank). For ``sample`` with
+    ``sample_sets`` (a list), the sets are drawn one after another in this one job and the
+    result maps each set to its record."""
     import torch
 
     from pipeline import runtime
@@ -136,10 +295,15 @@ def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]
     usr_sig = signal.SIGUSR2
     submitit_handler = signal.getsignal(usr_sig)
     if callable(submitit_handler):
-        runtime.set_requeue_hook(lambda signum: submitit_handler(signum, None), signals=(usr_sig,))
+        runtime.set_requeue_hook(_requeue_all_ranks(submitit_handler), signals=(usr_sig,))
     rank, world = _init_distributed()
+    kw = dict(kwargs)
     try:
-        result = get_stage(stage)(dict(cfg), run_dir, **dict(kwargs))
+        if stage == "sample" and "sample_sets" in kw:
+            sets = list(kw.pop("sample_sets"))
+            result = {s: get_stage(stage)(dict(cfg), run_dir, sample_set=s, **kw) for s in sets}
+        else:
+            result = get_stage(stage)(dict(cfg), run_dir, **kw)
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -224,38 +388,44 @@ def submit_stage(
     params = stage_parameters(cluster_cfg, stage)
     acc = resolve_account(account)
     run_dir = str(run_dir)
-    run_name = Path(run_dir).name
-    suffix = f"_{kwargs['sample_set']}" if stage == "sample" and "sample_set" in kwargs else ""
-    if kwargs.get("budget") is not None or kwargs.get("conditional"):
-        from pipeline.sets import budget_tag
-
-        suffix = ("_cond" if kwargs.get("conditional") else "") + budget_tag(kwargs.get("budget"))
+    suffix = job_suffix(stage, kwargs)
     # A fresh folder per submission: SLURM job ids restart when its state is purged.
     folder = Path(run_dir) / "logs" / f"{stage}{suffix}" / time.strftime("%Y%m%d-%H%M%S")
     executor = submitit.AutoExecutor(
         folder=folder, cluster=cluster, slurm_max_num_timeout=int(cluster_cfg.get("max_num_timeout", 3))
     )
-    gpus = int(params.get("gpus_per_node", 1))
-    sub = {_PARAM_MAP[k]: v for k, v in params.items()}
-    sub["tasks_per_node"] = max(1, gpus)
-    sub.setdefault("timeout_min", 60)
-    executor.update_parameters(name=f"{run_name}-{stage}{suffix}", **sub)
-    if executor.cluster == "slurm":
-        setup = list(cluster_cfg.get("setup") or [])
-        executor.update_parameters(slurm_account=acc, slurm_setup=setup)
+    on_slurm = executor.cluster == "slurm"
+    sub = submitit_parameters(
+        params,
+        name=f"{Path(run_dir).name}-{stage}{suffix}",
+        account=acc if on_slurm else None,
+        setup=list(cluster_cfg.get("setup") or []) if on_slurm else None,
+    )
+    if not on_slurm:  # the local and debug executors know none of the slurm_* keys
+        sub = {k: v for k, v in sub.items() if not k.startswith("slurm_")}
+    wckey = sub.pop("slurm_wckey", None)
+    executor.update_parameters(**sub)
+    if on_slurm:
+        # AutoExecutor drops None values, so only the SlurmExecutor under it can replace
+        # submitit's default --wckey=submitit by none at all.
+        executor._executor.update_parameters(wckey=wckey)
     kw = dict(kwargs)
     kw["threads"] = int(params.get("cpus_per_task", kw.get("threads") or 1))
-    job = executor.submit(StageJob(), stage, dict(cfg), run_dir, kw)
+    # Submitted from inside a SLURM job (run_pipeline.sbatch: the driver is a job), sbatch would
+    # hand the driver's SLURM_* variables (CPU binding, memory per CPU, ...) to the stage's job.
+    with submitit.helpers.clean_env():
+        job = executor.submit(StageJob(), stage, dict(cfg), run_dir, kw)
     print(f"{stage}{suffix}: submitted SLURM job {job.job_id} ({executor.cluster}); logs: {folder}", flush=True)
     if not wait:
         return job
 
     # If this waiting command is stopped (Snakemake shutting down after another job failed,
-    # Ctrl-C, scancel of the driver), cancel the SLURM job instead of leaving it running.
+    # Ctrl-C, scancel of the driver, the SSH session dropped), cancel the SLURM job instead of
+    # leaving it running with nobody waiting for it.
     def _stop(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, _stop)
+    previous = {sig: signal.signal(sig, _stop) for sig in _CANCEL_SIGNALS}
     try:
         results = job.results()
     except KeyboardInterrupt:
@@ -270,9 +440,22 @@ def submit_stage(
             f"stderr: {stderr}\n--- last lines ---\n{_tail(stderr)}\n--- submitit ---\n{str(exc)[-2000:]}"
         ) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"{stage}{suffix}: SLURM job {job.job_id} finished ({len(results)} task(s))", flush=True)
     return results[0]
+
+
+def job_suffix(stage: str, kwargs: Mapping[str, Any]) -> str:
+    """What follows ``<run>-<stage>`` in a job name and log folder: ``_<set>`` for one sample set
+    (nothing for several), ``_cond`` and ``_b<f>`` for the prior variants."""
+    if stage == "sample" and kwargs.get("sample_set") and "sample_sets" not in kwargs:
+        return f"_{kwargs['sample_set']}"
+    if kwargs.get("budget") is not None or kwargs.get("conditional"):
+        from pipeline.sets import budget_tag
+
+        return ("_cond" if kwargs.get("conditional") else "") + budget_tag(kwargs.get("budget"))
+    return ""
 
 
 def shell_args(enabled: bool, cluster_config: str | None, account: str | None) -> str:

@@ -29,13 +29,17 @@ __all__ = [
     "DeviceError",
     "StopSignals",
     "set_requeue_hook",
+    "requeue_signals",
     "dist_info",
     "log",
     "setup_logging",
     "resolve_device",
+    "claim_gpu",
     "seed_everything",
     "autocast",
     "stage_record",
+    "where_it_ran",
+    "configure_cuda",
     "Progress",
 ]
 
@@ -53,6 +57,11 @@ def set_requeue_hook(hook, signals=()) -> None:
     """Register what a training loop calls after saving on ``signals`` (inside a SLURM job:
     submitit's checkpoint-and-requeue handler). Set by :mod:`pipeline.dispatch` only."""
     _REQUEUE["hook"], _REQUEUE["signals"] = hook, tuple(signals)
+
+
+def requeue_signals() -> tuple[int, ...]:
+    """The signals that mean "checkpoint and requeue" in this process (empty outside a SLURM job)."""
+    return _REQUEUE["signals"]
 
 
 class StopSignals:
@@ -109,8 +118,54 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+_CLAIMED: dict[str, Any] = {}
+
+
+def claim_gpu(lock_dir: str | os.PathLike, count: int, wait_s: float = 600.0) -> int:
+    """Claim one of ``count`` GPUs for this process: the first index whose lock file
+    ``<lock_dir>/gpu<i>.lock`` this process can ``flock``; held until the process exits (the
+    lock is released by the kernel even on SIGKILL). The one-allocation mode
+    (``run_allocation.sbatch``) sets ``$VQLP_GPU_LOCKS`` so that concurrent stages inside one
+    allocation of several GPUs each take their own; Snakemake's ``--resources gpu=N`` keeps at
+    most N such stages running, so a free GPU normally exists at once.
+
+    Returns:
+        The claimed index in [0, count) (the same one on a second call in this process).
+
+    Raises:
+        DeviceError: no GPU came free within ``wait_s`` seconds.
+    """
+    import fcntl
+
+    if "index" in _CLAIMED:
+        return _CLAIMED["index"]
+    folder = Path(lock_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        for i in range(max(1, count)):
+            handle = open(folder / f"gpu{i}.lock", "a+")  # noqa: SIM115 (held for the process lifetime)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            _CLAIMED.update(index=i, handle=handle)
+            return i
+        if time.monotonic() > deadline:
+            raise DeviceError(f"all {count} GPUs of {folder} stayed claimed for {wait_s:.0f} s")
+        time.sleep(1.0)
+
+
 def resolve_device(name: str):
     """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` (error if no GPU).
+
+    The CUDA index: ``$LOCAL_RANK`` under DDP; else, with ``$VQLP_GPU_LOCKS`` set (the
+    one-allocation mode) and several GPUs visible, the one :func:`claim_gpu` takes; else 0.
 
     Raises:
         DeviceError: ``device: cuda`` on a machine where ``torch.cuda.is_available()`` is false.
@@ -118,15 +173,19 @@ def resolve_device(name: str):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(
                 "config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use "
                 "device: auto or cpu"
             )
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+        count = max(torch.cuda.device_count(), 1)
+        if "LOCAL_RANK" in os.environ or dist_info()[1] > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+        if os.environ.get("VQLP_GPU_LOCKS") and count > 1:
+            return torch.device("cuda", claim_gpu(os.environ["VQLP_GPU_LOCKS"], count))
+        return torch.device("cuda", 0)
     if name == "cpu":
         return torch.device("cpu")
     raise ValueError(f"config key 'device': expected auto, cpu or cuda, got {name!r}")
@@ -171,6 +230,69 @@ class Progress:
         return msg
 
 
+def configure_cuda(cfg: Mapping) -> dict:
+    """The CUDA precision switches of the config, applied when a GPU is visible (no-ops on a CPU).
+
+    ``tf32`` (default true): TF32 tensor-core matmuls and convolutions on Ampere and later
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``; a 10-bit
+    mantissa for the products, fp32 accumulation). ``cudnn_benchmark`` (default false): cuDNN
+    autotunes each convolution's algorithm on first use (faster for fixed shapes, not bit-exact
+    across runs, and off under ``deterministic``). bf16 autocast is separate (:func:`autocast`).
+    Returns what is in effect: ``{"tf32": bool, "cudnn_benchmark": bool, "cuda": bool}``.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    tf32 = bool(cfg.get("tf32", True)) and cuda
+    bench = bool(cfg.get("cudnn_benchmark", False)) and cuda and not cfg.get("deterministic")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = bench
+    return {"tf32": tf32, "cudnn_benchmark": bench, "cuda": cuda}
+
+
+#: SLURM job variables recorded in a stage's ``where`` (the record key -> the variable)
+_SLURM_VARS = {
+    "job_id": "SLURM_JOB_ID",
+    "array_job_id": "SLURM_ARRAY_JOB_ID",
+    "array_task_id": "SLURM_ARRAY_TASK_ID",
+    "job_name": "SLURM_JOB_NAME",
+    "partition": "SLURM_JOB_PARTITION",
+    "account": "SLURM_JOB_ACCOUNT",
+    "node": "SLURMD_NODENAME",
+    "nodes": "SLURM_JOB_NODELIST",
+    "ntasks": "SLURM_NTASKS",
+    "cpus_per_task": "SLURM_CPUS_PER_TASK",
+    "mem_per_node_mb": "SLURM_MEM_PER_NODE",
+    "mem_per_cpu_mb": "SLURM_MEM_PER_CPU",
+    "gpus_on_node": "SLURM_GPUS_ON_NODE",
+    "restart_count": "SLURM_RESTART_COUNT",
+}
+
+
+def where_it_ran() -> dict:
+    """Where this process runs: host, SLURM job (id, name, partition, account, node, tasks,
+    CPUs, memory in MB, GPUs, requeue count; None outside SLURM), the visible GPUs' model names
+    and the peak GPU memory allocated so far by this process (GB, None without CUDA).
+    ``sacct -j <job_id>`` and ``seff <job_id>`` take the recorded ``slurm.job_id``."""
+    import torch
+
+    slurm = {k: os.environ.get(v) for k, v in _SLURM_VARS.items()} if "SLURM_JOB_ID" in os.environ else None
+    gpus, peak = None, None
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        peak = round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 1e9, 3)
+    return {
+        "host": socket.gethostname(),
+        "slurm": slurm,
+        "gpus": gpus,
+        "peak_gpu_memory_gb": peak,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
 @contextlib.contextmanager
 def stage_record(
     stage: str, cfg: Mapping, out_dir: str | os.PathLike, metrics_name: str = "metrics.json", threads: int | None = None
@@ -179,8 +301,10 @@ def stage_record(
     stage's own section: what it read) and ``metrics_name``.
 
     Yields a dict the body fills with metrics; ``wall_time_s`` (seconds, this invocation plus
-    any ``resumed_wall_time_s`` the body sets from a checkpoint), ``stage``, ``host`` and
-    ``finished`` are added. Nothing is written if the body raises. Under torch.distributed only
+    any ``resumed_wall_time_s`` the body sets from a checkpoint), ``stage``, ``host``, ``where``
+    (:func:`where_it_ran`: SLURM job id, node, GPU model, peak GPU memory, precision switches)
+    and ``finished`` are added. The CUDA precision switches are applied first
+    (:func:`configure_cuda`). Nothing is written if the body raises. Under torch.distributed only
     rank 0 writes and logs (other ranks log warnings only).
     """
     import torch
@@ -192,6 +316,9 @@ def stage_record(
     if cfg.get("deterministic"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    precision = configure_cuda(cfg)
+    if precision["cuda"]:
+        torch.cuda.reset_peak_memory_stats()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -207,6 +334,7 @@ def stage_record(
         "wall_time_s": round(wall, 3),
         "world_size": world,
         "host": socket.gethostname(),
+        "where": {**where_it_ran(), "tf32": precision["tf32"], "cudnn_benchmark": precision["cudnn_benchmark"]},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if rank == 0:

@@ -349,6 +349,7 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn
             labels="i % 10 for sample i" if spec.conditional else None,
             sampling_seconds=round(seconds, 3),
             seconds_per_1000=round(1000 * seconds / n, 3),
+            samples_per_s=round(n / max(seconds, 1e-9), 2),
             prior_folder=spec.model_folder,
             prior_budget=trained.get("budget", 1.0),
             prior_steps=trained.get("steps"),

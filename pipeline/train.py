@@ -24,6 +24,7 @@ from pipeline.augment import random_affine
 from pipeline.diffusion import images_to_pixel_space
 from pipeline.io import RunPaths, StageInputError, save_grid_png, sha256_file
 from pipeline.models import build_model
+from pipeline.models import model_args as build_args
 from pipeline.runtime import (
     dist_info,
     log,
@@ -91,17 +92,7 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         device = resolve_device(cfg["device"])
         train_x, _ = _images(paths, "train", device)
         test_x, _ = _images(paths, "test", device)
-        model_args = {
-            "in_channels": 1,
-            "num_embeddings": sec["num_embeddings"],
-            "embedding_dim": sec["embedding_dim"],
-            "hidden_channels": sec["hidden_channels"],
-            "res_channels": sec["res_channels"],
-            "num_res_blocks": sec["num_res_blocks"],
-            "commitment_cost": sec["commitment_cost"],
-            "ema_decay": sec["ema_decay"],
-            "dead_code_threshold": sec["dead_code_threshold"],
-        }
+        model_args = build_args("vqvae", sec, in_channels=1)
         seed_everything(int(sec["seed"]))
         model = build_model("vqvae", model_args).to(device)
 
@@ -218,16 +209,7 @@ def train_pixelcnn(
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         n_cls = NUM_CLASSES if conditional else 0
-        model_args = {
-            "num_embeddings": info.num_embeddings,
-            "hidden_channels": sec["hidden_channels"],
-            "num_layers": sec["num_layers"],
-            "kernel_size": sec["kernel_size"],
-        }
-        if sec.get("dropout"):
-            model_args["dropout"] = float(sec["dropout"])
-        if n_cls:
-            model_args["num_classes"] = n_cls
+        model_args = build_args("pixelcnn", sec, in_channels=info.num_embeddings, num_classes=n_cls)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("pixelcnn", model_args).to(device)
@@ -365,17 +347,8 @@ def train_diffusion(
         std = torch.tensor(std_np, dtype=torch.float32, device=device)[None, :, None, None]
         train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
         test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
-        model_args = {
-            "in_channels": info.embedding_dim,
-            "base_channels": sec["base_channels"],
-            "channel_mult": list(sec["channel_mult"]),
-            "num_res_blocks": sec["num_res_blocks"],
-            "attention": sec["attention"],
-            "dropout": sec["dropout"],
-        }
         n_cls = NUM_CLASSES if conditional else 0
-        if n_cls:
-            model_args["num_classes"] = n_cls
+        model_args = build_args("unet", sec, in_channels=info.embedding_dim, num_classes=n_cls)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
@@ -478,12 +451,7 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
         train_x, train_y = _images(paths, "train", device)
         test_x, test_y = _images(paths, "test", device)
         train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
-        model_args = {
-            "num_classes": NUM_CLASSES,
-            "channels": sec["channels"],
-            "feature_dim": sec["feature_dim"],
-            "dropout": sec["dropout"],
-        }
+        model_args = build_args("classifier", sec, num_classes=NUM_CLASSES)
         seed_everything(int(sec["seed"]))
         model = build_model("classifier", model_args).to(device)
 
@@ -585,14 +553,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
         train_x, _ = _images(paths, "train", device)
         test_x, _ = _images(paths, "test", device)
         train_p, test_p = images_to_pixel_space(train_x), images_to_pixel_space(test_x)
-        model_args = {
-            "in_channels": 1,
-            "base_channels": sec["base_channels"],
-            "channel_mult": list(sec["channel_mult"]),
-            "num_res_blocks": sec["num_res_blocks"],
-            "attention": sec["attention"],
-            "dropout": sec["dropout"],
-        }
+        model_args = build_args("unet", sec, in_channels=1)
         seed_everything(int(sec["seed"]))
         model = build_model("unet", model_args).to(device)
         diffusion = _make_diffusion(sec).to(device)

@@ -32,7 +32,7 @@ import torch
 
 from pipeline import checkpoint as ckpt_io
 from pipeline.io import RunPaths, atomic_write_text
-from pipeline.runtime import Progress, StopSignals, autocast, dist_info, log, seed_everything
+from pipeline.runtime import Progress, StopSignals, autocast, dist_info, log, requeue_signals, seed_everything
 
 __all__ = [
     "Batcher",
@@ -128,6 +128,7 @@ class TrainResult:
         final_loss: mean loss of the last log window (NaN without rows).
         snapshot: the state dict taken at ``snapshot_step`` (the EMA weights when there is an
             EMA), or None.
+        steps, batch_size: the optimizer steps trained and the global batch.
     """
 
     ema: Any
@@ -136,6 +137,8 @@ class TrainResult:
     resumed_s: float = 0.0
     final_loss: float = float("nan")
     snapshot: dict | None = None
+    steps: int = 0
+    batch_size: int = 0
 
 
 class TrainLoop:
@@ -305,15 +308,21 @@ class TrainLoop:
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """A signal on any rank: every rank stops at the same step boundary (or one would wait
-        forever in all-reduce)."""
-        requested = stop.requested is not None
+        forever in all-reduce), and for the same reason. The ranks agree on the strongest request
+        (``max`` all-reduce of 0 none, 1 stop, 2 requeue): a rank that has not yet seen SLURM's
+        pre-timeout signal still checkpoints-and-requeues with the others instead of exiting
+        143 without requeueing."""
+        requeue = requeue_signals()
+        code = 0 if stop.requested is None else 2 if stop.requested in requeue else 1
         if self.world > 1:
-            flag = torch.tensor([float(requested)], device=self.device)
+            flag = torch.tensor([float(code)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(flag.item())
-            if requested and stop.requested is None:
+            code = int(flag.item())
+            if code == 2 and stop.requested not in requeue:
+                stop.requested = int(requeue[0])
+            elif code == 1 and stop.requested is None:
                 stop.requested = int(signal.SIGTERM)
-        return requested
+        return code > 0
 
     def run(self) -> TrainResult:
         """Resume, wrap for DDP, train to ``steps`` and return the :class:`TrainResult`.
@@ -335,6 +344,8 @@ class TrainLoop:
                 self.step(step)
                 if self._stop_requested(stop) and step + 1 < self.steps:
                     self.save_checkpoint(step + 1)
+                    if self.world > 1:  # no rank leaves before rank 0's checkpoint is on disk
+                        torch.distributed.barrier()
                     log.warning(
                         "%s: signal %d received; checkpoint saved at step %d/%d in %s",
                         self.stage,
@@ -352,6 +363,8 @@ class TrainLoop:
             resumed_s=self.elapsed_before,
             final_loss=self.rows[-1]["loss"] if self.rows else float("nan"),
             snapshot=self.snapshot,
+            steps=self.steps,
+            batch_size=int(self.section["batch_size"]),
         )
 
 
@@ -395,10 +408,14 @@ def finish_stage(out_dir: Path) -> None:
 def finish_training(
     path: Path, kind: str, model_args: Mapping, model: torch.nn.Module, result: TrainResult, metrics: dict, **extra: Any
 ) -> None:
-    """The common ending of every training stage: record ``resumed_wall_time_s`` in ``metrics``,
+    """The common ending of every training stage: record ``resumed_wall_time_s`` and the
+    throughput (``train_steps_per_s``, ``train_images_per_s``: global batch) in ``metrics``,
     write ``model.pt`` at ``path`` (weights, EMA and autoguidance snapshot of ``result``, the
     metrics so far, ``extra``) and remove the resume checkpoint of its folder."""
     metrics["resumed_wall_time_s"] = result.resumed_s
+    if result.elapsed_s > 0 and result.steps:
+        metrics["train_steps_per_s"] = round(result.steps / result.elapsed_s, 3)
+        metrics.setdefault("train_images_per_s", round(result.steps * result.batch_size / result.elapsed_s, 1))
     save_model(path, kind, model_args, model, ema=result.ema, guide=result.snapshot, metrics=dict(metrics), **extra)
     finish_stage(Path(path).parent)
 

@@ -79,11 +79,16 @@ def sample_config(name):
     return json.dumps(view, sort_keys=True)
 
 
-def sampler_inputs(wildcards):
-    """The trained model a sample set needs, plus the VQ-VAE that decodes latent codes."""
-    spec = parse_sample_set(wildcards.model)
+def sampler_inputs_of(name):
+    """The trained model sample set ``name`` needs, plus the VQ-VAE that decodes latent codes."""
+    spec = parse_sample_set(name)
     vqvae = [] if spec.prior == "pixeldiff" else [f"{RUN}/vqvae/model.pt"]
     return vqvae + [f"{RUN}/{spec.model_folder}/model.pt"]
+
+
+def sampler_inputs(wildcards):
+    """:func:`sampler_inputs_of` the rule's sample set."""
+    return sampler_inputs_of(wildcards.model)
 
 
 def sample_params(wildcards):

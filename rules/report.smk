@@ -7,6 +7,41 @@ STUDY_CAPTIONS = {
 }
 
 
+# With SLURM dispatch, the sample sets of a run go to SLURM as one job (slurm.sample_in_one_job):
+# one queue wait instead of one per set. Each set is still its own output; one set alone:
+# python -m pipeline sample --run results/<run> --sample-set <set> --submit.
+if SAMPLE_IN_ONE_JOB:
+
+    rule sample_sets:
+        input:
+            sorted({path for m in MODELS for path in sampler_inputs_of(m)}),
+        output:
+            **{f"npy_{i}": f"{RUN}/samples/{m}.npy" for i, m in enumerate(MODELS)},
+            **{
+                f"png_{i}": report(
+                    f"{RUN}/samples/{m}.png",
+                    caption="../pipeline/report/samples.rst",
+                    category="Samples",
+                    labels={"sample set": m},
+                )
+                for i, m in enumerate(MODELS)
+            },
+            **{f"record_{i}": f"{RUN}/samples/{m}.json" for i, m in enumerate(MODELS)},
+        log:
+            f"{RUN}/logs/sample_sets.log",
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            gpu=1,
+            dispatch=DISPATCH,
+        params:
+            run=run_dir,
+            cfg=stage_config("sample"),
+        shell:
+            stage_shell("sample", " ".join(f"--sample-set {m}" for m in MODELS))
+
+
 rule sample:
     input:
         sampler_inputs,

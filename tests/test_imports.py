@@ -17,6 +17,7 @@ TOP = {
     "pipeline.cli",
     "pipeline.timings",
     "pipeline.dispatch",
+    "pipeline.plan",
     "pipeline.__main__",
 }
 

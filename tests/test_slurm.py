@@ -91,6 +91,18 @@ def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
         time.sleep(1)
 
 
+def sbatch_wrapper(
+    script: str, options: list[str], args: list[str], config: list[str], tmp_path: Path
+) -> tuple[subprocess.CompletedProcess, str]:
+    """``sbatch --wait`` one of cluster/bigred200's wrappers from the repository root with sbatch
+    ``options`` and the wrapper's own ``args`` + ``config``; (the sbatch process, the job's output)."""
+    cmd = ["sbatch", "-A", ACCOUNT, "-p", "gpu", *options, "--wait", "-D", str(ROOT)]
+    cmd += ["-o", str(tmp_path / "job-%j.out"), str(ROOT / "cluster" / "bigred200" / script), *args, *config]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    outs = list(tmp_path.glob("job-*.out"))
+    return proc, outs[0].read_text() if outs else proc.stderr
+
+
 def job_ids(log: Path) -> list[str]:
     return re.findall(r"submitted SLURM job (\d+)", log.read_text())
 
@@ -114,20 +126,72 @@ def test_every_gpu_stage_is_its_own_slurm_job(slurm_run):
     wd, proc = slurm_run
     run = wd / "results" / "tiny"
     seen = {}
-    for stage in GPU_STAGES + [f"sample_{m}" for m in SLURM_MODELS]:
+    for stage in GPU_STAGES + ["sample_sets"]:
         log = run / "logs" / f"{stage}.log"
         ids = job_ids(log)
         assert len(ids) == 1, f"{stage}: {log.read_text()[-1000:]}"
         name, state = sacct(ids[0])
         assert state == "COMPLETED", (stage, state)
-        assert name == f"tiny-{stage}"
+        job_name = "tiny-sample" if stage == "sample_sets" else f"tiny-{stage}"
+        assert name == job_name
         seen[stage] = ids[0]
-        assert list((run / "logs" / stage).glob("*/*_log.out")), f"no submitit log folder for {stage}"
+        folder = "sample" if stage == "sample_sets" else stage
+        assert list((run / "logs" / folder).glob("*/*_log.out")), f"no submitit log folder for {stage}"
     assert len(set(seen.values())) == len(seen)  # distinct jobs
     # prepare_data stayed local: no SLURM job in its log
     assert not job_ids(run / "logs" / "prepare_data.log")
+    # the sample sets were drawn in the one sample job, each its own output and record
     for m in SLURM_MODELS:
         assert np.load(run / "samples" / f"{m}.npy").dtype == np.float32
+        where = json.loads((run / "samples" / f"{m}.json").read_text())["where"]
+        assert where["slurm"]["job_id"] == seen["sample_sets"] and where["slurm"]["job_name"] == "tiny-sample"
+    # every stage records where it ran: its own job, partition, account, CPUs
+    for stage, folder in [("train_vqvae", "vqvae"), ("train_diffusion", "diffusion"), ("evaluate", "report")]:
+        record = json.loads((run / folder / ("record.json" if stage == "evaluate" else "metrics.json")).read_text())
+        slurm = record["where"]["slurm"]
+        assert (slurm["job_id"], slurm["job_name"], slurm["partition"], slurm["account"]) == (
+            seen[stage],
+            f"tiny-{stage}",
+            "gpu",
+            ACCOUNT,
+        )
+        assert slurm["cpus_per_task"] == "1" and record["where"]["gpus"] is None  # fake GPUs, CPU torch
+    assert json.loads((run / "diffusion" / "metrics.json").read_text())["train_steps_per_s"] > 0
+
+
+def test_one_sample_set_alone_is_its_own_job(slurm_run, tmp_path):
+    wd, _ = slurm_run
+    run = tmp_path / "tiny"
+    shutil.copytree(wd / "results" / "tiny", run)
+    before = (run / "samples" / "diffusion_ddim.json").read_text()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sample",
+            "--run",
+            str(run),
+            "--configfile",
+            str(TINY),
+            "--sample-set",
+            "pixelcnn",
+            "--submit",
+            "--cluster-config",
+            str(ROOT / "cluster" / "local" / "slurm.yaml"),
+            "--account",
+            ACCOUNT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
+    assert sacct(job) == ("tiny-sample_pixelcnn", "COMPLETED")
+    assert json.loads((run / "samples" / "pixelcnn.json").read_text())["where"]["slurm"]["job_id"] == job
+    assert (run / "samples" / "diffusion_ddim.json").read_text() == before  # the other sets untouched
 
 
 def test_ddp_two_tasks_world_size_two(slurm_run, tmp_path):
@@ -316,53 +380,32 @@ def test_run_stage_sbatch_quotes_arguments_and_checks_the_stage(tmp_path):
 
 def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
     """The driver wrapper as a SLURM job (1 CPU here) runs Snakemake, which submits each GPU stage."""
-    script = ROOT / "cluster" / "bigred200" / "run_pipeline.sbatch"
     wd = tmp_path / "wd"
-    proc = subprocess.run(
-        [
-            "sbatch",
-            "-A",
-            ACCOUNT,
-            "-p",
-            "gpu",
-            "-c",
-            "1",
-            "--mem=2G",
-            "--wait",
-            "-D",
-            str(ROOT),
-            "-o",
-            str(tmp_path / "driver-%j.out"),
-            "--export",
-            "ALL,VQLP_PROFILE=cluster/local",
-            str(script),
-            "-d",
-            str(wd),
-            "--configfile",
-            "cluster/local/pipeline.yaml",
-            str(TINY),
-            "--config",
-            "run=driver",
-            "sample={models: [pixelcnn]}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    # -c 1 here, and the wrapper's --mem-per-cpu: that SLURM_MEM_PER_CPU must not reach the stages' jobs
+    proc, log = sbatch_wrapper(
+        "run_pipeline.sbatch",
+        ["-c", "1", "--export", "ALL,VQLP_PROFILE=cluster/local"],
+        ["-d", str(wd), "--configfile", "cluster/local/pipeline.yaml", str(TINY)],
+        ["--config", "run=driver", "sample={models: [pixelcnn]}"],
+        tmp_path,
     )
-    log = next(tmp_path.glob("driver-*.out")).read_text()
     assert proc.returncode == 0, log[-4000:]
     driver_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     assert sacct(driver_id)[1] == "COMPLETED"
     ids = job_ids(wd / "results" / "driver" / "logs" / "train_vqvae.log")
     assert sacct(ids[0]) == ("driver-train_vqvae", "COMPLETED") and ids[0] != driver_id
     assert (wd / "results" / "driver" / "samples" / "pixelcnn.png").is_file()
+    # the stage's job saw its own SLURM variables, none of the driver's (submitit.helpers.clean_env)
+    slurm = json.loads((wd / "results" / "driver" / "vqvae" / "metrics.json").read_text())["where"]["slurm"]
+    assert slurm["job_id"] == ids[0] and slurm["job_name"] == "driver-train_vqvae"
+    assert slurm["mem_per_cpu_mb"] is None and slurm["mem_per_node_mb"] == "2048"
 
 
 def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
-    """A 1-minute limit and ~62 s of pure compute (2,300 tiny steps at ~37/s): SLURM's
+    """A 1-minute limit and more compute than fits (1,200 tiny steps at 20-40/s): SLURM's
     pre-timeout signal makes the stage checkpoint between two steps, submitit requeues the job,
     and the stage resumes where it stopped, as often as needed. (SLURM may send the signal up to
-    60 s early, here ~30 s into each run, hence several requeues.)"""
+    60 s early, here 10-30 s into each run, hence several requeues.)"""
     wd, _ = slurm_run
     run = tmp_path / "tiny"
     shutil.copytree(wd / "results" / "tiny", run)
@@ -372,7 +415,7 @@ def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
     cluster.write_text(
         yaml.safe_dump(
             {
-                "max_num_timeout": 8,
+                "max_num_timeout": 40,
                 "defaults": {
                     "partition": "gpu",
                     "gpus_per_node": 1,
@@ -385,38 +428,138 @@ def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
         )
     )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train_diffusion",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-            "--set",
-            "diffusion.steps=2300",
-            "--set",
-            "diffusion.log_every=100",
-            "--set",
-            "diffusion.checkpoint_every=100000",
-            "--submit",
-            "--cluster-config",
-            str(cluster),
-            "--account",
-            ACCOUNT,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+        _train_diffusion_cmd(run, cluster, 1200), capture_output=True, text=True, timeout=600, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
     logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
     assert "Caught signal SIGUSR2" in logs and "checkpoint saved at step" in logs
-    assert re.search(r"resumed from .* at step \d+/2300", logs)
+    assert re.search(r"resumed from .* at step \d+/1200", logs)
     assert sacct(job_id)[1] == "COMPLETED"
     steps = [int(line.split(",")[0]) for line in (run / "diffusion" / "train_log.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(100, 2301, 100))  # continuous across the requeues
+    assert steps == list(range(100, 1201, 100))  # continuous across the requeues
     assert (run / "diffusion" / "model.pt").is_file()
+
+
+def _train_diffusion_cmd(run: Path, cluster: Path, steps: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train_diffusion",
+        "--run",
+        str(run),
+        "--configfile",
+        str(TINY),
+        "--set",
+        f"diffusion.steps={steps}",
+        "--set",
+        "diffusion.log_every=100",
+        "--set",
+        "diffusion.checkpoint_every=100000",
+        "--submit",
+        "--cluster-config",
+        str(cluster),
+        "--account",
+        ACCOUNT,
+    ]
+
+
+def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(slurm_run, tmp_path):
+    """2 DDP tasks (gloo) under a 1-minute limit: SLURM's pre-timeout signal, a checkpoint that
+    every rank waits for, submitit's requeue, a resume; the final weights are bit-equal to an
+    uninterrupted 2-task run of the same steps."""
+    wd, _ = slurm_run
+    runs = {}
+    for name, timeout in (("uninterrupted", 10), ("requeued", 1)):
+        run = tmp_path / name / "tiny"
+        shutil.copytree(wd / "results" / "tiny", run)
+        for f in ("model.pt", "metrics.json", "train_log.csv"):
+            (run / "diffusion" / f).unlink()
+        cluster = tmp_path / f"{name}.yaml"
+        entry = {"partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": timeout}
+        cluster.write_text(yaml.safe_dump({"max_num_timeout": 40, "defaults": {**entry, "signal_delay_s": 25}}))
+        proc = subprocess.run(_train_diffusion_cmd(run, cluster, 600), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "finished (2 task(s))" in proc.stdout
+        runs[name] = (run, re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1))
+    run, job = runs["requeued"]
+    logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
+    assert "Caught signal SIGUSR2" in logs and "checkpoint saved at step" in logs
+    assert re.search(r"resumed from .* at step \d+/600", logs)
+    assert sacct(job)[1] == "COMPLETED"
+    metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and int(metrics["where"]["slurm"]["restart_count"]) >= 1
+    steps = [int(line.split(",")[0]) for line in (run / "diffusion" / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(100, 601, 100))
+    a = torch.load(runs["uninterrupted"][0] / "diffusion" / "model.pt", weights_only=True)
+    b = torch.load(run / "diffusion" / "model.pt", weights_only=True)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])
+def test_a_dropped_session_or_ctrl_c_cancels_the_job(slurm_run, tmp_path, sig):
+    import signal
+    import time
+
+    wd, _ = slurm_run
+    run = tmp_path / "tiny"
+    shutil.copytree(wd / "results" / "tiny", run)
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(
+        yaml.safe_dump(
+            {"defaults": {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}
+        )
+    )
+    proc = subprocess.Popen(
+        _train_diffusion_cmd(run, cluster, 10**6), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    job = None
+    for line in proc.stdout:
+        m = re.search(r"submitted SLURM job (\d+)", line)
+        if m:
+            job = m.group(1)
+            break
+    assert job, "no job id"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until it runs: a cancelled RUNNING job, not a pending one
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state == "RUNNING":
+            break
+        time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert f"interrupted; cancelled SLURM job {job}" in rest
+    deadline = time.monotonic() + 30
+    while sacct(job) != ("tiny-train_diffusion", "CANCELLED") and time.monotonic() < deadline:
+        time.sleep(1)  # accounting may first show a transient record of the cancelled allocation
+    assert sacct(job) == ("tiny-train_diffusion", "CANCELLED")
+
+
+def test_run_allocation_runs_the_chain_in_one_job(tmp_path):
+    """The one-allocation wrapper: Snakemake inside one GPU job, every stage local to it."""
+    wd = tmp_path / "wd"
+    proc, log = sbatch_wrapper(
+        "run_allocation.sbatch",
+        ["-c", "2", "--gpus-per-node=1", "--mem=3G"],
+        ["-d", str(wd), "--configfile", "cluster/bigred200/allocation/pipeline.yaml", str(TINY)],
+        ["--config", "run=alloc", "sample={models: [pixelcnn, diffusion_ddim]}"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, log[-4000:]
+    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    assert sacct(job)[1] == "COMPLETED"
+    run = wd / "results" / "alloc"
+    assert (run / "report" / "summary.md").is_file() and (run / "samples" / "diffusion_ddim.png").is_file()
+    assert not job_ids(run / "logs" / "train_diffusion.log")  # nothing submitted from inside
+    for folder in ("vqvae", "pixelcnn", "diffusion"):
+        where = json.loads((run / folder / "metrics.json").read_text())["where"]
+        assert where["slurm"]["job_id"] == job and where["slurm"]["job_name"] == "vqlp-alloc"
+    runs_of_name = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", "now-1hours", "-o", "JobName"], capture_output=True, text=True
+    ).stdout.split()
+    assert not any(n.startswith("alloc-") for n in runs_of_name)

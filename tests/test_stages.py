@@ -15,15 +15,16 @@ from pipeline.io import RunPaths
 from pipeline.stages import STAGES, TABLE, get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Snakefile rules that are not stages: the target, the run's timings, and the priors' variants
-#: (train_pixelcnn / train_diffusion with --conditional or --budget)
-NOT_STAGES = {"all", "timings", "train_prior_variant"}
+#: Snakefile rules that are not stages: the target, the run's timings, the priors' variants
+#: (train_pixelcnn / train_diffusion with --conditional or --budget) and all sample sets in one
+#: SLURM job (the sample stage with several --sample-set)
+NOT_STAGES = {"all", "timings", "train_prior_variant", "sample_sets"}
 
 
 def snakefile_rules() -> dict[str, str]:
     """Rule name -> its text, from the Snakefile and the rule files it includes."""
     text = "\n".join(p.read_text() for p in [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))])
-    bodies = re.split(r"^rule (\w+):\n", text, flags=re.M)
+    bodies = re.split(r"^ *rule (\w+):\n", text, flags=re.M)
     return dict(zip(bodies[1::2], bodies[2::2]))
 
 
@@ -46,6 +47,7 @@ def test_snakefile_has_one_rule_per_stage_and_dispatches_exactly_the_slurm_stage
             assert dispatched == STAGES[name].slurm, name
             assert f'stage_shell("{name}"' in body, name  # the one command of every stage rule
     assert "dispatch=DISPATCH" in rules["train_prior_variant"]
+    assert "dispatch=DISPATCH" in rules["sample_sets"] and 'stage_shell("sample"' in rules["sample_sets"]
 
 
 def test_cli_offers_every_stage():

@@ -132,3 +132,76 @@ def test_train_loop_is_the_one_call_form(tmp_path):
         device=torch.device("cpu"),
     )
     assert res.ema is None and res.snapshot is None and len(res.rows) == 1 and math.isfinite(res.final_loss)
+
+
+def _ddp_rank(rank: int, world: int, init: str, out: str, signal_rank: int) -> None:
+    """One rank of a 2-process gloo group: ``signal_rank`` receives SLURM's pre-timeout signal
+    (SIGUSR2) during step 5; the other rank never sees it."""
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    from pipeline import runtime
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    events = []
+
+    def hook(signum):  # stands in for submitit's checkpoint-and-requeue (pipeline.dispatch)
+        events.append({"rank": rank, "hook": int(signum), "checkpoint": (Path(out) / "checkpoint.pt").exists()})
+        raise SystemExit(0)
+
+    runtime.set_requeue_hook(hook, signals=(signal.SIGUSR2,))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+
+    calls = [0]
+
+    def loss_with_signal(net, idx, shard):
+        calls[0] += 1
+        if calls[0] == 5 and rank == signal_rank:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return torch.nn.functional.mse_loss(net(shard(x[idx])), shard(y[idx])), {}
+
+    loop = TrainLoop(
+        stage="toy",
+        model=model,
+        kind="linear",
+        model_args={"n": 3},
+        section=SECTION,
+        compute_loss=loss_with_signal,
+        n_data=64,
+        out_dir=Path(out),
+        device=torch.device("cpu"),
+    )
+    try:
+        loop.run()
+        events.append({"rank": rank, "hook": None})
+    except SystemExit:
+        pass
+    finally:
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(events))
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("signal_rank", [0, 1])
+def test_ddp_ranks_agree_to_requeue_when_only_one_sees_the_signal(tmp_path, signal_rank):
+    """The rank that has not (yet) seen SLURM's pre-timeout signal must checkpoint-and-requeue with
+    the other, not exit 143 on its own; and no rank leaves before rank 0's checkpoint is on disk."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'store'}"
+    mp.start_processes(_ddp_rank, args=(2, init, str(tmp_path), signal_rank), nprocs=2, start_method="spawn")
+    events = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    import signal
+
+    assert events == [
+        [{"rank": 0, "hook": int(signal.SIGUSR2), "checkpoint": True}],
+        [{"rank": 1, "hook": int(signal.SIGUSR2), "checkpoint": True}],
+    ]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 5  # both stopped at the same step boundary, after the step that saw it

@@ -17,7 +17,15 @@ from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import UNet
 from pipeline.models.vqvae import VQVAE
 
-__all__ = ["MODEL_KINDS", "build_model", "VQVAE", "GatedPixelCNN", "UNet", "DigitClassifier"]
+__all__ = [
+    "MODEL_KINDS",
+    "build_model",
+    "model_args",
+    "VQVAE",
+    "GatedPixelCNN",
+    "UNet",
+    "DigitClassifier",
+]
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {
     "vqvae": VQVAE,
@@ -39,3 +47,45 @@ def build_model(kind: str, args: Mapping[str, Any]) -> nn.Module:
         return MODEL_KINDS[kind](**dict(args))
     except TypeError as exc:
         raise ValueError(f"cannot build {kind!r} from arguments {sorted(args)}: {exc}") from None
+
+
+def model_args(kind: str, section: Mapping[str, Any], *, in_channels: int = 1, num_classes: int = 0) -> dict:
+    """The constructor kwargs of ``kind`` from its config section: what a training stage stores
+    as the checkpoint's ``args`` (and what :mod:`pipeline.flops` builds to count FLOPs).
+
+    Args:
+        kind: "vqvae", "pixelcnn", "unet" or "classifier".
+        section: the stage's config section (``vqvae``, ``pixelcnn``, ``diffusion``,
+            ``pixel_diffusion``, ``classifier``).
+        in_channels: image channels (vqvae, pixel-space unet) or latent channels D (latent unet);
+            for "pixelcnn", the codebook size K.
+        num_classes: > 0 for the class-conditional priors and the classifier.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    s = section
+    if kind == "vqvae":
+        keys = ("num_embeddings", "embedding_dim", "hidden_channels", "res_channels", "num_res_blocks")
+        keys += ("commitment_cost", "ema_decay", "dead_code_threshold")
+        return {"in_channels": in_channels, **{k: s[k] for k in keys}}
+    if kind == "pixelcnn":
+        args = {"num_embeddings": in_channels, **{k: s[k] for k in ("hidden_channels", "num_layers", "kernel_size")}}
+        if s.get("dropout"):
+            args["dropout"] = float(s["dropout"])
+    elif kind == "unet":
+        args = {
+            "in_channels": in_channels,
+            "base_channels": s["base_channels"],
+            "channel_mult": list(s["channel_mult"]),
+            "num_res_blocks": s["num_res_blocks"],
+            "attention": s["attention"],
+            "dropout": s["dropout"],
+        }
+    elif kind == "classifier":
+        return {"num_classes": num_classes, **{k: s[k] for k in ("channels", "feature_dim", "dropout")}}
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
+    if num_classes:
+        args["num_classes"] = num_classes
+    return args

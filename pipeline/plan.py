@@ -1,0 +1,203 @@
+"""What a Snakemake invocation would submit, before anything is submitted.
+
+    python -m pipeline plan --profile cluster/bigred200 [any snakemake arguments]
+
+runs Snakemake's dry run (``-n -p``) with the given arguments, reads back the
+``python -m pipeline <stage> ...`` command of every job it would run, and prints one row per
+job: where it runs (a SLURM job or the Snakemake host), partition, GPUs, CPUs per task, memory,
+time limit and account from the cluster YAML the command names, the stage's FLOPs counted from
+its models at its configured sizes (:mod:`pipeline.flops`), the time they imply at the YAML's
+``assumed_tflops`` / ``assumed_step_ms``, and the GPU-hours (estimated, and at most: the time
+limit). Only jobs that would run are listed: a finished stage costs nothing. The dry run needs
+no account; the plan shows the placeholder where none is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PlanRow", "dry_run_commands", "plan_rows", "format_plan", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+_COMMAND = re.compile(r"python -m pipeline (\S+)(.*)$")
+#: what the plan assumes when the cluster YAML does not say (an A100 40 GB, bf16): sustained
+#: TFLOP/s (~20 % of the 312 dense bf16 peak), per-call latency floor (ms), job start-up (s)
+DEFAULT_TFLOPS, DEFAULT_STEP_MS, STARTUP_S = 60.0, 3.0, 60.0
+
+
+@dataclass
+class PlanRow:
+    """One job of the plan (times in seconds; ``None`` where a value does not apply)."""
+
+    job: str
+    stage: str
+    where: str
+    partition: str | None
+    gpus: int
+    cpus: int | None
+    mem_gb: float | None
+    timeout_min: int | None
+    account: str | None
+    tflop: float
+    detail: str
+    est_s: float
+    gpu_hours: float
+    max_gpu_hours: float | None
+
+
+def dry_run_commands(snakemake_args: list[str], snakefile: Path | None = None) -> tuple[list[str], dict]:
+    """The ``python -m pipeline ...`` commands of the jobs Snakemake's dry run would run, and the
+    config that run resolved (the Snakefile writes it to ``$VQLP_PLAN_CONFIG``).
+
+    Raises:
+        RuntimeError: the dry run failed (its output tail is in the message).
+    """
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile or ROOT / "Snakefile"), "-n", "-p", *snakemake_args]
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "config.json"
+        env = {**os.environ, "VQLP_PLAN_CONFIG": str(dump)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd(), env=env)
+        config = json.loads(dump.read_text()) if dump.is_file() else {}
+    if proc.returncode != 0:
+        raise RuntimeError(f"snakemake dry run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    out = []
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        m = _COMMAND.search(line.strip())
+        if m:
+            out.append(f"{m.group(1)}{m.group(2)}")
+    return out, config
+
+
+def plan_rows(commands: list[str], config: dict | None, parser: argparse.ArgumentParser) -> list[PlanRow]:
+    """One :class:`PlanRow` per command (``<stage> <options>``, as :func:`dry_run_commands` returns),
+    its FLOPs counted under ``config`` (the run's resolved config) updated by the command's own
+    ``--config-json``; ``parser`` is the ``python -m pipeline`` parser (:func:`pipeline.cli.build_parser`).
+
+    Raises:
+        pipeline.dispatch.DispatchError: a cluster YAML a command names is missing or invalid.
+    """
+    from pipeline.dispatch import job_suffix, load_cluster_config, stage_parameters, submitit_parameters
+    from pipeline.flops import estimate_seconds, stage_cost
+
+    rows = []
+    for command in commands:
+        words = shlex.split(command)
+        cut = [i for i, w in enumerate(words) if w in ("|", "2>&1", "&&", ";") or w.startswith(">")]
+        args = parser.parse_args(words[: cut[0]] if cut else words)
+        cfg = {**(config or {}), **(json.loads(args.config_json) if args.config_json else {})}
+        sets = args.sample_set or ["pixelcnn"]
+        flags = {"budget": args.budget, "conditional": args.conditional}
+        kw = {"sample_sets": sets} if args.stage == "sample" and len(sets) > 1 else {"sample_set": sets[0]}
+        cost = stage_cost(args.stage, cfg, sample_sets=sets if args.stage == "sample" else None, **flags)
+        run = Path(args.run).name if args.run else cfg.get("run", "default")
+        suffix = job_suffix(args.stage, {**(kw if args.stage == "sample" else {}), **flags})
+        if args.submit:
+            params = stage_parameters(load_cluster_config(args.cluster_config), args.stage)
+            sub = submitit_parameters(params, name=f"{run}-{args.stage}{suffix}", account=args.account, setup=None)
+            gpus = int(params.get("gpus_per_node", 1))
+            tflops = float(params.get("assumed_tflops", DEFAULT_TFLOPS)) * gpus
+            est = estimate_seconds(cost, tflops, float(params.get("assumed_step_ms", DEFAULT_STEP_MS)), STARTUP_S)
+            timeout = int(sub["timeout_min"])
+            rows.append(
+                PlanRow(
+                    job=sub["name"],
+                    stage=args.stage,
+                    where="SLURM",
+                    partition=params.get("partition"),
+                    gpus=gpus,
+                    cpus=params.get("cpus_per_task"),
+                    mem_gb=sub.get("mem_gb"),
+                    timeout_min=timeout,
+                    account=args.account,
+                    tflop=cost.flops / 1e12,
+                    detail=cost.detail,
+                    est_s=est,
+                    gpu_hours=est * gpus / 3600,
+                    max_gpu_hours=timeout * gpus / 60,
+                )
+            )
+        else:
+            rows.append(
+                PlanRow(
+                    job=f"{run}-{args.stage}{suffix}",
+                    stage=args.stage,
+                    where="here",
+                    partition=None,
+                    gpus=0,
+                    cpus=args.threads,
+                    mem_gb=None,
+                    timeout_min=None,
+                    account=None,
+                    tflop=cost.flops / 1e12,
+                    detail=cost.detail,
+                    est_s=float("nan"),
+                    gpu_hours=0.0,
+                    max_gpu_hours=None,
+                )
+            )
+    return rows
+
+
+def _minutes(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds / 60:.1f}"
+
+
+def format_plan(rows: list[PlanRow]) -> str:
+    """The plan as a Markdown table with totals and the assumptions, warning about any job whose
+    estimate exceeds its time limit."""
+    cols = ["job", "runs", "partition", "GPUs", "CPUs/task", "mem GB", "limit min", "account", "TFLOP", "est. min"]
+    cols.append("GPU-h (max)")
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in rows:
+        lines.append(
+            f"| {r.job} | {r.where} | {r.partition or '-'} | {r.gpus} | {r.cpus or '-'} | "
+            f"{'-' if r.mem_gb is None else f'{r.mem_gb:g}'} | {r.timeout_min or '-'} | {r.account or '-'} | "
+            f"{r.tflop:.2f} | {_minutes(r.est_s)} | {r.gpu_hours:.3f} "
+            f"({'-' if r.max_gpu_hours is None else f'{r.max_gpu_hours:.2f}'}) |"
+        )
+    slurm = [r for r in rows if r.where == "SLURM"]
+    lines.append("")
+    lines.append(
+        f"{len(rows)} job(s), {len(slurm)} submitted to SLURM; {sum(r.tflop for r in rows):.1f} TFLOP; "
+        f"estimated {sum(r.gpu_hours for r in slurm):.2f} GPU-hours "
+        f"(at most {sum(r.max_gpu_hours or 0 for r in slurm):.2f} if every job ran to its time limit)."
+    )
+    lines.append(
+        f"Estimate per job: {STARTUP_S:.0f} s start-up + max(FLOPs / (assumed_tflops x GPUs), calls x "
+        "assumed_step_ms), from the cluster YAML (default "
+        f"{DEFAULT_TFLOPS:g} TFLOP/s, {DEFAULT_STEP_MS:g} ms); FLOPs counted from the models (pipeline/flops.py)."
+    )
+    for r in slurm:
+        if r.timeout_min and r.est_s > 60 * r.timeout_min:
+            lines.append(f"WARNING: {r.job} is estimated at {r.est_s / 60:.0f} min, over its {r.timeout_min} min limit")
+    if any(r.where == "here" and r.tflop > 0 for r in rows):
+        lines.append(
+            "Jobs that run here (no SLURM dispatch: the one-allocation mode, or a laptop) have no estimate: "
+            "the per-stage plan (--profile cluster/bigred200) gives their GPU time."
+        )
+    details = [f"- {r.job}: {r.detail}" for r in rows if r.detail != "no network"]
+    return "\n".join(lines + ["", "FLOPs:"] + details) + "\n"
+
+
+def main(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """``python -m pipeline plan [snakemake args]``: print the plan; 1 if the dry run fails.
+    ``parser`` reads the stage commands back (the CLI passes its own)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        rows = plan_rows(*dry_run_commands(argv), parser)
+    except Exception as exc:  # the dry run's or the cluster YAML's message, as it is
+        print(f"error: plan: {exc}", file=sys.stderr)
+        return 1
+    print(format_plan(rows), end="")
+    return 0
