@@ -51,14 +51,15 @@ config.update(coerce_strings(config))
 validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.yaml"))
 
 # `python -m pipeline plan` reads the resolved config of its dry run from here.
-if os.environ.get("VQLP_PLAN_CONFIG"):
-    with open(os.environ["VQLP_PLAN_CONFIG"], "w") as _f:
+_plan_config = os.environ.get("VQLP_PLAN_CONFIG")
+if _plan_config:
+    with open(_plan_config, "w") as _f:
         json.dump(config, _f)
 
 RUN = f"results/{config['run']}"
-MODELS = config["sample"]["models"]
-MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in MODELS})  # pixelcnn, diffusion_cond, ...
-STUDIES = studies_for(MODELS)
+SAMPLE_SETS = config["sample"]["models"]
+MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in SAMPLE_SETS})  # pixelcnn, diffusion_cond, ...
+STUDIES = studies_for(SAMPLE_SETS)
 # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml
 CONDA_ENV = os.path.join(workflow.basedir, config["conda_env"])
 # PixelCNN and diffusion training (and the samplers) may run side by side. With 4+ cores each
@@ -99,8 +100,8 @@ SAMPLE_IN_ONE_JOB = bool(SLURM["enabled"] and SLURM["sample_in_one_job"])
 rule all:
     default_target: True
     input:
-        expand(f"{RUN}/samples/{{model}}.png", model=MODELS),
-        expand(f"{RUN}/samples/{{model}}.npy", model=MODELS),
+        expand(f"{RUN}/samples/{{sample_set}}.png", sample_set=SAMPLE_SETS),
+        expand(f"{RUN}/samples/{{sample_set}}.npy", sample_set=SAMPLE_SETS),
         f"{RUN}/vqvae/reconstructions.png",
         f"{RUN}/report/metrics.json",
         f"{RUN}/report/summary.md",

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             )
             run(py + [stage] + flags + common, log)
     for s in a.sets:
-        run(py + ["sample", "--model", s] + common, log)
+        run(py + ["sample", "--sample-set", s] + common, log)
     run(py + ["evaluate"] + common, log)
     m = json.loads((out / "report" / "metrics.json").read_text())
     for s in a.sets:

@@ -1,7 +1,7 @@
 """Command line: run one stage, show the resolved config, or collect timings.
 
     python -m pipeline <stage> --run results/<run> [--configfile F] [--set key.sub=value ...]
-    python -m pipeline sample --run results/<run> --model diffusion_ddim_s25
+    python -m pipeline sample --run results/<run> --sample-set diffusion_ddim_s25
     python -m pipeline evaluate --run results/<run>              # report/metrics.json, summary.md
     python -m pipeline config [--configfile F] [--set ...]      # print the resolved config
     python -m pipeline timings --run results/<run>               # write timings.json
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one key; value parsed as YAML",
     )
     p.add_argument(
-        "--model",
         "--sample-set",
+        "--model",  # the old name, kept as an alias
         dest="sample_set",
         action="append",
         default=None,

@@ -16,7 +16,8 @@ Sources:
     /train/labels  int64 (N,)             class 0..9
     /test/images   uint8 (M, 1, 28, 28)
     /test/labels   int64 (M,)
-    attrs: schema_version=1, source, sha256 (JSON object: input file name -> SHA-256), seed
+    attrs: schema_version=1, source, sha256 (JSON object: input file name -> SHA-256), seed,
+           num_classes (1 + the largest label)
 """
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ def write_dataset(
         f.attrs["source"] = source
         f.attrs["sha256"] = json.dumps(dict(digests), sort_keys=True)
         f.attrs["seed"] = seed
+        f.attrs["num_classes"] = num_classes_of(splits)
         for name, split in splits.items():
             g = f.create_group(name)
             g.create_dataset(
@@ -281,6 +283,26 @@ def write_dataset(
             g.create_dataset("labels", data=split.labels.astype(np.int64))
     with atomic_path(path, suffix=".h5") as tmp:
         tmp.write_bytes(buf.getbuffer())
+
+
+def num_classes_of(splits: Mapping[str, Split]) -> int:
+    """The number of classes of labelled splits: 1 + the largest int label (10 for the digits)."""
+    return 1 + max((int(s.labels.max()) for s in splits.values() if len(s.labels)), default=-1)
+
+
+def read_num_classes(path: str | os.PathLike) -> int:
+    """``dataset.h5``'s ``num_classes`` attribute (from the labels for files written before it).
+
+    Raises:
+        DataError: see :func:`read_dataset`.
+    """
+    import h5py
+
+    splits = {s: read_dataset(path, s) for s in ("train", "test")}
+    with h5py.File(path, "r") as f:
+        if "num_classes" in f.attrs:
+            return int(f.attrs["num_classes"])
+    return num_classes_of(splits)
 
 
 def read_dataset(path: str | os.PathLike, split: str) -> Split:

@@ -150,16 +150,17 @@ def near_duplicate_fraction(images: torch.Tensor, threshold: float) -> float:
 
 
 def judge_images(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> dict:
-    """Classifier outputs for float (N, 1, 28, 28) images in [0, 1]: {"probs": (N, 10),
+    """Classifier outputs for float (N, 1, 28, 28) images in [0, 1]: {"probs": (N, C),
     "features": (N, F), "pred": int (N,), "confidence": mean max softmax, "class_entropy": nats}."""
     probs, feats = classifier.predict(images, batch_size=batch_size)
     pred = probs.argmax(1).numpy()
+    num_classes = probs.shape[1]
     return {
         "probs": probs.numpy(),
         "features": feats.numpy(),
         "pred": pred,
         "confidence": float(probs.max(1).values.mean()),
-        "class_entropy": class_entropy(pred),
+        "class_entropy": class_entropy(pred, num_classes),
     }
 
 
@@ -418,28 +419,16 @@ def provenance() -> dict:
     import time
 
     src = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=src, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     commit, dirty = "unknown", False
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short=12", "HEAD"],
-                cwd=src,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.strip()
-            or "unknown"
-        )
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=src,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
+        commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         pass
     return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -699,7 +688,7 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             for f in (npy, rec_path):
                 if not f.is_file():
                     raise StageInputError(
-                        f" {f} does not exist; run `python -m pipeline sample --model {name}` (or snakemake) first"
+                        f" {f} does not exist; run `python -m pipeline sample --sample-set {name}` (or snakemake) first"
                     )
             arr = np.load(npy)
             if (
@@ -714,7 +703,8 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
                     f"{npy} must hold float32 (N, 1, 28, 28) images in [0, 1]; got {arr.dtype} {arr.shape}"
                 )
             rec = read_json(rec_path)
-            labels = requested_labels(len(arr)) if spec.conditional else None
+            n_cls = int(rec.get("num_classes") or clf.num_classes)  # the prior's classes (records before: the judge's)
+            labels = requested_labels(len(arr), n_cls) if spec.conditional else None
             sets[name] = judge(
                 name,
                 torch.from_numpy(arr),

@@ -24,6 +24,10 @@ __all__ = ["StageCost", "stage_cost", "images_in_split", "estimate_seconds", "A1
 #: NVIDIA A100 datasheet, dense (no sparsity), TFLOP/s.
 A100_PEAK_TFLOPS = {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
 
+#: classes of the conditional models and the judge (the digits; the class embedding's size does
+#: not change the counts measurably)
+_CLASSES = 10
+
 #: train / test sizes of the data sources (``data.max_train`` / ``max_test`` cap them)
 _SOURCE_SIZES = {"mnist5k": (4500, 500), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000)}
 
@@ -165,7 +169,7 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         return StageCost(per * n, batches, f"{n} images x {per / 1e6:.1f} MFLOP (encoder)")
     if stage == "train_classifier":
         sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=10))
+        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES))
         return _training(
             net,
             lambda b: (torch.rand(b, 1, 28, 28), torch.randint(0, 10, (b,))),
@@ -176,7 +180,7 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         prior = stage.removeprefix("train_")
         conditional = bool(flags.get("conditional"))
         sec = variant_config(full, prior, conditional=conditional, budget=flags.get("budget"))[prior]
-        n_cls = 10 if conditional else 0
+        n_cls = _CLASSES if conditional else 0
         if prior == "pixelcnn":
             net = build_model("pixelcnn", model_args("pixelcnn", sec, in_channels=k, num_classes=n_cls))
             codes = lambda b: (torch.randint(0, k, (b, hw, hw)),)  # noqa: E731
@@ -198,7 +202,7 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
             spec = parse_sample_set(name)
             n = int(sec["num_samples"])
             guided = 2 if (spec.conditional or spec.autoguidance is not None) else 1
-            n_cls = 10 if spec.conditional else 0
+            n_cls = _CLASSES if spec.conditional else 0
             if spec.prior == "pixelcnn":
                 sec_p = full["pixelcnn"]
                 net = build_model("pixelcnn", model_args("pixelcnn", sec_p, in_channels=k, num_classes=n_cls))
@@ -230,7 +234,7 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         return StageCost(total, calls, "; ".join(parts))
     if stage == "evaluate":
         sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=10)).eval()
+        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES)).eval()
         per = _forward_flops(lambda x: net(x), torch.rand(1, 1, 28, 28))
         sets = len(full["sample"]["models"]) + 4  # the sample sets and the reference rows
         n = int(full["sample"]["num_samples"]) * sets + sum(images_in_split(full["data"]))

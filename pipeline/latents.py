@@ -10,7 +10,7 @@ Schema (version 2), for each split ``train`` and ``test``, and for ``train_aug``
     /<split>/latents    float32 (N, D, 7, 7)  the quantized embeddings e_{codes}
     /<split>/encodings  float32 (N, D, 7, 7)  the encoder outputs z_e before quantization
     /<split>/labels     int64   (N,)
-    attrs: schema_version=2, K, D, vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
+    attrs: schema_version=2, K, D, num_classes (from dataset.h5), vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
            latent_mean, latent_std, encoding_mean, encoding_std (float64 (D,): per-channel mean
            and std of the plain train latents / encodings, used to scale them to unit variance
            for diffusion), augment (JSON: copies, degrees, shift, scale, seed)
@@ -69,7 +69,8 @@ class LatentsError(ValueError):
 @dataclass
 class LatentsInfo:
     """The attributes of a ``latents.h5``: K, D, vqvae_sha256, latent_mean/std and
-    encoding_mean/std float64 (D,), the augmentation settings and the number of augmented rows."""
+    encoding_mean/std float64 (D,), the augmentation settings, the number of augmented rows and
+    the number of classes of the labels (from ``dataset.h5``)."""
 
     num_embeddings: int
     embedding_dim: int
@@ -80,6 +81,7 @@ class LatentsInfo:
     encoding_std: np.ndarray
     augment: dict
     num_augmented: int = 0
+    num_classes: int = 0
 
     def scaling(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) float64 (D,) of ``kind`` "latents" (quantized) or "encodings" (z_e)."""
@@ -124,6 +126,10 @@ def _validate(f, path: Path, expect_vqvae_sha256: str | None) -> LatentsInfo:
     except json.JSONDecodeError:
         raise LatentsError(f"{path}: attribute 'augment' is not JSON") from None
     info = LatentsInfo(int(f.attrs["K"]), int(f.attrs["D"]), str(f.attrs["vqvae_sha256"]), augment=augment, **vec)
+    if "num_classes" in f.attrs:
+        info.num_classes = int(f.attrs["num_classes"])
+    else:  # written before the attribute: 1 + the largest label
+        info.num_classes = 1 + max(int(f[f"{s}/labels"][...].max(initial=-1)) for s in SPLITS if f"{s}/labels" in f)
     if expect_vqvae_sha256 is not None and info.vqvae_sha256 != expect_vqvae_sha256:
         raise LatentsError(
             f"{path}: made from a VQ-VAE checkpoint with SHA-256 {info.vqvae_sha256[:12]}..., but the configured "
@@ -251,7 +257,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     import torch
 
     from pipeline.checkpoint import load_model
-    from pipeline.data import read_dataset
+    from pipeline.data import read_dataset, read_num_classes
     from pipeline.runtime import log, resolve_device, stage_record
 
     paths = RunPaths(run_dir)
@@ -293,6 +299,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["K"] = k
             out.attrs["D"] = d
+            out.attrs["num_classes"] = read_num_classes(paths.dataset)
             out.attrs["vqvae_sha256"] = vq_sha
             out.attrs["augment"] = json.dumps(augment, sort_keys=True)
 

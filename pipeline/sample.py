@@ -23,7 +23,7 @@ A sample set is named by what it draws (:func:`parse_sample_set`, the grammar is
 * ``_ag<w>``: unconditional with autoguidance (Karras et al. 2024): the network's prediction D
   is replaced by D_bad + w (D - D_bad), D_bad being the same model's early snapshot
   (``guide_snapshot``); for the PixelCNN the logits are combined the same way.
-* ``_g<s>``: class-conditional, requested label i % 10 for sample i, with classifier-free
+* ``_g<s>``: class-conditional, requested label i % C for sample i (C classes in the data), with classifier-free
   guidance scale s (diffusers' convention: s = 1 is the conditional model, no guidance; Ho &
   Salimans' w = s - 1); PixelCNN logits are guided the same way. Without ``_g`` a conditional
   model is sampled with the null label, i.e. unconditionally.
@@ -60,8 +60,9 @@ __all__ = [
 
 
 def _rows_per_digit(arr: np.ndarray, labels: np.ndarray, per_row: int = 10) -> np.ndarray:
-    """The first ``per_row`` images of each label 0..9, digit by digit (a grid row per digit)."""
-    return np.concatenate([arr[labels == d][:per_row] for d in range(10)])
+    """The first ``per_row`` images of each label 0..C-1 (C = 1 + the largest label), class by
+    class (a grid row per class)."""
+    return np.concatenate([arr[labels == d][:per_row] for d in range(int(labels.max()) + 1)])
 
 
 @torch.no_grad()
@@ -220,7 +221,6 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn
         n, bs = int(sec["num_samples"]), int(sec["batch_size"])
         if spec.method == "ddpm" and sec.get("ddpm_num_samples"):
             n = int(sec["ddpm_num_samples"])
-        labels_all = torch.from_numpy(requested_labels(n)).to(device) if spec.conditional else None
         g = torch.Generator(device=device).manual_seed(int(sec["seed"]))
         if spec.prior != "pixeldiff":
             vqvae, _ = load_model(paths.vqvae_model, device=device)
@@ -239,6 +239,7 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn
                 f"sample set {sample_set!r} is class-conditional but {prior_path} is not; "
                 f"train it with python -m pipeline {stage} --conditional"
             )
+        labels_all = torch.from_numpy(requested_labels(n, num_classes)).to(device) if spec.conditional else None
         t0 = time.perf_counter()
         images = []
         if spec.prior == "pixelcnn":
@@ -336,7 +337,7 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn
         arr = torch.cat(images).numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
         _save_npy(out_npy, arr)
-        grid = _rows_per_digit(arr, requested_labels(n)) if spec.conditional and n >= 100 else arr[:100]
+        grid = _rows_per_digit(arr, requested_labels(n, num_classes)) if spec.conditional and n >= 100 else arr[:100]
         save_grid_png(paths.samples(sample_set, "png"), grid, nrow=10, scale=2)
         metrics.update(
             model=sample_set,  # the record key stays "model" (samples/<set>.json)
@@ -346,7 +347,8 @@ def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn
             guidance_scale=spec.guidance,
             autoguidance=spec.autoguidance,
             guide_step=trained.get("guide_step") if spec.autoguidance is not None else None,
-            labels="i % 10 for sample i" if spec.conditional else None,
+            labels=f"i % {num_classes} for sample i" if spec.conditional else None,
+            num_classes=num_classes or None,
             sampling_seconds=round(seconds, 3),
             seconds_per_1000=round(1000 * seconds / n, 3),
             samples_per_s=round(n / max(seconds, 1e-9), 2),

@@ -142,9 +142,10 @@ def parse_sample_set(name: str) -> SampleSpec:
     return SampleSpec(name=name, prior=prior, method=method, **kw)
 
 
-def requested_labels(n: int) -> np.ndarray:
-    """The labels a conditional sample set asks for: int64 (n,), sample i gets i % 10."""
-    return np.arange(n, dtype=np.int64) % 10
+def requested_labels(n: int, num_classes: int) -> np.ndarray:
+    """The labels a conditional sample set asks for: int64 (n,), sample i gets i % num_classes
+    (the conditional prior's classes, from the dataset's labels)."""
+    return np.arange(n, dtype=np.int64) % num_classes
 
 
 def base_name(name: str) -> str:

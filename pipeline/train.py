@@ -34,11 +34,7 @@ from pipeline.runtime import (
 )
 from pipeline.training import drop_labels, finish_training, snapshot_step, train_loop
 
-#: Classes of the digit datasets (MNIST, Fashion-MNIST); label NUM_CLASSES is the null label.
-NUM_CLASSES = 10
-
 __all__ = [
-    "NUM_CLASSES",
     "train_vqvae",
     "train_pixelcnn",
     "train_diffusion",
@@ -208,7 +204,7 @@ def train_pixelcnn(
         train_c = torch.from_numpy(train.codes.astype(np.int64)).to(device)
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
-        n_cls = NUM_CLASSES if conditional else 0
+        n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
         model_args = build_args("pixelcnn", sec, in_channels=info.num_embeddings, num_classes=n_cls)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
@@ -296,6 +292,51 @@ def _test_loss(
     return total / len(x)
 
 
+def _train_denoiser(
+    stage: str,
+    model: torch.nn.Module,
+    model_args: Mapping,
+    sec: Mapping,
+    diffusion,
+    x: torch.Tensor,
+    out,
+    device: torch.device,
+    bf16: bool,
+    labels: torch.Tensor | None = None,
+    p_drop: float = 0.0,
+    n_cls: int = 0,
+    snapshot: int | None = None,
+):
+    """Train the U-Net ``model`` as a denoiser of ``x`` float (N, C, H, W) (the scaled latents or
+    the pixel-space images) under ``diffusion``'s objective (DDPM eq. 14 with the configured
+    prediction and weighting): per step t ~ U{0..T-1} and noise ~ N(0, I) are drawn for the
+    global batch and sharded; with ``n_cls``, labels int (N,) are dropped to the null label with
+    probability ``p_drop`` (classifier-free guidance training). Returns the
+    :class:`pipeline.training.TrainResult` of :func:`pipeline.training.train_loop`."""
+    T = diffusion.num_timesteps
+
+    def compute_loss(net, idx, shard):
+        t = torch.randint(0, T, (len(idx),), device=device)
+        noise = torch.randn((len(idx), *x.shape[1:]), device=device)
+        y = shard(drop_labels(labels[idx], p_drop, n_cls)) if n_cls else None
+        return diffusion.training_losses(net, shard(x[idx]), shard(t), shard(noise), labels=y).mean(), {}
+
+    return train_loop(
+        stage=stage,
+        model=model,
+        kind="unet",
+        model_args=model_args,
+        section=sec,
+        compute_loss=compute_loss,
+        n_data=len(x),
+        out_dir=out,
+        device=device,
+        bf16=bf16,
+        ema_decay=float(sec["ema_decay"]),
+        snapshot_step=snapshot,
+    )
+
+
 def _make_diffusion(sec: Mapping):
     """The ``GaussianDiffusion`` of a diffusion config section (schedule, timesteps, prediction,
     loss_weighting, min_snr_gamma)."""
@@ -347,7 +388,7 @@ def train_diffusion(
         std = torch.tensor(std_np, dtype=torch.float32, device=device)[None, :, None, None]
         train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
         test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
-        n_cls = NUM_CLASSES if conditional else 0
+        n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
         model_args = build_args("unet", sec, in_channels=info.embedding_dim, num_classes=n_cls)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
@@ -355,26 +396,20 @@ def train_diffusion(
         model = build_model("unet", model_args).to(device)
         diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
-
-        def compute_loss(net, idx, shard):
-            t = torch.randint(0, T, (len(idx),), device=device)
-            noise = torch.randn((len(idx), *train_z.shape[1:]), device=device)
-            y = shard(drop_labels(train_y[idx], p_drop, n_cls)) if n_cls else None
-            return diffusion.training_losses(net, shard(train_z[idx]), shard(t), shard(noise), labels=y).mean(), {}
-
-        res = train_loop(
-            stage="train_diffusion",
-            model=model,
-            kind="unet",
-            model_args=model_args,
-            section=sec,
-            compute_loss=compute_loss,
-            n_data=len(train_z),
-            out_dir=out,
-            device=device,
-            bf16=cfg["bf16"],
-            ema_decay=float(sec["ema_decay"]),
-            snapshot_step=snapshot_step(sec),
+        res = _train_denoiser(
+            "train_diffusion",
+            model,
+            model_args,
+            sec,
+            diffusion,
+            train_z,
+            out,
+            device,
+            cfg["bf16"],
+            labels=train_y,
+            p_drop=p_drop,
+            n_cls=n_cls,
+            snapshot=snapshot_step(sec),
         )
         ema = res.ema
         seed = int(sec["seed"]) + 1
@@ -397,7 +432,6 @@ def train_diffusion(
             num_train_latents=len(train_z),
             steps=sec["steps"],
             train_seconds=round(res.elapsed_s, 2),
-            train_images_per_s=round(int(sec["steps"]) * int(sec["batch_size"]) / max(res.elapsed_s, 1e-9), 1),
             vqvae_sha256=vq_sha,
         )
         if n_cls:
@@ -451,7 +485,9 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
         train_x, train_y = _images(paths, "train", device)
         test_x, test_y = _images(paths, "test", device)
         train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
-        model_args = build_args("classifier", sec, num_classes=NUM_CLASSES)
+        from pipeline.data import read_num_classes
+
+        model_args = build_args("classifier", sec, num_classes=read_num_classes(paths.dataset))
         seed_everything(int(sec["seed"]))
         model = build_model("classifier", model_args).to(device)
 
@@ -590,23 +626,8 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
                 )
             sec["log_every"] = min(int(sec["log_every"]), int(sec["steps"]))
 
-        def compute_loss(net, idx, shard):
-            t = torch.randint(0, T, (len(idx),), device=device)
-            noise = torch.randn((len(idx), *train_p.shape[1:]), device=device)
-            return diffusion.training_losses(net, shard(train_p[idx]), shard(t), shard(noise)).mean(), {}
-
-        res = train_loop(
-            stage="train_pixel_diffusion",
-            model=model,
-            kind="unet",
-            model_args=model_args,
-            section=sec,
-            compute_loss=compute_loss,
-            n_data=len(train_p),
-            out_dir=out,
-            device=device,
-            bf16=cfg["bf16"],
-            ema_decay=float(sec["ema_decay"]),
+        res = _train_denoiser(
+            "train_pixel_diffusion", model, model_args, sec, diffusion, train_p, out, device, cfg["bf16"]
         )
         test_loss = _test_loss(diffusion, res.ema.module, test_p, int(sec["seed"]) + 1)
         steps = int(sec["steps"])
@@ -618,7 +639,6 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
             steps=steps,
             time_budget_s=budget,
             train_seconds=round(res.elapsed_s, 2),
-            train_images_per_s=round(steps * int(sec["batch_size"]) / max(res.elapsed_s, 1e-9), 1),
         )
         finish_training(
             paths.pixel_diffusion_model,

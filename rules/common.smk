@@ -88,12 +88,12 @@ def sampler_inputs_of(name):
 
 def sampler_inputs(wildcards):
     """:func:`sampler_inputs_of` the rule's sample set."""
-    return sampler_inputs_of(wildcards.model)
+    return sampler_inputs_of(wildcards.sample_set)
 
 
 def sample_params(wildcards):
     """The sample rule's params: :func:`sample_config` of its set."""
-    return sample_config(wildcards.model)
+    return sample_config(wildcards.sample_set)
 
 
 def timings_run_dir(wildcards, output):
@@ -104,7 +104,7 @@ def timings_run_dir(wildcards, output):
 def stage_shell(stage, extra="", dispatch=True):
     """The command of a stage rule: ``python -m pipeline <stage> [extra] --run ... --threads ...
     --config-json <params.cfg> [dispatch flags]``, logged to the rule's log (``tee``). ``stage``
-    and ``extra`` may hold Snakemake placeholders such as ``{wildcards.model}``."""
+    and ``extra`` may hold Snakemake placeholders such as ``{wildcards.sample_set}``."""
     words = ["python -m pipeline", stage] + ([extra] if extra else [])
     words += ["--run {params.run:q} --threads {threads} --config-json {params.cfg:q}"]
     words += ["{resources.dispatch}"] if dispatch else []

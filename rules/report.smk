@@ -14,9 +14,9 @@ if SAMPLE_IN_ONE_JOB:
 
     rule sample_sets:
         input:
-            sorted({path for m in MODELS for path in sampler_inputs_of(m)}),
+            sorted({path for m in SAMPLE_SETS for path in sampler_inputs_of(m)}),
         output:
-            **{f"npy_{i}": f"{RUN}/samples/{m}.npy" for i, m in enumerate(MODELS)},
+            **{f"npy_{i}": f"{RUN}/samples/{m}.npy" for i, m in enumerate(SAMPLE_SETS)},
             **{
                 f"png_{i}": report(
                     f"{RUN}/samples/{m}.png",
@@ -24,9 +24,9 @@ if SAMPLE_IN_ONE_JOB:
                     category="Samples",
                     labels={"sample set": m},
                 )
-                for i, m in enumerate(MODELS)
+                for i, m in enumerate(SAMPLE_SETS)
             },
-            **{f"record_{i}": f"{RUN}/samples/{m}.json" for i, m in enumerate(MODELS)},
+            **{f"record_{i}": f"{RUN}/samples/{m}.json" for i, m in enumerate(SAMPLE_SETS)},
         log:
             f"{RUN}/logs/sample_sets.log",
         conda:
@@ -39,25 +39,25 @@ if SAMPLE_IN_ONE_JOB:
             run=run_dir,
             cfg=stage_config("sample"),
         shell:
-            stage_shell("sample", " ".join(f"--sample-set {m}" for m in MODELS))
+            stage_shell("sample", " ".join(f"--sample-set {m}" for m in SAMPLE_SETS))
 
 
 rule sample:
     input:
         sampler_inputs,
     output:
-        npy=f"{RUN}/samples/{{model}}.npy",
+        npy=f"{RUN}/samples/{{sample_set}}.npy",
         png=report(
-            f"{RUN}/samples/{{model}}.png",
+            f"{RUN}/samples/{{sample_set}}.png",
             caption="../pipeline/report/samples.rst",
             category="Samples",
-            labels={"sample set": "{model}"},
+            labels={"sample set": "{sample_set}"},
         ),
-        record=f"{RUN}/samples/{{model}}.json",
+        record=f"{RUN}/samples/{{sample_set}}.json",
     log:
-        f"{RUN}/logs/sample_{{model}}.log",
+        f"{RUN}/logs/sample_{{sample_set}}.log",
     wildcard_constraints:
-        model=SAMPLE_SET_PATTERN,
+        sample_set=SAMPLE_SET_PATTERN,
     conda:
         CONDA_ENV
     threads: HALF
@@ -68,14 +68,14 @@ rule sample:
         run=run_dir,
         cfg=sample_params,
     shell:
-        stage_shell("sample", "--model {wildcards.model}")
+        stage_shell("sample", "--sample-set {wildcards.sample_set}")
 
 
 rule evaluate:
     input:
         f"{RUN}/data/dataset.h5",
         f"{RUN}/classifier/model.pt",
-        expand(f"{RUN}/samples/{{model}}.{{ext}}", model=MODELS, ext=("npy", "json")),
+        expand(f"{RUN}/samples/{{sample_set}}.{{ext}}", sample_set=SAMPLE_SETS, ext=("npy", "json")),
         # carried into the table: every trained model's own metrics and training log
         expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + MODEL_FOLDERS, f=("metrics.json", "train_log.csv")),
     output:
@@ -124,7 +124,7 @@ rule timings:
         f"{RUN}/data/dataset.h5",
         f"{RUN}/vqvae/metrics.json",
         f"{RUN}/latents/latents.h5",
-        expand(f"{RUN}/samples/{{model}}.json", model=MODELS),
+        expand(f"{RUN}/samples/{{sample_set}}.json", sample_set=SAMPLE_SETS),
         f"{RUN}/report/metrics.json",
     output:
         f"{RUN}/timings.json",

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import submitit
 import yaml
+from helpers import run_cli
 
 from pipeline.dispatch import DispatchError, load_cluster_config, stage_parameters, submitit_parameters
 from pipeline.flops import StageCost, estimate_seconds, stage_cost
@@ -211,25 +210,17 @@ def test_plan_rows_from_commands_give_resources_and_gpu_hours(tmp_path):
 
 
 def test_plan_command_prints_what_the_bigred200_profile_would_submit(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "plan",
-            "-d",
-            str(tmp_path),
-            "--profile",
-            str(BR200),
-            "--configfile",
-            str(BR200 / "pipeline.yaml"),
-            str(TINY),
-            "--config",
-            "slurm={account: r12345}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    proc = run_cli(
+        "plan",
+        "-d",
+        str(tmp_path),
+        "--profile",
+        str(BR200),
+        "--configfile",
+        str(BR200 / "pipeline.yaml"),
+        str(TINY),
+        "--config",
+        "slurm={account: r12345}",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -243,13 +234,7 @@ def test_plan_command_prints_what_the_bigred200_profile_would_submit(tmp_path):
 
 
 def test_plan_reports_a_failing_dry_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "plan", "-d", str(tmp_path), "--config", "vqvae={stepz: 3}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = run_cli("plan", "-d", str(tmp_path), "--config", "vqvae={stepz: 3}", timeout=300)
     assert proc.returncode == 1 and "error: plan: snakemake dry run failed" in proc.stderr
 
 

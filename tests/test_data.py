@@ -187,3 +187,32 @@ def test_prepare_data_output(tiny_run):
         assert f["train/images"].dtype == np.uint8 and f["train/images"].shape == (300, 1, 28, 28)
         assert f["test/labels"].shape == (100,)
         assert len(f.attrs["sha256"]) > 64
+
+
+def test_the_number_of_classes_comes_from_the_labels(tiny_run, tmp_path):
+    """dataset.h5 records num_classes (1 + the largest label); the classifier, the conditional
+    priors (through latents.h5) and the sample sets read it instead of a literal 10."""
+    import shutil
+
+    import h5py
+
+    from pipeline.data import Split, num_classes_of, read_num_classes, write_dataset
+    from pipeline.latents import read_split
+    from pipeline.sets import requested_labels
+
+    path = tiny_run / "data" / "dataset.h5"
+    assert read_num_classes(path) == 10
+    assert read_split(tiny_run / "latents" / "latents.h5", "train")[1].num_classes == 10
+    three = {
+        "train": Split(np.zeros((4, 1, 28, 28), np.uint8), np.array([0, 2, 1, 2])),
+        "test": Split(np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 1])),
+    }
+    write_dataset(tmp_path / "three.h5", three, "test", {}, 0)
+    assert num_classes_of(three) == 3 and read_num_classes(tmp_path / "three.h5") == 3
+    # a file written before the attribute: counted from the labels
+    old = tmp_path / "old.h5"
+    shutil.copy(tmp_path / "three.h5", old)
+    with h5py.File(old, "a") as f:
+        del f.attrs["num_classes"]
+    assert read_num_classes(old) == 3
+    assert requested_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]

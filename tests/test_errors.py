@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.server
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from pipeline.checkpoint import CheckpointError, load, load_model, save
 from pipeline.config import resolve
@@ -170,22 +170,12 @@ def test_checkpoint_that_is_not_ours(tmp_path):
 def test_device_cuda_without_gpu():
     with pytest.raises(DeviceError, match=r"config key 'device' is 'cuda' but no CUDA GPU is visible"):
         resolve_device("cuda")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train_vqvae", "--run", "/nonexistent/run", "--set", "device=cuda"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("train_vqvae", "--run", "/nonexistent/run", "--set", "device=cuda")
     assert proc.returncode == 1 and "error: train_vqvae: config key 'device' is 'cuda'" in proc.stderr
 
 
 def test_missing_input_file_is_named(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train_vqvae", "--run", str(tmp_path / "r"), "--configfile", str(TINY)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("train_vqvae", "--run", str(tmp_path / "r"), "--configfile", str(TINY))
     assert proc.returncode == 1
     assert (
         f"dataset file '{tmp_path / 'r' / 'data' / 'dataset.h5'}' does not exist (run the prepare_data stage)"
@@ -210,24 +200,16 @@ def tiny_fs(tmp_path, request):
 @pytest.mark.parametrize("tiny_fs", ["256k"], indirect=True)
 def test_disk_full_while_writing_dataset(tiny_fs):
     run = tiny_fs / "r"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "prepare_data",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-            "--set",
-            "data.max_train=4500",
-            "--set",
-            "data.max_test=500",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    proc = run_cli(
+        "prepare_data",
+        "--run",
+        str(run),
+        "--configfile",
+        str(TINY),
+        "--set",
+        "data.max_train=4500",
+        "--set",
+        "data.max_test=500",
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"disk full while writing {run / 'data' / 'dataset.h5'} (nothing was replaced" in proc.stderr
@@ -242,12 +224,7 @@ def test_disk_full_before_writing_latents(tiny_run, tiny_fs):
     for rel in ("data/dataset.h5", "vqvae/model.pt"):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_run / rel, run / rel)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "extract_latents", "--run", str(run), "--configfile", str(TINY)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("extract_latents", "--run", str(run), "--configfile", str(TINY))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"disk full: writing {run / 'latents' / 'latents.h5'} needs up to" in proc.stderr
     assert not (run / "latents" / "latents.h5").exists()
@@ -261,23 +238,7 @@ def test_prior_trained_on_another_vqvae_is_refused_by_the_sampler(tiny_run, tmp_
     state = torch.load(run / "pixelcnn" / "model.pt", weights_only=True)
     state["vqvae_sha256"] = "0" * 64
     torch.save(state, run / "pixelcnn" / "model.pt")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "sample",
-            "--model",
-            "pixelcnn",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("sample", "--sample-set", "pixelcnn", "--run", str(run), "--configfile", str(TINY))
     assert proc.returncode == 1
     assert (
         f"error: sample: {run / 'pixelcnn' / 'model.pt'} was trained on latents of another vqvae/model.pt; re-run "
@@ -312,45 +273,13 @@ def test_conditional_set_of_an_unconditional_model_and_unknown_sets_are_named(ti
     shutil.copy(
         run / "pixelcnn" / "model.pt", run / "pixelcnn_cond" / "model.pt"
     )  # an unconditional model where the conditional one belongs
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "sample",
-            "--model",
-            "pixelcnn_g2",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("sample", "--sample-set", "pixelcnn_g2", "--run", str(run), "--configfile", str(TINY))
     assert proc.returncode == 1
     assert (
         f"error: sample: sample set 'pixelcnn_g2' is class-conditional but {run / 'pixelcnn_cond' / 'model.pt'} is "
         "not; train it with python -m pipeline train_pixelcnn --conditional" in proc.stderr
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "sample",
-            "--model",
-            "diffusion_ddim_t2",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("sample", "--sample-set", "diffusion_ddim_t2", "--run", str(run), "--configfile", str(TINY))
     assert (
         proc.returncode == 1
         and "error: sample: unknown sample set 'diffusion_ddim_t2'; "
@@ -365,12 +294,7 @@ def test_pixel_baseline_without_the_latent_models_time_is_named(tiny_run, tmp_pa
     run = tmp_path / "r"
     (run / "data").mkdir(parents=True)
     shutil.copy(tiny_run / "data" / "dataset.h5", run / "data" / "dataset.h5")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train_pixel_diffusion", "--run", str(run), "--configfile", str(TINY)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = run_cli("train_pixel_diffusion", "--run", str(run), "--configfile", str(TINY))
     assert proc.returncode == 1
     assert (
         "error: train_pixel_diffusion: pixel_diffusion.steps is null (match the latent model's training time) but "

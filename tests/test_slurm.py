@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -164,28 +165,20 @@ def test_one_sample_set_alone_is_its_own_job(slurm_run, tmp_path):
     run = tmp_path / "tiny"
     shutil.copytree(wd / "results" / "tiny", run)
     before = (run / "samples" / "diffusion_ddim.json").read_text()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "sample",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-            "--sample-set",
-            "pixelcnn",
-            "--submit",
-            "--cluster-config",
-            str(ROOT / "cluster" / "local" / "slurm.yaml"),
-            "--account",
-            ACCOUNT,
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "sample",
+        "--run",
+        str(run),
+        "--configfile",
+        str(TINY),
+        "--sample-set",
+        "pixelcnn",
+        "--submit",
+        "--cluster-config",
+        str(ROOT / "cluster" / "local" / "slurm.yaml"),
+        "--account",
+        ACCOUNT,
         timeout=600,
-        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
@@ -206,26 +199,18 @@ def test_ddp_two_tasks_world_size_two(slurm_run, tmp_path):
             {"defaults": {"partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}
         )
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train_diffusion",
-            "--run",
-            str(run),
-            "--configfile",
-            str(TINY),
-            "--submit",
-            "--cluster-config",
-            str(cluster),
-            "--account",
-            ACCOUNT,
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "train_diffusion",
+        "--run",
+        str(run),
+        "--configfile",
+        str(TINY),
+        "--submit",
+        "--cluster-config",
+        str(cluster),
+        "--account",
+        ACCOUNT,
         timeout=600,
-        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished (2 task(s))" in proc.stdout
