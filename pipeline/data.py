@@ -290,27 +290,11 @@ def num_classes_of(splits: Mapping[str, Split]) -> int:
     return 1 + max((int(s.labels.max()) for s in splits.values() if len(s.labels)), default=-1)
 
 
-def read_num_classes(path: str | os.PathLike) -> int:
-    """``dataset.h5``'s ``num_classes`` attribute (from the labels for files written before it).
+def _open_dataset(path: str | os.PathLike):
+    """``dataset.h5`` opened for reading after the file and schema checks (an open h5py.File).
 
     Raises:
-        DataError: see :func:`read_dataset`.
-    """
-    import h5py
-
-    splits = {s: read_dataset(path, s) for s in ("train", "test")}
-    with h5py.File(path, "r") as f:
-        if "num_classes" in f.attrs:
-            return int(f.attrs["num_classes"])
-    return num_classes_of(splits)
-
-
-def read_dataset(path: str | os.PathLike, split: str) -> Split:
-    """Read one split of ``dataset.h5``, checking the schema.
-
-    Raises:
-        DataError: missing file, another schema version, a missing dataset, or a wrong
-            shape or dtype; the file and dataset are named with what was expected.
+        DataError: a missing or unreadable file, another schema version.
     """
     import h5py
 
@@ -321,10 +305,35 @@ def read_dataset(path: str | os.PathLike, split: str) -> Split:
         f = h5py.File(p, "r")
     except OSError as exc:
         raise DataError(f"{p}: not a readable HDF5 file ({exc})") from None
-    with f:
-        version = f.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise DataError(f"{p}: schema_version {version}, expected {SCHEMA_VERSION}; re-run prepare_data")
+    version = f.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise DataError(f"{p}: schema_version {version}, expected {SCHEMA_VERSION}; re-run prepare_data")
+    return f
+
+
+def read_num_classes(path: str | os.PathLike) -> int:
+    """``dataset.h5``'s ``num_classes`` attribute (1 + the largest label of its splits for files
+    written before it). Reads the attribute (or the labels), not the images.
+
+    Raises:
+        DataError: see :func:`_open_dataset`.
+    """
+    with _open_dataset(path) as f:
+        if "num_classes" in f.attrs:
+            return int(f.attrs["num_classes"])
+        return 1 + max(int(f[f"{s}/labels"][...].max(initial=-1)) for s in ("train", "test") if f"{s}/labels" in f)
+
+
+def read_dataset(path: str | os.PathLike, split: str) -> Split:
+    """Read one split of ``dataset.h5``, checking the schema.
+
+    Raises:
+        DataError: missing file, another schema version, a missing dataset, or a wrong
+            shape or dtype; the file and dataset are named with what was expected.
+    """
+    p = Path(path)
+    with _open_dataset(p) as f:
         for key in ("images", "labels"):
             if f"{split}/{key}" not in f:
                 raise DataError(f"{p}: dataset '/{split}/{key}' is missing")
