@@ -38,6 +38,7 @@ __all__ = [
     "stage_parameters",
     "submitit_parameters",
     "job_suffix",
+    "apply_parameters",
     "run_in_job",
     "submit_stage",
     "resolve_account",
@@ -401,14 +402,7 @@ def submit_stage(
         account=acc if on_slurm else None,
         setup=list(cluster_cfg.get("setup") or []) if on_slurm else None,
     )
-    if not on_slurm:  # the local and debug executors know none of the slurm_* keys
-        sub = {k: v for k, v in sub.items() if not k.startswith("slurm_")}
-    wckey = sub.pop("slurm_wckey", None)
-    executor.update_parameters(**sub)
-    if on_slurm:
-        # AutoExecutor drops None values, so only the SlurmExecutor under it can replace
-        # submitit's default --wckey=submitit by none at all.
-        executor._executor.update_parameters(wckey=wckey)
+    apply_parameters(executor, sub)
     kw = dict(kwargs)
     kw["threads"] = int(params.get("cpus_per_task", kw.get("threads") or 1))
     # Submitted from inside a SLURM job (run_pipeline.sbatch: the driver is a job), sbatch would
@@ -444,6 +438,20 @@ def submit_stage(
             signal.signal(sig, handler)
     print(f"{stage}{suffix}: SLURM job {job.job_id} finished ({len(results)} task(s))", flush=True)
     return results[0]
+
+
+def apply_parameters(executor: submitit.AutoExecutor, sub: Mapping[str, Any]) -> None:
+    """Set :func:`submitit_parameters` on ``executor``. The local and debug executors get no
+    ``slurm_*`` key (they know none); on SLURM the wckey goes to the SlurmExecutor under it,
+    because AutoExecutor drops None values and so could not replace submitit's default
+    ``--wckey=submitit`` by none at all."""
+    sub = dict(sub)
+    wckey = sub.pop("slurm_wckey", None)
+    if executor.cluster != "slurm":
+        executor.update_parameters(**{k: v for k, v in sub.items() if not k.startswith("slurm_")})
+        return
+    executor.update_parameters(**sub)
+    executor._executor.update_parameters(wckey=wckey)
 
 
 def job_suffix(stage: str, kwargs: Mapping[str, Any]) -> str:

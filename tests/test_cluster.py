@@ -14,13 +14,21 @@ import submitit
 import yaml
 from helpers import run_cli
 
-from pipeline.dispatch import DispatchError, load_cluster_config, stage_parameters, submitit_parameters
+from pipeline.dispatch import (
+    DispatchError,
+    apply_parameters,
+    load_cluster_config,
+    stage_parameters,
+    submitit_parameters,
+)
 from pipeline.flops import StageCost, estimate_seconds, stage_cost
 from pipeline.plan import format_plan, plan_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 BR200 = ROOT / "cluster" / "bigred200"
+#: a stage entry for a quarter of a Big Red 200 GPU node: one A100, 16 cores, 60 GB
+QUARTER_NODE = {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 16, "mem_per_gpu_gb": 60}
 
 
 def write_cluster(tmp_path: Path, data: dict) -> Path:
@@ -30,13 +38,10 @@ def write_cluster(tmp_path: Path, data: dict) -> Path:
 
 
 def sbatch_text(sub: dict, tmp_path: Path) -> str:
-    """The sbatch script submitit would write for these update_parameters kwargs (what
-    pipeline.dispatch.submit_stage hands it, wckey on the SlurmExecutor as there)."""
+    """The sbatch script submitit would write for these parameters, set as
+    pipeline.dispatch.submit_stage sets them (``apply_parameters``)."""
     ex = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="slurm")
-    sub = dict(sub)
-    wckey = sub.pop("slurm_wckey", None)
-    ex.update_parameters(**sub)
-    ex._executor.update_parameters(wckey=wckey)
+    apply_parameters(ex, sub)
     return ex._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
 
 
@@ -69,10 +74,7 @@ def test_sbatch_options_reach_the_script_and_memory_follows_the_gpus(tmp_path):
         tmp_path,
         {
             "defaults": {
-                "partition": "gpu",
-                "gpus_per_node": 1,
-                "cpus_per_task": 16,
-                "mem_per_gpu_gb": 60,
+                **QUARTER_NODE,
                 "mail_type": "END,FAIL",
                 "mail_user": "me@iu.edu",
                 "additional_parameters": {"hint": "nomultithread"},
@@ -169,10 +171,7 @@ def test_plan_rows_from_commands_give_resources_and_gpu_hours(tmp_path):
         tmp_path,
         {
             "defaults": {
-                "partition": "gpu",
-                "gpus_per_node": 1,
-                "cpus_per_task": 16,
-                "mem_per_gpu_gb": 60,
+                **QUARTER_NODE,
                 "timeout_min": 1,
                 "assumed_tflops": 0.001,
             },
