@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runtime import DeviceError
 
     try:
-        for one in [{"sample_set": s} for s in kwargs.pop("sample_sets")] if "sample_sets" in kwargs else [{}]:
-            get_stage(args.stage)(cfg, str(run_dir), **kwargs, **one)
+        get_stage(args.stage)(cfg, str(run_dir), **kwargs)
     except (DataError, LatentsError, CheckpointError, DiskFullError, DeviceError, ConfigError, StageInputError) as exc:
         print(f"error: {args.stage}: {exc}", file=sys.stderr)
         return 1

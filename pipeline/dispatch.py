@@ -284,9 +284,7 @@ def _requeue_all_ranks(handler: Callable) -> Callable[[int], None]:
 
 def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]) -> dict:
     """What runs in each SLURM task: join the process group if there are several tasks, run the
-    stage, leave the group. Returns the stage's metrics (from every rank). For ``sample`` with
-    ``sample_sets`` (a list), the sets are drawn one after another in this one job and the
-    result maps each set to its record."""
+    stage, leave the group. Returns the stage's metrics (from every rank)."""
     import torch
 
     from pipeline import runtime
@@ -298,13 +296,8 @@ def run_in_job(stage: str, cfg: Mapping, run_dir: str, kwargs: Mapping[str, Any]
     if callable(submitit_handler):
         runtime.set_requeue_hook(_requeue_all_ranks(submitit_handler), signals=(usr_sig,))
     rank, world = _init_distributed()
-    kw = dict(kwargs)
     try:
-        if stage == "sample" and "sample_sets" in kw:
-            sets = list(kw.pop("sample_sets"))
-            result = {s: get_stage(stage)(dict(cfg), run_dir, sample_set=s, **kw) for s in sets}
-        else:
-            result = get_stage(stage)(dict(cfg), run_dir, **kw)
+        result = get_stage(stage)(dict(cfg), run_dir, **dict(kwargs))
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

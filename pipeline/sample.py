@@ -56,6 +56,7 @@ __all__ = [
     "sample_pixelcnn",
     "sample_diffusion_latents",
     "sample",
+    "sample_one",
 ]
 
 
@@ -194,8 +195,30 @@ def _save_npy(path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def sample(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str = "pixelcnn", threads: int | None = None) -> dict:
-    """Stage 6 for one sample set ``sample_set`` (a name of the grammar above).
+def sample(
+    cfg: Mapping,
+    run_dir: str | os.PathLike,
+    sample_set: str = "pixelcnn",
+    threads: int | None = None,
+    sample_sets: list[str] | None = None,
+) -> dict:
+    """Stage 6: draw sample set ``sample_set`` (a name of the grammar above), or every set of
+    ``sample_sets`` one after another (what one SLURM job draws for a run's sets).
+
+    Returns:
+        The set's record (``samples/<set>.json``), or ``{set: record}`` for ``sample_sets``.
+
+    Raises:
+        as :func:`sample_one`, for the first set that fails (the sets before it are written).
+    """
+    if sample_sets is not None:
+        return {name: sample_one(cfg, run_dir, name, threads) for name in sample_sets}
+    return sample_one(cfg, run_dir, sample_set, threads)
+
+
+def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, threads: int | None = None) -> dict:
+    """Draw one sample set ``sample_set`` (a name of the grammar above) and write its ``.npy``,
+    grid ``.png`` and record ``.json``.
 
     Reads ``sample`` (seed, num_samples, ddpm_num_samples, batch_size, temperature, ddim_steps,
     ddim_eta, clip_denoised).

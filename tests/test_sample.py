@@ -78,3 +78,25 @@ def test_stage_records(tiny_run):
     assert again["codes_in_use"] == vq["test_codes_in_use"]
     pc = json.loads((tiny_run / "pixelcnn" / "metrics.json").read_text())
     assert 0 < pc["test_nll_nats_per_code"] < np.log(128) + 1
+
+
+def test_several_sample_sets_in_one_call(tiny_run, tmp_path):
+    """`sample --sample-set a --sample-set b` (what one SLURM job runs for a run's sets) draws
+    each set into its own files and record, the same as one call per set."""
+    import shutil
+    from pathlib import Path
+
+    from helpers import run_cli
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    sets = ["pixelcnn", "diffusion_ddim"]
+    for name in sets:
+        (run / "samples" / f"{name}.json").unlink()
+    tiny = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+    proc = run_cli("sample", "--run", run, "--configfile", tiny, *[a for s in sets for a in ("--sample-set", s)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in sets:
+        record = json.loads((run / "samples" / f"{name}.json").read_text())
+        assert record["model"] == name
+        assert np.array_equal(np.load(run / "samples" / f"{name}.npy"), np.load(tiny_run / "samples" / f"{name}.npy"))
