@@ -1,4 +1,4 @@
-"""What several test files run: the pipeline's command line from the repository root."""
+"""What several test files run: the pipeline's command line and Snakemake, from the repository root."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pipeline_cmd(*args) -> list[str]:
+    """The argv of ``python -m pipeline <args>`` (arguments passed through ``str``)."""
+    return [sys.executable, "-m", "pipeline", *map(str, args)]
+
+
+def snakemake_cmd(workdir, *args) -> list[str]:
+    """The argv of Snakemake on the repository's Snakefile with working directory ``workdir``."""
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *map(str, args)]
+
+
 def run_cli(*args, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m pipeline <args>`` from the repository root (arguments passed through ``str``);
-    the finished process with text stdout and stderr (not checked: the tests read the codes)."""
-    cmd = [sys.executable, "-m", "pipeline", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    """``python -m pipeline <args>`` from the repository root; the finished process with text
+    stdout and stderr (not checked: the tests read the codes)."""
+    return subprocess.run(pipeline_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)

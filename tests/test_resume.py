@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from helpers import snakemake_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -171,22 +172,16 @@ def test_sigkill_during_latent_extraction_leaves_no_latents_file(tiny_run, tmp_p
 def test_snakemake_killed_mid_training_recovers_with_rerun_incomplete(tmp_path):
     """SIGKILL to Snakemake and its job mid-training: no output is taken as finished, and
     `snakemake --rerun-incomplete` completes the run, resuming the stage from its checkpoint."""
-    base = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(tmp_path),
+    base = snakemake_cmd(
+        tmp_path,
         "--configfile",
-        str(TINY),
+        TINY,
         "--cores",
         "2",
         "--config",
         "diffusion={steps: 600, log_every: 20, checkpoint_every: 100}",
         "sample={models: [diffusion_ddim]}",
-    ]
+    )
     proc = subprocess.Popen(
         base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
     )

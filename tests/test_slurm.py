@@ -10,14 +10,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import run_cli
+from helpers import pipeline_cmd, run_cli, snakemake_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -58,18 +57,7 @@ if not _slurm_up():
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--profile",
-        str(ROOT / "cluster" / "local"),
-        *args,
-    ]
+    cmd = snakemake_cmd(workdir, "--profile", ROOT / "cluster" / "local", *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -92,16 +80,18 @@ def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
         time.sleep(1)
 
 
-def sbatch_wrapper(
-    script: str, options: list[str], args: list[str], config: list[str], tmp_path: Path
-) -> tuple[subprocess.CompletedProcess, str]:
+def sbatch_wrapper(script: str, options: list[str], args: list[str], config: list[str], tmp_path: Path) -> str:
     """``sbatch --wait`` one of cluster/bigred200's wrappers from the repository root with sbatch
-    ``options`` and the wrapper's own ``args`` + ``config``; (the sbatch process, the job's output)."""
+    ``options`` and the wrapper's own ``args`` + ``config``; asserts that it succeeded and ended
+    COMPLETED in sacct, and returns its job id."""
     cmd = ["sbatch", "-A", ACCOUNT, "-p", "gpu", *options, "--wait", "-D", str(ROOT)]
     cmd += ["-o", str(tmp_path / "job-%j.out"), str(ROOT / "cluster" / "bigred200" / script), *args, *config]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     outs = list(tmp_path.glob("job-*.out"))
-    return proc, outs[0].read_text() if outs else proc.stderr
+    assert proc.returncode == 0, (outs[0].read_text() if outs else proc.stderr)[-4000:]
+    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    assert sacct(job)[1] == "COMPLETED"
+    return job
 
 
 def job_ids(log: Path) -> list[str]:
@@ -258,17 +248,7 @@ def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_pa
 
 def test_profile_without_account_fails_before_submitting(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(tmp_path),
-        "--profile",
-        str(ROOT / "cluster" / "local"),
-    ]
+    cmd = snakemake_cmd(tmp_path, "--profile", ROOT / "cluster" / "local")
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
@@ -280,24 +260,18 @@ def test_profile_without_account_fails_before_submitting(tmp_path):
 def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):
     """The Big Red 200 profile itself, with only the per-stage SLURM sizes swapped for this node's."""
     site = ROOT / "cluster" / "bigred200" / "pipeline.yaml"
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(tmp_path),
+    cmd = snakemake_cmd(
+        tmp_path,
         "--profile",
-        str(ROOT / "cluster" / "bigred200"),
+        ROOT / "cluster" / "bigred200",
         "--configfile",
-        str(site),
-        str(TINY),
+        site,
+        TINY,
         "--config",
         f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}",
         "run=br200",
         "sample={models: [diffusion_ddim_g2]}",
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "results" / "br200"
@@ -367,16 +341,13 @@ def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
     """The driver wrapper as a SLURM job (1 CPU here) runs Snakemake, which submits each GPU stage."""
     wd = tmp_path / "wd"
     # -c 1 here, and the wrapper's --mem-per-cpu: that SLURM_MEM_PER_CPU must not reach the stages' jobs
-    proc, log = sbatch_wrapper(
+    driver_id = sbatch_wrapper(
         "run_pipeline.sbatch",
         ["-c", "1", "--export", "ALL,VQLP_PROFILE=cluster/local"],
         ["-d", str(wd), "--configfile", "cluster/local/pipeline.yaml", str(TINY)],
         ["--config", "run=driver", "sample={models: [pixelcnn]}"],
         tmp_path,
     )
-    assert proc.returncode == 0, log[-4000:]
-    driver_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
-    assert sacct(driver_id)[1] == "COMPLETED"
     ids = job_ids(wd / "results" / "driver" / "logs" / "train_vqvae.log")
     assert sacct(ids[0]) == ("driver-train_vqvae", "COMPLETED") and ids[0] != driver_id
     assert (wd / "results" / "driver" / "samples" / "pixelcnn.png").is_file()
@@ -391,46 +362,51 @@ def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
     pre-timeout signal makes the stage checkpoint between two steps, submitit requeues the job,
     and the stage resumes where it stopped, as often as needed. (SLURM may send the signal up to
     60 s early, here 10-30 s into each run, hence several requeues.)"""
-    wd, _ = slurm_run
-    run = tmp_path / "tiny"
-    shutil.copytree(wd / "results" / "tiny", run)
-    for f in ("model.pt", "metrics.json", "train_log.csv"):
-        (run / "diffusion" / f).unlink()
-    cluster = tmp_path / "short.yaml"
-    cluster.write_text(
-        yaml.safe_dump(
-            {
-                "max_num_timeout": 40,
-                "defaults": {
-                    "partition": "gpu",
-                    "gpus_per_node": 1,
-                    "cpus_per_task": 1,
-                    "mem_gb": 2,
-                    "timeout_min": 1,
-                    "signal_delay_s": 25,
-                },
-            }
-        )
-    )
-    proc = subprocess.run(
-        _train_diffusion_cmd(run, cluster, 1200), capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job_id = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
-    logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
-    assert "Caught signal SIGUSR2" in logs and "checkpoint saved at step" in logs
-    assert re.search(r"resumed from .* at step \d+/1200", logs)
-    assert sacct(job_id)[1] == "COMPLETED"
-    steps = [int(line.split(",")[0]) for line in (run / "diffusion" / "train_log.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(100, 1201, 100))  # continuous across the requeues
+    run = fresh_diffusion_run(slurm_run[0], tmp_path / "tiny")
+    job = train_diffusion_under_limit(run, tmp_path, gpus=1, timeout_min=1, steps=1200)
+    assert_requeued_and_resumed(run, job, steps=1200)
     assert (run / "diffusion" / "model.pt").is_file()
 
 
+def fresh_diffusion_run(finished: Path, run: Path) -> Path:
+    """A copy of the finished tiny run at ``run`` without the latent diffusion model's outputs."""
+    shutil.copytree(finished / "results" / "tiny", run)
+    for f in ("model.pt", "metrics.json", "train_log.csv"):
+        (run / "diffusion" / f).unlink()
+    return run
+
+
+def train_diffusion_under_limit(
+    run: Path, tmp_path: Path, gpus: int, timeout_min: int, steps: int, wait_s: float = 600
+) -> str:
+    """Submit ``steps`` steps of train_diffusion on ``gpus`` tasks under a ``timeout_min`` limit
+    (SIGUSR2 25 s before it, up to 40 requeues) and wait; the job id of a run that succeeded."""
+    entry = {"partition": "gpu", "gpus_per_node": gpus, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": timeout_min}
+    cluster = tmp_path / f"limit_{gpus}x{timeout_min}.yaml"
+    cluster.write_text(yaml.safe_dump({"max_num_timeout": 40, "defaults": {**entry, "signal_delay_s": 25}}))
+    proc = subprocess.run(
+        _train_diffusion_cmd(run, cluster, steps), capture_output=True, text=True, timeout=wait_s, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"finished ({gpus} task(s))" in proc.stdout
+    return re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
+
+
+def assert_requeued_and_resumed(run: Path, job: str, steps: int) -> None:
+    """The job caught SLURM's pre-timeout signal, checkpointed, was requeued, resumed, and ended
+    COMPLETED with a training log continuous across the requeues."""
+    logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
+    assert "Caught signal SIGUSR2" in logs and "checkpoint saved at step" in logs
+    assert re.search(rf"resumed from .* at step \d+/{steps}", logs)
+    assert sacct(job)[1] == "COMPLETED"
+    logged = [int(line.split(",")[0]) for line in (run / "diffusion" / "train_log.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(100, steps + 1, 100))  # continuous across the requeues
+
+
 def _train_diffusion_cmd(run: Path, cluster: Path, steps: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline",
+    """``python -m pipeline train_diffusion`` of a copied tiny run for ``steps`` steps, submitted
+    with the cluster YAML ``cluster`` (no periodic checkpoints: only the signal makes one)."""
+    return pipeline_cmd(
         "train_diffusion",
         "--run",
         str(run),
@@ -447,36 +423,22 @@ def _train_diffusion_cmd(run: Path, cluster: Path, steps: int) -> list[str]:
         str(cluster),
         "--account",
         ACCOUNT,
-    ]
+    )
 
 
 def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(slurm_run, tmp_path):
     """2 DDP tasks (gloo) under a 1-minute limit: SLURM's pre-timeout signal, a checkpoint that
     every rank waits for, submitit's requeue, a resume; the final weights are bit-equal to an
     uninterrupted 2-task run of the same steps."""
-    wd, _ = slurm_run
     runs = {}
     for name, timeout in (("uninterrupted", 10), ("requeued", 1)):
-        run = tmp_path / name / "tiny"
-        shutil.copytree(wd / "results" / "tiny", run)
-        for f in ("model.pt", "metrics.json", "train_log.csv"):
-            (run / "diffusion" / f).unlink()
-        cluster = tmp_path / f"{name}.yaml"
-        entry = {"partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": timeout}
-        cluster.write_text(yaml.safe_dump({"max_num_timeout": 40, "defaults": {**entry, "signal_delay_s": 25}}))
-        proc = subprocess.run(_train_diffusion_cmd(run, cluster, 600), capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "finished (2 task(s))" in proc.stdout
-        runs[name] = (run, re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1))
+        run = fresh_diffusion_run(slurm_run[0], tmp_path / name / "tiny")
+        job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=timeout, steps=600, wait_s=900)
+        runs[name] = (run, job)
     run, job = runs["requeued"]
-    logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
-    assert "Caught signal SIGUSR2" in logs and "checkpoint saved at step" in logs
-    assert re.search(r"resumed from .* at step \d+/600", logs)
-    assert sacct(job)[1] == "COMPLETED"
+    assert_requeued_and_resumed(run, job, steps=600)
     metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and int(metrics["where"]["slurm"]["restart_count"]) >= 1
-    steps = [int(line.split(",")[0]) for line in (run / "diffusion" / "train_log.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(100, 601, 100))
     a = torch.load(runs["uninterrupted"][0] / "diffusion" / "model.pt", weights_only=True)
     b = torch.load(run / "diffusion" / "model.pt", weights_only=True)
     for part in ("model", "ema"):
@@ -528,16 +490,13 @@ def test_a_dropped_session_or_ctrl_c_cancels_the_job(slurm_run, tmp_path, sig):
 def test_run_allocation_runs_the_chain_in_one_job(tmp_path):
     """The one-allocation wrapper: Snakemake inside one GPU job, every stage local to it."""
     wd = tmp_path / "wd"
-    proc, log = sbatch_wrapper(
+    job = sbatch_wrapper(
         "run_allocation.sbatch",
         ["-c", "2", "--gpus-per-node=1", "--mem=3G"],
         ["-d", str(wd), "--configfile", "cluster/bigred200/allocation/pipeline.yaml", str(TINY)],
         ["--config", "run=alloc", "sample={models: [pixelcnn, diffusion_ddim]}"],
         tmp_path,
     )
-    assert proc.returncode == 0, log[-4000:]
-    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
-    assert sacct(job)[1] == "COMPLETED"
     run = wd / "results" / "alloc"
     assert (run / "report" / "summary.md").is_file() and (run / "samples" / "diffusion_ddim.png").is_file()
     assert not job_ids(run / "logs" / "train_diffusion.log")  # nothing submitted from inside

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from helpers import snakemake_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -20,18 +21,7 @@ MODELS = yaml.safe_load(TINY.read_text())["sample"]["models"]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(TINY),
-        *args,
-    ]
+    cmd = snakemake_cmd(workdir, "--configfile", TINY, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -276,7 +266,7 @@ def test_cluster_profiles_dry_run_without_account_and_guard_site_config(tmp_path
     """`snakemake --profile cluster/bigred200 -n` prints the plan anywhere; a --configfile that
     would silently drop the profile's site config (SLURM dispatch) is refused."""
     env = {k: v for k, v in os.environ.items() if k != "SLURM_ACCOUNT"}
-    base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
+    base = snakemake_cmd(tmp_path)
     plan = subprocess.run(
         [*base, "--profile", str(ROOT / "cluster" / "bigred200"), "-n", "-p"],
         capture_output=True,
