@@ -1,5 +1,5 @@
 # vq-latent-pipeline: prepare_data -> train_vqvae -> extract_latents -> train_pixelcnn + train_diffusion
-#                     -> sample (one job per sample set) -> evaluate (judged by train_classifier) -> timings
+#                     -> sample (one job per sample set) -> evaluate (judged by train_classifier / train_encoder) -> timings
 #                     (+ train_pixel_diffusion, the pixel-space baseline, when a pixeldiff_* set is listed)
 #
 #   snakemake --report results/default/report.html   # Snakemake's report: grids, curves, tables
@@ -22,6 +22,7 @@ sys.path.insert(0, workflow.basedir)
 from pipeline.config import coerce_strings, stage_view, variant_config  # pyyaml only: the Snakefile never imports torch
 from pipeline.dispatch import shell_args  # submitit and yaml, no torch
 from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for  # no torch
+from pipeline.sources import judges  # numpy only
 
 min_version("9.0")
 
@@ -58,6 +59,9 @@ if _plan_config:
 
 RUN = f"results/{config['run']}"
 SAMPLE_SETS = config["sample"]["models"]
+# The evaluate stage's judges: the digit classifier (labelled data) and/or the label-free encoder.
+JUDGES = judges(config)
+JUDGE_MODELS = [f"{RUN}/{'classifier' if j == 'classifier' else 'encoder'}/model.pt" for j in JUDGES]
 MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in SAMPLE_SETS})  # pixelcnn, diffusion_cond, ...
 STUDIES = studies_for(SAMPLE_SETS)
 # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml

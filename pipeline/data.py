@@ -10,14 +10,21 @@ Sources:
   read from ``data.path``; with ``data.download: true`` missing files are fetched from a list of
   mirror URLs and their SHA-256 is checked before use.
 
-``dataset.h5`` schema (version 1)::
+* your own images: ``folder``, ``npz``, ``npy``, ``hdf5``, and the embedded ``photos`` (RGB
+  crops) and ``sklearn_digits``, read by :mod:`pipeline.sources` and standardised there
+  (colour, intensity, size), split seeded and stratified when labelled (or as given).
 
-    /train/images  uint8 (N, 1, 28, 28)   pixel values 0..255
-    /train/labels  int64 (N,)             class 0..9
-    /test/images   uint8 (M, 1, 28, 28)
-    /test/labels   int64 (M,)
-    attrs: schema_version=1, source, sha256 (JSON object: input file name -> SHA-256), seed,
-           num_classes (1 + the largest label)
+``dataset.h5`` schema (version 2; version-1 files, uint8 (N, 1, 28, 28), are still read)::
+
+    /train/images  uint8 or uint16 (N, C, H, W)  pixel values 0..max_value
+    /train/labels  int64 (N,)                    class 0..num_classes-1, or -1 = unlabelled
+    /test/images, /test/labels                   the same for the test split
+    /source_sha256 (optional) str                sha256sum-format listing when > 64 files were read
+    attrs: schema_version=2, source, sha256 (JSON object: input file name -> SHA-256, or the
+           listing's digest), seed, num_classes (1 + the largest label; 0 = unlabelled),
+           color (gray | rgb | rgba), max_value (255, 65535 or 2**bit_depth - 1),
+           value_range (JSON [lo, hi]: the input values that 0 and max_value stand for),
+           preprocessing (JSON: size, resize, interpolation, input sizes), class_names (JSON or "null")
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import DiskFullError, RunPaths, atomic_path, sha256_file
+from pipeline.io import DataError, DiskFullError, RunPaths, atomic_path, sha256_file
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -54,7 +61,11 @@ __all__ = [
     "prepare_data",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older schema versions read_dataset still reads.
+READABLE_VERSIONS = (1, 2)
+#: The built-in MNIST-format sources (IDX files or the embedded 5,000 digits).
+MNIST_SOURCES = ("mnist5k", "mnist", "fashion_mnist")
 
 #: role -> file name of the four standard IDX files.
 IDX_FILES = {
@@ -93,16 +104,50 @@ SOURCES: dict[str, dict] = {
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 
 
-class DataError(ValueError):
-    """An input file or ``dataset.h5`` is not what was expected; the message names the file."""
-
-
 @dataclass
 class Split:
-    """One split in memory: ``images`` uint8 (N, 1, 28, 28), ``labels`` int64 (N,)."""
+    """One split in memory: ``images`` uint8 or uint16 (N, C, H, W) in 0..``max_value``,
+    ``labels`` int64 (N,) (-1 = unlabelled)."""
 
     images: np.ndarray
     labels: np.ndarray
+    max_value: int = 255
+
+    def unit(self):
+        """The images as float32 torch (N, C, H, W) in [0, 1] (pixel / max_value)."""
+        import torch
+
+        return torch.from_numpy(self.images.astype(np.float32)).div_(float(self.max_value))
+
+
+@dataclass
+class ImageInfo:
+    """``dataset.h5``'s description of its images (:func:`read_info`).
+
+    Attributes:
+        shape: (C, H, W) of every image.
+        color: "gray", "rgb" or "rgba".
+        max_value: the stored value of white (255, 65535, or 2**bit_depth - 1).
+        value_range: (lo, hi) in the input's units that 0 and max_value stand for.
+        num_classes: 0 for unlabelled data.
+        class_names: list of names or None.
+        source: the data.source that wrote the file.
+    """
+
+    shape: tuple
+    color: str
+    max_value: int
+    value_range: tuple
+    num_classes: int
+    class_names: list | None
+    source: str
+
+
+def to_input_range(images, info: ImageInfo):
+    """Map float images in [0, 1] (samples, reconstructions) back to the input's units:
+    ``lo + x * (hi - lo)`` with ``info.value_range`` (so 8-bit data come back as 0..255)."""
+    lo, hi = info.value_range
+    return images * (hi - lo) + lo
 
 
 # --- IDX files ----------------------------------------------------------------------------
@@ -251,12 +296,22 @@ def load_mnist5k(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
 
 # --- dataset.h5 ---------------------------------------------------------------------------
 def write_dataset(
-    path: str | os.PathLike, splits: Mapping[str, Split], source: str, digests: Mapping[str, str], seed: int
+    path: str | os.PathLike,
+    splits: Mapping[str, Split],
+    source: str,
+    digests: Mapping[str, str],
+    seed: int,
+    meta: Mapping | None = None,
 ) -> None:
     """Write ``dataset.h5`` (schema above), chunked and gzip-compressed, atomically.
 
+    Args:
+        splits: "train" and "test" :class:`Split` s (uint8 or uint16 (N, C, H, W)).
+        meta: ``color``, ``value_range``, ``preprocessing``, ``class_names`` (from
+            :func:`pipeline.sources.standardise`); None = gray 8-bit MNIST-style data.
+
     The file is built in memory and written with plain file I/O: HDF5 itself can crash the
-    process when a write fails (disk full), and an MNIST-sized file fits in memory easily.
+    process when a write fails (disk full), and the embedded sets fit in memory easily.
 
     Raises:
         pipeline.io.DiskFullError: no space to write it; nothing is replaced.
@@ -265,19 +320,38 @@ def write_dataset(
 
     import h5py
 
+    from pipeline.sources import manifest_digest
+
+    meta = dict(meta or {})
+    first = next(iter(splits.values()))
+    max_value = int(first.max_value)
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["source"] = source
+        if len(digests) > 64:
+            listing = "".join(f"{v}  {k}\n" for k, v in sorted(digests.items()))
+            f.create_dataset("source_sha256", data=listing)
+            digests = {f"source_sha256 ({len(digests)} files)": manifest_digest(digests)}
         f.attrs["sha256"] = json.dumps(dict(digests), sort_keys=True)
         f.attrs["seed"] = seed
         f.attrs["num_classes"] = num_classes_of(splits)
+        f.attrs["color"] = meta.get("color", "gray")
+        f.attrs["max_value"] = max_value
+        f.attrs["value_range"] = json.dumps(list(meta.get("value_range", [0, max_value])))
+        f.attrs["preprocessing"] = json.dumps(meta.get("preprocessing", {}))
+        f.attrs["class_names"] = json.dumps(meta.get("class_names"))
+        dtype = np.uint8 if max_value <= 255 else np.uint16
         for name, split in splits.items():
             g = f.create_group(name)
+            imgs = split.images.astype(dtype)
             g.create_dataset(
                 "images",
-                data=split.images.astype(np.uint8),
-                chunks=(max(1, min(len(split.images), 1024)), 1, 28, 28),
+                data=imgs,
+                chunks=(
+                    max(1, min(len(imgs), max(1, 2**20 // max(1, imgs[0].nbytes if len(imgs) else 1)))),
+                    *imgs.shape[1:],
+                ),
                 compression="gzip",
             )
             g.create_dataset("labels", data=split.labels.astype(np.int64))
@@ -306,7 +380,7 @@ def _open_dataset(path: str | os.PathLike):
     except OSError as exc:
         raise DataError(f"{p}: not a readable HDF5 file ({exc})") from None
     version = f.attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         f.close()
         raise DataError(f"{p}: schema_version {version}, expected {SCHEMA_VERSION}; re-run prepare_data")
     return f
@@ -338,11 +412,81 @@ def read_dataset(path: str | os.PathLike, split: str) -> Split:
             if f"{split}/{key}" not in f:
                 raise DataError(f"{p}: dataset '/{split}/{key}' is missing")
         images, labels = f[f"{split}/images"], f[f"{split}/labels"]
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, 28, 28):
-            raise DataError(f"{p}: '/{split}/images' is {images.dtype} {images.shape}, expected uint8 (N, 1, 28, 28)")
+        max_value = int(f.attrs.get("max_value", 255))
+        want = np.uint8 if max_value <= 255 else np.uint16
+        if images.dtype != want or images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+            raise DataError(
+                f"{p}: '/{split}/images' is {images.dtype} {images.shape}, expected {np.dtype(want)} (N, C, H, W), "
+                "C in 1, 3, 4"
+            )
+        if f.attrs.get("schema_version") == 1 and images.shape[1:] != (1, 28, 28):
+            raise DataError(f"{p}: '/{split}/images' is {images.shape}, expected (N, 1, 28, 28) in schema 1")
         if labels.shape != (images.shape[0],):
             raise DataError(f"{p}: '/{split}/labels' has shape {labels.shape}, expected ({images.shape[0]},)")
-        return Split(images[...], labels[...].astype(np.int64))
+        return Split(images[...], labels[...].astype(np.int64), max_value)
+
+
+def read_info(path: str | os.PathLike) -> ImageInfo:
+    """The image description of ``dataset.h5`` (:class:`ImageInfo`), read from its attributes and
+    the train images' shape (not the pixels).
+
+    Raises:
+        DataError: see :func:`_open_dataset`; no train split.
+    """
+    p = Path(path)
+    with _open_dataset(p) as f:
+        if "train/images" not in f:
+            raise DataError(f"{p}: dataset '/train/images' is missing")
+        a = f.attrs
+        max_value = int(a.get("max_value", 255))
+        names = json.loads(a["class_names"]) if "class_names" in a else None
+        return ImageInfo(
+            shape=tuple(int(v) for v in f["train/images"].shape[1:]),
+            color=str(a.get("color", "gray")),
+            max_value=max_value,
+            value_range=tuple(json.loads(a["value_range"])) if "value_range" in a else (0, max_value),
+            num_classes=int(a["num_classes"]) if "num_classes" in a else read_num_classes(p),
+            class_names=names,
+            source=str(a.get("source", "")),
+        )
+
+
+def load_own_images(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], dict]:
+    """Read a non-MNIST source with :mod:`pipeline.sources`, standardise it and split it.
+
+    Returns:
+        ({"train": Split, "test": Split}, {file: SHA-256}, meta for :func:`write_dataset`).
+
+    Raises:
+        DataError: see :func:`pipeline.sources.load_source` and :func:`pipeline.sources.standardise`.
+    """
+    from pipeline import sources
+
+    raw = sources.load_source(dcfg)
+    images, meta = sources.standardise(raw, dcfg)
+    labels = raw.labels if raw.labels is not None else np.full(len(images), -1, np.int64)
+    tr, te = sources.given_or_split(raw, dcfg)
+    if not len(tr) or not len(te):
+        raise DataError(f"{raw.origins[0]}: the given split has {len(tr)} train and {len(te)} test images; need both")
+    meta["class_names"] = raw.class_names
+    mv = meta["max_value"]
+    return {"train": Split(images[tr], labels[tr], mv), "test": Split(images[te], labels[te], mv)}, raw.digests, meta
+
+
+def check_divisible(hw, cfg: Mapping, where: str) -> None:
+    """Refuse image sizes the VQ-VAE cannot encode: H and W must be multiples of
+    ``vqvae.downsample`` (the latent grid is H/f x W/f).
+
+    Raises:
+        DataError: naming the size, the factor and the keys that fix it.
+    """
+    f = int((cfg.get("vqvae") or {}).get("downsample", 4))
+    h, w = int(hw[0]), int(hw[1])
+    if h % f or w % f:
+        raise DataError(
+            f"{where}: images are {h}x{w}, not divisible by vqvae.downsample {f}; set data.size to a multiple of {f} "
+            f"(e.g. {max(f, h // f * f)}x{max(f, w // f * f)}) or another vqvae.downsample"
+        )
 
 
 def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
@@ -360,15 +504,18 @@ def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None =
     paths = RunPaths(run_dir)
     dcfg = cfg["data"]
     with stage_record("prepare_data", cfg, paths.dataset.parent, threads=threads) as metrics:
+        meta = None
         if dcfg["source"] == "mnist5k":
             splits, digests = load_mnist5k(dcfg)
-        else:
+        elif dcfg["source"] in MNIST_SOURCES:
             splits, digests = load_idx_source(dcfg)
+        else:
+            splits, digests, meta = load_own_images(dcfg)
         for split, cap in (("train", dcfg.get("max_train")), ("test", dcfg.get("max_test"))):
             if cap:
                 s = splits[split]
-                splits[split] = Split(s.images[:cap], s.labels[:cap])
-        write_dataset(paths.dataset, splits, dcfg["source"], digests, int(dcfg["seed"]))
+                splits[split] = Split(s.images[:cap], s.labels[:cap], s.max_value)
+        write_dataset(paths.dataset, splits, dcfg["source"], digests, int(dcfg["seed"]), meta)
         log.info(
             "prepare_data: %s -> %s (train %d, test %d)",
             dcfg["source"],
@@ -376,7 +523,11 @@ def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None =
             len(splits["train"].labels),
             len(splits["test"].labels),
         )
+        c, h, w = splits["train"].images.shape[1:]
         metrics.update(
+            image_shape=[int(c), int(h), int(w)],
+            color=(meta or {}).get("color", "gray"),
+            num_classes=num_classes_of(splits),
             source=dcfg["source"],
             num_train=int(len(splits["train"].labels)),
             num_test=int(len(splits["test"].labels)),

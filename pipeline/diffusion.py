@@ -54,8 +54,8 @@ __all__ = [
     "autoguidance",
     "classifier_free_guidance",
     "scheduler_sample_loop",
-    "PIXEL_PAD",
     "images_to_pixel_space",
+    "pixel_size",
     "pixel_space_to_images",
 ]
 
@@ -599,15 +599,24 @@ def classifier_free_guidance(
 
 
 # --- the pixel-space baseline's data map -------------------------------------------------------
-PIXEL_PAD = 2  # 28x28 -> 32x32 (value -1 = background after scaling to [-1, 1])
+def pixel_size(hw) -> tuple[int, int]:
+    """The padded size of pixel-space diffusion: each side to the next power of two (28 -> 32)."""
+    return tuple(1 << (int(v) - 1).bit_length() for v in hw)
 
 
 def images_to_pixel_space(x: torch.Tensor) -> torch.Tensor:
-    """float (N, 1, 28, 28) in [0, 1] -> float (N, 1, 32, 32) in [-1, 1] (padded with -1, the
-    background), the input range of pixel-space DDPM (Ho et al. 2020 sec. 4)."""
-    return F.pad(x * 2 - 1, (PIXEL_PAD,) * 4, value=-1.0)
+    """float (N, C, H, W) in [0, 1] -> float (N, C, H', W') in [-1, 1], H' and W' the next powers
+    of two (28x28 -> 32x32), padded symmetrically with -1 (black), the input range of pixel-space
+    DDPM (Ho et al. 2020 sec. 4)."""
+    (ph, pw), (h, w) = pixel_size(x.shape[-2:]), x.shape[-2:]
+    top, left = (ph - h) // 2, (pw - w) // 2
+    return F.pad(x * 2 - 1, (left, pw - w - left, top, ph - h - top), value=-1.0)
 
 
-def pixel_space_to_images(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`images_to_pixel_space`: crop to 28x28 and map [-1, 1] to [0, 1] (clamped)."""
-    return ((x[..., PIXEL_PAD:-PIXEL_PAD, PIXEL_PAD:-PIXEL_PAD] + 1) / 2).clamp(0, 1)
+def pixel_space_to_images(x: torch.Tensor, hw=(28, 28)) -> torch.Tensor:
+    """Inverse of :func:`images_to_pixel_space` for images of size ``hw``: crop the centre
+    H x W and map [-1, 1] to [0, 1] (clamped)."""
+    h, w = (int(v) for v in hw)
+    ph, pw = x.shape[-2:]
+    top, left = (ph - h) // 2, (pw - w) // 2
+    return ((x[..., top : top + h, left : left + w] + 1) / 2).clamp(0, 1)

@@ -46,6 +46,11 @@ __all__ = [
     "nearest_neighbour_rms",
     "near_duplicate_fraction",
     "judge_images",
+    "precision_recall",
+    "gaussian_blur",
+    "noise_images",
+    "stage_judges",
+    "set_columns",
     "plot_training_curves",
     "scaling_rows",
     "scaling_crossover",
@@ -221,6 +226,7 @@ def _carry(paths: RunPaths) -> dict:
     keep = {
         "vqvae": ("test_recon_mse", "test_perplexity", "test_codes_in_use", "num_embeddings", "train_seconds"),
         "classifier": ("test_accuracy", "train_accuracy", "num_test", "train_seconds"),
+        "encoder": ("final_train_loss", "test_view_retrieval", "steps", "train_seconds"),
         "pixelcnn": pcnn,
         "pixelcnn_cond": pcnn,
         "diffusion": diff,
@@ -273,11 +279,111 @@ SET_COLUMNS = [
     ("fd_train", "FD vs train"),
     ("fd_test", "FD vs test"),
     ("fd_ratio", "FD / floor"),
+    ("precision", "precision"),
+    ("recall", "recall"),
     ("duplicates", "duplicates"),
     ("memorised", "memorised"),
     ("label_accuracy", "label accuracy"),
     ("seconds_per_1000", "s / 1000 images"),
 ]
+#: the label-free judge's columns
+FEATURE_COLUMNS = [
+    ("features_fd", "label-free FD"),
+    ("features_fd_ratio", "label-free FD / floor"),
+    ("features_precision", "label-free precision"),
+    ("features_recall", "label-free recall"),
+]
+
+
+def set_columns(judge_names) -> list[tuple[str, str]]:
+    """The table columns for the judges in use: the classifier's (:data:`SET_COLUMNS`), the
+    label-free ones (:data:`FEATURE_COLUMNS`) before duplicates, or both."""
+    tail = [c for c in SET_COLUMNS if c[0] in ("duplicates", "memorised", "label_accuracy", "seconds_per_1000")]
+    head = [c for c in SET_COLUMNS if c not in tail]
+    if "classifier" not in judge_names:
+        return head[:2] + FEATURE_COLUMNS + [c for c in tail if c[0] != "label_accuracy"]
+    return head + (FEATURE_COLUMNS if "features" in judge_names else []) + tail
+
+
+def judge_sentence(evaluation: Mapping, judge_names, n_eval: int, n_train: int, floor_row: Mapping) -> str:
+    """The summary's sentence on what judged the samples and how to read the FD columns."""
+    parts = []
+    if "classifier" in judge_names:
+        parts.append(
+            f"Judge: the run's classifier, test accuracy {_fmt(evaluation.get('classifier_test_accuracy'))}; "
+            f"Fréchet distances (FD) in its penultimate features, N = {n_eval} images per set against all "
+            f"{n_train} train images (`FD vs train`) and the first {n_eval} test images (`FD vs test`)."
+        )
+    if "features" in judge_names:
+        parts.append(
+            "Label-free judge: a SimCLR encoder trained on the train split without labels (view retrieval "
+            f"{_fmt(evaluation.get('encoder_test_view_retrieval'))}); `label-free FD` in its features, N = {n_eval} "
+            f"against all {n_train} train images."
+        )
+    parts.append(
+        "`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, "
+        f"{floor_row['fd_train']:.3f})."
+    )
+    return " ".join(parts)
+
+
+def stage_judges(cfg: Mapping, num_classes: int) -> tuple[str, ...]:
+    """The judges of this evaluation: ``evaluate.judge``, with ``auto`` = the classifier when the
+    dataset has labels (``num_classes`` >= 2), else the label-free features.
+
+    Raises:
+        pipeline.io.StageInputError: the classifier asked for on unlabelled data.
+    """
+    j = cfg["evaluate"].get("judge", "auto")
+    names = {"auto": ("classifier",) if num_classes >= 2 else ("features",), "both": ("classifier", "features")}
+    out = names.get(j, (j,))
+    if "classifier" in out and num_classes < 2:
+        raise StageInputError(f"evaluate.judge {j!r} needs labelled data, but the dataset has {num_classes} classes")
+    return out
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-2) with ``prdc`` (Naeem et
+    al. 2020's implementation), plus its density and coverage.
+
+    Args:
+        real, fake: float (N, F) and (M, F) features; k: the k-th nearest neighbour radius.
+
+    Returns:
+        {"precision", "recall", "density", "coverage"}: floats; precision and recall in [0, 1].
+    """
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+
+    k = max(1, min(k, len(real) - 1, len(fake) - 1))
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        out = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k=k)
+    return {key: float(v) for key, v in out.items()}
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of float (N, C, H, W) images, std ``sigma`` pixels, radius
+    ceil(3 sigma), reflect padding; the blurred-real reference row."""
+    import torch.nn.functional as F
+
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    y = F.pad(x.float(), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c).clamp(0, 1)
+
+
+def noise_images(train: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """float (n, C, H, W) in [0, 1]: per-pixel Gaussian noise with the train images' per-pixel mean
+    and std (clamped): the "noise" reference row, the far end of the scale."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train.float().mean(0), train.float().std(0)
+    return (mean + std * torch.randn((n, *train.shape[1:]), generator=g)).clamp(0, 1)
 
 
 def scaling_rows(sets: dict, specs: dict) -> list[dict]:
@@ -619,7 +725,7 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             the wrong shape, dtype or value range (the file is named).
     """
     from pipeline.checkpoint import load_model
-    from pipeline.data import read_dataset
+    from pipeline.data import read_dataset, read_info
     from pipeline.sets import parse_sample_set, requested_labels
 
     paths = RunPaths(run_dir)
@@ -628,12 +734,12 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
     # the stage record (wall time, host) is record.json: metrics.json is the report itself
     with stage_record("evaluate", cfg, out, metrics_name="record.json", threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        clf, _ = load_model(paths.classifier_model, device=device)
         bs = int(sec["batch_size"])
+        info = read_info(paths.dataset)
+        judge_names = stage_judges(cfg, info.num_classes)
         train = read_dataset(paths.dataset, "train")
         test = read_dataset(paths.dataset, "test")
-        train_x = torch.from_numpy(train.images).float().div_(255.0)
-        test_x = torch.from_numpy(test.images).float().div_(255.0)
+        train_x, test_x = train.unit(), test.unit()
         n_eval = min(int(sec["num_images"]), len(test_x))
         if n_eval < int(sec["num_images"]):
             log.warning(
@@ -642,45 +748,90 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
                 n_eval,
                 sec["num_images"],
             )
+        clf = load_model(paths.classifier_model, device=device)[0] if "classifier" in judge_names else None
+        enc = load_model(paths.encoder_model, device=device)[0] if "features" in judge_names else None
+        k_pr = int(sec.get("precision_recall_k", 3))
+        spaces = {}  # judge -> {"train": features of all train images, "real_pr": first-N train, "test": ...}
+        for jn in judge_names:
+            embed = (lambda x: judge_images(clf, x.to(device), bs)["features"]) if jn == "classifier" else None
+            if jn == "features":
+                embed = lambda x: enc.embed(x, bs).numpy()  # noqa: E731
+            f_train = embed(train_x)
+            spaces[jn] = {"embed": embed, "train": f_train, "stats": feature_statistics(f_train), "floors": {}}
+        real_test = judge_images(clf, test_x[:n_eval].to(device), bs) if clf is not None else None
+        if clf is not None:
+            mu_te, sig_te = feature_statistics(real_test["features"])
+        test_feats = {jn: sp["embed"](test_x[:n_eval]) for jn, sp in spaces.items()}
 
-        real_train = judge_images(clf, train_x.to(device), bs)
-        mu_tr, sig_tr = feature_statistics(real_train["features"])
-        real_test = judge_images(clf, test_x[:n_eval].to(device), bs)
-        mu_te, sig_te = feature_statistics(real_test["features"])
-        floors: dict[int, float] = {}
-
-        def floor(n: int) -> float:
-            if n not in floors:
-                mu, sig = feature_statistics(real_test["features"][:n])
-                floors[n] = frechet_distance(mu, sig, mu_tr, sig_tr)
-            return floors[n]
+        def floor(jn: str, n: int) -> float:
+            sp = spaces[jn]
+            if n not in sp["floors"]:
+                mu, sig = feature_statistics(test_feats[jn][:n])
+                sp["floors"][n] = frechet_distance(mu, sig, *sp["stats"])
+            return sp["floors"][n]
 
         test_nn_train = nearest_neighbour_rms(test_x, train_x)
         mem_threshold = float(np.quantile(test_nn_train, float(sec["memorisation_quantile"])))
         dup_threshold = float(sec["duplicate_threshold"])
+        primary = judge_names[0]
 
         def judge(name: str, images: torch.Tensor, labels: np.ndarray | None, extra: dict) -> dict:
             n = min(n_eval, len(images))
             x = images[:n]
-            j = real_test if name == "real_test" else judge_images(clf, x.to(device), bs)
-            mu, sig = feature_statistics(j["features"][:n])
-            row = {
-                "name": name,
-                "n": n,
-                "confidence": j["confidence"],
-                "class_entropy": j["class_entropy"],
-                "fd_train": frechet_distance(mu, sig, mu_tr, sig_tr),
-                "fd_test": frechet_distance(mu, sig, mu_te, sig_te) if name != "real_test" else 0.0,
-                "fd_floor_same_n": floor(n),
-                "duplicates": near_duplicate_fraction(x, dup_threshold),
-                "memorised": float((nearest_neighbour_rms(x, train_x) < mem_threshold).mean()),
-                "label_accuracy": float((j["pred"][:n] == labels[:n]).mean()) if labels is not None else None,
+            row = {"name": name, "n": n}
+            for jn in judge_names:
+                if name == "real_test":
+                    feats = test_feats[jn][:n]
+                elif jn == "classifier":
+                    j = judge_images(clf, x.to(device), bs)
+                    feats = j["features"]
+                else:
+                    feats = spaces[jn]["embed"](x)
+                mu, sig = feature_statistics(feats)
+                fd = frechet_distance(mu, sig, *spaces[jn]["stats"])
+                fl = floor(jn, n)
+                pr = precision_recall(spaces[jn]["train"][:n], feats, k_pr)
+                if jn == "classifier":
+                    j = real_test if name == "real_test" else j
+                    row.update(
+                        confidence=j["confidence"],
+                        class_entropy=j["class_entropy"],
+                        fd_train=fd,
+                        fd_test=frechet_distance(mu, sig, mu_te, sig_te) if name != "real_test" else 0.0,
+                        fd_floor_same_n=fl,
+                        fd_ratio=fd / fl if fl > 0 else None,
+                        precision=pr["precision"],
+                        recall=pr["recall"],
+                        label_accuracy=float((j["pred"][:n] == labels[:n]).mean()) if labels is not None else None,
+                    )
+                else:
+                    row.update(
+                        features_fd=fd,
+                        features_fd_floor=fl,
+                        features_fd_ratio=fd / fl if fl > 0 else None,
+                        features_precision=pr["precision"],
+                        features_recall=pr["recall"],
+                    )
+            if primary == "features":  # the table's FD columns are the primary judge's
+                row.update(fd_train=row["features_fd"], fd_floor_same_n=row["features_fd_floor"])
+                row.update(fd_ratio=row["features_fd_ratio"], label_accuracy=None)
+            row.update(
+                duplicates=near_duplicate_fraction(x, dup_threshold),
+                memorised=float((nearest_neighbour_rms(x, train_x) < mem_threshold).mean()),
                 **extra,
-            }
-            row["fd_ratio"] = row["fd_train"] / row["fd_floor_same_n"] if row["fd_floor_same_n"] > 0 else None
+            )
             return row
 
         floor_row = judge("real_test", test_x, test.labels, {"seconds_per_1000": None})
+        references = {
+            "blurred_real": judge(
+                "blurred_real",
+                gaussian_blur(test_x[:n_eval], float(sec.get("blur_sigma", 1.0)) * test_x.shape[-1] / 28),
+                None,
+                {"seconds_per_1000": None},
+            ),
+            "noise": judge("noise", noise_images(train_x, n_eval, seed=0), None, {"seconds_per_1000": None}),
+        }
         sets: dict[str, dict] = {}
         for name in cfg["sample"]["models"]:
             spec = parse_sample_set(name)
@@ -691,20 +842,22 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
                         f" {f} does not exist; run `python -m pipeline sample --sample-set {name}` (or snakemake) first"
                     )
             arr = np.load(npy)
+            want = tuple(train_x.shape[1:])
             if (
                 arr.ndim != 4
-                or arr.shape[1:] != (1, 28, 28)
+                or arr.shape[1:] != want
                 or arr.dtype != np.float32
                 or not np.isfinite(arr).all()
                 or arr.min() < 0
                 or arr.max() > 1
             ):
                 raise StageInputError(
-                    f"{npy} must hold float32 (N, 1, 28, 28) images in [0, 1]; got {arr.dtype} {arr.shape}"
+                    f"{npy} must hold float32 (N, {', '.join(map(str, want))}) images in [0, 1] (the dataset's shape); "
+                    f"got {arr.dtype} {arr.shape}"
                 )
             rec = read_json(rec_path)
-            n_cls = int(rec.get("num_classes") or clf.num_classes)  # the prior's classes (records before: the judge's)
-            labels = requested_labels(len(arr), n_cls) if spec.conditional else None
+            n_cls = int(rec.get("num_classes") or info.num_classes)  # the prior's classes
+            labels = requested_labels(len(arr), n_cls) if spec.conditional and clf is not None else None
             sets[name] = judge(
                 name,
                 torch.from_numpy(arr),
@@ -721,11 +874,11 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
                 },
             )
             log.info(
-                "evaluate %s: FD %.3f (floor %.3f), entropy %.3f, duplicates %.3f",
+                "evaluate %s: FD %.3f (floor %.3f, %s judge), duplicates %.3f",
                 name,
                 sets[name]["fd_train"],
                 sets[name]["fd_floor_same_n"],
-                sets[name]["class_entropy"],
+                primary,
                 sets[name]["duplicates"],
             )
 
@@ -735,15 +888,19 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         result = {
             "run": str(paths.root),
             "evaluation": {
+                "judges": list(judge_names),
                 "num_images": n_eval,
                 "num_train_reference": len(train_x),
-                "feature_dim": int(real_train["features"].shape[1]),
+                "feature_dim": int(spaces[primary]["train"].shape[1]),
+                "precision_recall_k": k_pr,
+                "encoder_test_view_retrieval": stage_metrics.get("encoder", {}).get("test_view_retrieval"),
                 "duplicate_threshold_rms": dup_threshold,
                 "memorisation_threshold_rms": mem_threshold,
                 "memorisation_quantile": float(sec["memorisation_quantile"]),
                 "classifier_test_accuracy": stage_metrics.get("classifier", {}).get("test_accuracy"),
             },
             "floor": floor_row,
+            "references": references,
             "sets": sets,
             "stages": stage_metrics,
             "studies": {k: [{c: r.get(c) for c, _ in v["columns"]} for r in v["rows"]] for k, v in studies.items()},
@@ -753,7 +910,9 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             result["scaling_crossover"] = studies["scaling"]["crossover"]
             plot_scaling(studies["scaling"]["rows"], out / "scaling.png")
         write_json(out / "metrics.json", result)
-        md_sets, tsv_sets = _table([floor_row, *sets.values()], SET_COLUMNS)
+        columns = set_columns(judge_names)
+        refs = list(references.values())
+        md_sets, tsv_sets = _table([floor_row, *refs, *sets.values()], columns)
         atomic_write_text(out / "sets.tsv", tsv_sets)
         specs = {n: parse_sample_set(n) for n in sets}
         uncond = [r for n, r in sets.items() if not specs[n].conditional and specs[n].budget in (None, 1.0)]
@@ -764,21 +923,22 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             f"Made at commit `{prov['commit']}`{' (with uncommitted changes)' if prov['dirty'] else ''} by the "
             "evaluate stage "
             f"(`python -m pipeline evaluate --run {paths.root}`, run by `snakemake`), {prov['date']}.\n",
-            f"Judge: the run's classifier, test accuracy {_fmt(result['evaluation']['classifier_test_accuracy'])}. "
-            f"Fréchet distances (FD) in its {result['evaluation']['feature_dim']}-d penultimate features, N = {n_eval} "
-            "images per set "
-            f"against all {len(train_x)} train images (`FD vs train`) and the first {n_eval} test images (`FD vs "
-            "test`); "
-            "`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, "
-            f"{floor_row['fd_train']:.3f}). "
+            judge_sentence(result["evaluation"], judge_names, n_eval, len(train_x), floor_row),
+            f"Reference rows: `blurred_real` (the test images blurred, Gaussian sigma "
+            f"{float(sec.get('blur_sigma', 1.0)) * test_x.shape[-1] / 28:.2g} px) and `noise` (per-pixel Gaussian "
+            "noise with the train images' mean and std): a good set lies between the floor and them. "
+            f"Precision/recall: k-NN manifolds (k = {k_pr}) against N train images (Kynkäänniemi et al. 2019). "
             f"Near-duplicates: nearest other sample within RMS {dup_threshold:g}; memorised: nearer to a train image "
             "than "
             f"{100 * float(sec['memorisation_quantile']):g} % of real test images are (RMS {mem_threshold:.3f}).\n",
         ]
         if uncond:
-            lines += ["## Unconditional samples (the study's question)\n", _table([floor_row, *uncond], SET_COLUMNS)[0]]
+            lines += [
+                "## Unconditional samples (the study's question)\n",
+                _table([floor_row, *refs, *uncond], columns)[0],
+            ]
         if cond:
-            lines += ["## Class-conditional samples\n", _table([floor_row, *cond], SET_COLUMNS)[0]]
+            lines += ["## Class-conditional samples\n", _table([floor_row, *refs, *cond], columns)[0]]
         lines += ["## All sample sets\n", md_sets]
         for key, study in studies.items():
             md, tsv = _table(study["rows"], study["columns"])
@@ -791,48 +951,59 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             "## Training stages\n",
             _table(
                 [
-                    {
-                        "stage": "vqvae",
-                        "metric": "test reconstruction MSE / perplexity / codes in use",
-                        "value": " / ".join(
-                            _fmt(st.get("vqvae", {}).get(k))
-                            for k in ("test_recon_mse", "test_perplexity", "test_codes_in_use")
-                        ),
-                    },
-                    {
-                        "stage": "classifier",
-                        "metric": "test accuracy",
-                        "value": _fmt(st.get("classifier", {}).get("test_accuracy")),
-                    },
-                    {
-                        "stage": "pixelcnn",
-                        "metric": "test NLL nats/code (unconditional prior)",
-                        "value": _fmt(st.get("pixelcnn", {}).get("test_nll_nats_per_code")),
-                    },
-                    {
-                        "stage": "pixelcnn_cond",
-                        "metric": "test NLL nats/code (null label / given the label)",
-                        "value": " / ".join(
-                            _fmt(st.get("pixelcnn_cond", {}).get(k))
-                            for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code")
-                        ),
-                    },
-                    {
-                        "stage": "diffusion",
-                        "metric": "final train loss / test epsilon-MSE EMA / raw",
-                        "value": " / ".join(
-                            _fmt(st.get("diffusion", {}).get(k), 4)
-                            for k in ("final_train_loss", "test_loss_ema", "test_loss_raw")
-                        ),
-                    },
-                    {
-                        "stage": "diffusion_cond",
-                        "metric": "test epsilon-MSE EMA (null label / given the label)",
-                        "value": " / ".join(
-                            _fmt(st.get("diffusion_cond", {}).get(k), 4)
-                            for k in ("test_loss_ema", "test_loss_conditional_ema")
-                        ),
-                    },
+                    row
+                    for row in [
+                        {
+                            "stage": "vqvae",
+                            "metric": "test reconstruction MSE / perplexity / codes in use",
+                            "value": " / ".join(
+                                _fmt(st.get("vqvae", {}).get(k))
+                                for k in ("test_recon_mse", "test_perplexity", "test_codes_in_use")
+                            ),
+                        },
+                        {
+                            "stage": "classifier",
+                            "metric": "test accuracy",
+                            "value": _fmt(st.get("classifier", {}).get("test_accuracy")),
+                        },
+                        {
+                            "stage": "encoder",
+                            "metric": "label-free judge: final NT-Xent / test view retrieval",
+                            "value": " / ".join(
+                                _fmt(st.get("encoder", {}).get(k)) for k in ("final_train_loss", "test_view_retrieval")
+                            ),
+                        },
+                        {
+                            "stage": "pixelcnn",
+                            "metric": "test NLL nats/code (unconditional prior)",
+                            "value": _fmt(st.get("pixelcnn", {}).get("test_nll_nats_per_code")),
+                        },
+                        {
+                            "stage": "pixelcnn_cond",
+                            "metric": "test NLL nats/code (null label / given the label)",
+                            "value": " / ".join(
+                                _fmt(st.get("pixelcnn_cond", {}).get(k))
+                                for k in ("test_nll_nats_per_code", "test_nll_conditional_nats_per_code")
+                            ),
+                        },
+                        {
+                            "stage": "diffusion",
+                            "metric": "final train loss / test epsilon-MSE EMA / raw",
+                            "value": " / ".join(
+                                _fmt(st.get("diffusion", {}).get(k), 4)
+                                for k in ("final_train_loss", "test_loss_ema", "test_loss_raw")
+                            ),
+                        },
+                        {
+                            "stage": "diffusion_cond",
+                            "metric": "test epsilon-MSE EMA (null label / given the label)",
+                            "value": " / ".join(
+                                _fmt(st.get("diffusion_cond", {}).get(k), 4)
+                                for k in ("test_loss_ema", "test_loss_conditional_ema")
+                            ),
+                        },
+                    ]
+                    if row["stage"] in st  # the stages this run has
                 ],
                 [("stage", "stage"), ("metric", "metric"), ("value", "value")],
             )[0],

@@ -79,11 +79,11 @@ def _training(model, make_batch, loss_of, section: Mapping[str, Any]) -> StageCo
     return StageCost(per * steps, steps, f"{steps} steps x {per / 1e9:.2f} GFLOP")
 
 
-def _noisy(channels: int, size: int, section: Mapping[str, Any]):
-    """A batch maker of diffusion training inputs: (z_t (B, C, size, size), t (B,) int64)."""
+def _noisy(channels: int, size: tuple[int, int], section: Mapping[str, Any]):
+    """A batch maker of diffusion training inputs: (z_t (B, C, H, W), t (B,) int64), size = (H, W)."""
     import torch
 
-    return lambda b: (torch.randn(b, channels, size, size), torch.randint(0, int(section["timesteps"]), (b,)))
+    return lambda b: (torch.randn(b, channels, *size), torch.randint(0, int(section["timesteps"]), (b,)))
 
 
 def _eps_loss(model, z, t):
@@ -148,33 +148,47 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
     full = load_default()
     for key, value in cfg.items():
         full[key] = value
+    from pipeline.diffusion import pixel_size
+    from pipeline.sources import expected_shape
+
     vq = full["vqvae"]
     k, d = int(vq["num_embeddings"]), int(vq["embedding_dim"])
-    hw = 7  # the latent grid of a 28x28 image (two stride-2 levels)
+    img = expected_shape(full["data"])  # (C, H, W): (1, 28, 28) for MNIST
+    f = int(vq.get("downsample", 4))
+    gh, gw = img[1] // f, img[2] // f  # the code grid (7x7 for MNIST)
+    ph, pw = pixel_size(img[1:])
 
     def vqvae():
-        return build_model("vqvae", model_args("vqvae", vq, in_channels=1))
+        return build_model("vqvae", model_args("vqvae", vq, in_channels=img[0]))
 
     if stage in ("prepare_data", "timings"):
         return StageCost(0.0, 0, "no network")
     if stage == "train_vqvae":
         net = vqvae()
-        return _training(net, lambda b: (torch.rand(b, 1, 28, 28),), _vqvae_loss, vq)
+        return _training(net, lambda b: (torch.rand(b, *img),), _vqvae_loss, vq)
     if stage == "extract_latents":
         net = vqvae()
         train, test = images_in_split(full["data"])
         n = train * (1 + int(full["latents"].get("augment_copies", 0) or 0)) + test
-        per = _forward_flops(lambda x: net.encode(x), torch.rand(1, 1, 28, 28))
+        per = _forward_flops(lambda x: net.encode(x), torch.rand(1, *img))
         batches = -(-n // 500)
         return StageCost(per * n, batches, f"{n} images x {per / 1e6:.1f} MFLOP (encoder)")
     if stage == "train_classifier":
         sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES))
+        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES, image_shape=img))
         return _training(
             net,
-            lambda b: (torch.rand(b, 1, 28, 28), torch.randint(0, 10, (b,))),
+            lambda b: (torch.rand(b, *img), torch.randint(0, 10, (b,))),
             lambda m, x, y: F.cross_entropy(m(x), y),
             sec,
+        )
+    if stage == "train_encoder":
+        from pipeline.models.encoder import nt_xent
+
+        sec = full["encoder"]
+        net = build_model("encoder", model_args("encoder", sec, image_shape=img))
+        return _training(
+            net, lambda b: (torch.rand(b, *img), torch.rand(b, *img)), lambda m, a, b: nt_xent(m(a), m(b)), sec
         )
     if stage in ("train_pixelcnn", "train_diffusion"):
         prior = stage.removeprefix("train_")
@@ -183,20 +197,20 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         n_cls = _CLASSES if conditional else 0
         if prior == "pixelcnn":
             net = build_model("pixelcnn", model_args("pixelcnn", sec, in_channels=k, num_classes=n_cls))
-            codes = lambda b: (torch.randint(0, k, (b, hw, hw)),)  # noqa: E731
+            codes = lambda b: (torch.randint(0, k, (b, gh, gw)),)  # noqa: E731
             return _training(net, codes, lambda m, c: F.cross_entropy(m(c), c), sec)
         net = build_model("unet", model_args("unet", sec, in_channels=d, num_classes=n_cls))
-        return _training(net, _noisy(d, hw, sec), _eps_loss, sec)
+        return _training(net, _noisy(d, (gh, gw), sec), _eps_loss, sec)
     if stage == "train_pixel_diffusion":
         sec = dict(full["pixel_diffusion"])
         sec["steps"] = int(sec["steps"] or full["diffusion"]["steps"])  # null: about the latent model's
-        net = build_model("unet", model_args("unet", sec, in_channels=1))
-        return _training(net, _noisy(1, 32, sec), _eps_loss, sec)
+        net = build_model("unet", model_args("unet", sec, in_channels=img[0]))
+        return _training(net, _noisy(img[0], (ph, pw), sec), _eps_loss, sec)
     if stage == "sample":
         sec = full["sample"]
         sets = list(sample_sets or ["pixelcnn"])
         decoder = vqvae()
-        dec = _forward_flops(lambda c: decoder.decode_codes(c), torch.randint(0, k, (1, hw, hw)))
+        dec = _forward_flops(lambda c: decoder.decode_codes(c), torch.randint(0, k, (1, gh, gw)))
         total, calls, parts = 0.0, 0, []
         for name in sets:
             spec = parse_sample_set(name)
@@ -206,15 +220,15 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
             if spec.prior == "pixelcnn":
                 sec_p = full["pixelcnn"]
                 net = build_model("pixelcnn", model_args("pixelcnn", sec_p, in_channels=k, num_classes=n_cls))
-                full_fwd = _forward_flops(lambda c, net=net: net(c), torch.randint(0, k, (1, hw, hw)))
+                full_fwd = _forward_flops(lambda c, net=net: net(c), torch.randint(0, k, (1, gh, gw)))
                 # row-cropped raster sampling: position (r, c) runs the net on rows 0..r
-                evals = sum(hw * (r + 1) / hw for r in range(hw))
+                evals = sum(gw * (r + 1) / gh for r in range(gh))
                 per_sample = full_fwd * evals * guided + dec
-                seq = hw * hw
+                seq = gh * gw
             else:
                 pixel = spec.prior == "pixeldiff"
                 sec_d = full["pixel_diffusion" if pixel else "diffusion"]
-                shape = (1, 1, 32, 32) if pixel else (1, d, hw, hw)
+                shape = (1, img[0], ph, pw) if pixel else (1, d, gh, gw)
                 net = build_model("unet", model_args("unet", sec_d, in_channels=shape[1], num_classes=n_cls))
                 fwd = _forward_flops(lambda z, net=net: net(z, torch.zeros(1, dtype=torch.long)), torch.randn(shape))
                 if spec.method == "ddpm":
@@ -234,8 +248,8 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         return StageCost(total, calls, "; ".join(parts))
     if stage == "evaluate":
         sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES)).eval()
-        per = _forward_flops(lambda x: net(x), torch.rand(1, 1, 28, 28))
+        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES, image_shape=img)).eval()
+        per = _forward_flops(lambda x: net(x), torch.rand(1, *img))
         sets = len(full["sample"]["models"]) + 4  # the sample sets and the reference rows
         n = int(full["sample"]["num_samples"]) * sets + sum(images_in_split(full["data"]))
         return StageCost(per * n, -(-n // 500), f"{n} images x {per / 1e6:.1f} MFLOP (classifier)")

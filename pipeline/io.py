@@ -30,6 +30,7 @@ __all__ = [
     "save_grid_png",
     "image_grid",
     "StageInputError",
+    "DataError",
 ]
 
 
@@ -70,6 +71,11 @@ class RunPaths:
         return self.root / "classifier" / "model.pt"
 
     @property
+    def encoder_model(self) -> Path:
+        """The label-free judge (train_encoder)."""
+        return self.root / "encoder" / "model.pt"
+
+    @property
     def pixel_diffusion_model(self) -> Path:
         return self.root / "pixel_diffusion" / "model.pt"
 
@@ -96,6 +102,11 @@ class RunPaths:
         from pipeline.stages import STAGES
 
         return self.root / STAGES[stage].folder
+
+
+class DataError(ValueError):
+    """An input file or ``dataset.h5`` is not what was expected; the message names the file
+    (raised by :mod:`pipeline.data` and :mod:`pipeline.sources`)."""
 
 
 class StageInputError(ValueError):
@@ -198,32 +209,37 @@ def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     """Tile images into one uint8 picture.
 
     Args:
-        images: float array (N, 1, H, W) with values in [0, 1] (clipped), N <= nrow * ncol.
+        images: float array (N, C, H, W), C = 1 (gray), 3 (RGB) or 4 (RGBA), values in [0, 1]
+            (clipped), N <= nrow * ncol.
         nrow: images per row; rows = ceil(N / nrow).
         pad: pixels of black between tiles.
 
     Returns:
-        uint8 array (rows*(H+pad)+pad, nrow*(W+pad)+pad).
+        uint8 array (rows*(H+pad)+pad, nrow*(W+pad)+pad) for C = 1, else (..., ..., C).
+
+    Raises:
+        ValueError: another rank or channel count.
     """
     imgs = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
-    if imgs.ndim != 4 or imgs.shape[1] != 1:
-        raise ValueError(f"image_grid expects (N, 1, H, W), got {imgs.shape}")
-    n, _, h, w = imgs.shape
+    if imgs.ndim != 4 or imgs.shape[1] not in (1, 3, 4):
+        raise ValueError(f"image_grid expects (N, C, H, W) with C in 1, 3, 4, got {imgs.shape}")
+    n, ch, h, w = imgs.shape
     rows = -(-n // nrow)
-    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, ch), dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
-        out[y : y + h, x : x + w] = np.round(imgs[i, 0] * 255).astype(np.uint8)
-    return out
+        out[y : y + h, x : x + w] = np.round(imgs[i].transpose(1, 2, 0) * 255).astype(np.uint8)
+    return out[..., 0] if ch == 1 else out
 
 
 def save_grid_png(path: str | os.PathLike, images: np.ndarray, nrow: int = 10, scale: int = 2) -> None:
-    """Save ``images`` (N, 1, H, W) in [0, 1] as a PNG grid, upscaled ``scale`` times, atomically."""
+    """Save ``images`` (N, C, H, W) in [0, 1] (C = 1, 3 or 4) as a PNG grid, upscaled ``scale``
+    times, atomically."""
     from PIL import Image
 
     grid = image_grid(images, nrow)
-    img = Image.fromarray(grid, mode="L")
+    img = Image.fromarray(grid, mode={2: "L", 3: {3: "RGB", 4: "RGBA"}.get(grid.shape[-1])}[grid.ndim])
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     with atomic_path(path, suffix=".png") as tmp:

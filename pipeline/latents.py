@@ -3,14 +3,16 @@
 Writer and reader share one definition (:data:`SCHEMA`), as rosinality/vq-vae-2-pytorch's
 ``extract_code.py`` and ``dataset.py`` share ``CodeRow``.
 
-Schema (version 2), for each split ``train`` and ``test``, and for ``train_aug`` when
-``latents.augment_copies`` > 0::
+Schema (version 3), for each split ``train`` and ``test``, and for ``train_aug`` when
+``latents.augment_copies`` > 0; (h, w) is the code grid, H/f x W/f of the images (7 x 7 for
+MNIST at f = 4)::
 
-    /<split>/codes      int16   (N, 7, 7)     codebook indices in [0, K)
-    /<split>/latents    float32 (N, D, 7, 7)  the quantized embeddings e_{codes}
-    /<split>/encodings  float32 (N, D, 7, 7)  the encoder outputs z_e before quantization
-    /<split>/labels     int64   (N,)
-    attrs: schema_version=2, K, D, num_classes (from dataset.h5), vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
+    /<split>/codes      int16   (N, h, w)     codebook indices in [0, K)
+    /<split>/latents    float32 (N, D, h, w)  the quantized embeddings e_{codes}
+    /<split>/encodings  float32 (N, D, h, w)  the encoder outputs z_e before quantization
+    /<split>/labels     int64   (N,)          -1 = unlabelled
+    attrs: schema_version=3, K, D, grid ([h, w]), num_classes (from dataset.h5; 0 = unlabelled),
+           vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
            latent_mean, latent_std, encoding_mean, encoding_std (float64 (D,): per-channel mean
            and std of the plain train latents / encodings, used to scale them to unit variance
            for diffusion), augment (JSON: copies, degrees, shift, scale, seed)
@@ -48,18 +50,24 @@ __all__ = [
     "extract_latents",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: versions read_info still reads (version 2: a 7x7 grid, no ``grid`` attribute)
+READABLE_VERSIONS = (2, 3)
 SPLITS = ("train", "test")
 #: the optional split of augmented train copies
 AUG_SPLIT = "train_aug"
 
-#: dataset name -> (dtype, shape after N, with "D" for the embedding dimension)
+#: dataset name -> (dtype, shape after N, with "D" for the embedding dimension and "h", "w" for the grid)
 SCHEMA: dict[str, tuple[np.dtype, tuple]] = {
-    "codes": (np.dtype(np.int16), (7, 7)),
-    "latents": (np.dtype(np.float32), ("D", 7, 7)),
-    "encodings": (np.dtype(np.float32), ("D", 7, 7)),
+    "codes": (np.dtype(np.int16), ("h", "w")),
+    "latents": (np.dtype(np.float32), ("D", "h", "w")),
+    "encodings": (np.dtype(np.float32), ("D", "h", "w")),
     "labels": (np.dtype(np.int64), ()),
 }
+
+
+def _shape(tail: tuple, d: int, grid: tuple) -> tuple:
+    return tuple({"D": d, "h": grid[0], "w": grid[1]}.get(x, x) for x in tail)
 
 
 class LatentsError(ValueError):
@@ -69,8 +77,9 @@ class LatentsError(ValueError):
 @dataclass
 class LatentsInfo:
     """The attributes of a ``latents.h5``: K, D, vqvae_sha256, latent_mean/std and
-    encoding_mean/std float64 (D,), the augmentation settings, the number of augmented rows and
-    the number of classes of the labels (from ``dataset.h5``)."""
+    encoding_mean/std float64 (D,), the augmentation settings, the number of augmented rows,
+    the number of classes of the labels (from ``dataset.h5``; 0 = unlabelled) and the code grid
+    (h, w)."""
 
     num_embeddings: int
     embedding_dim: int
@@ -82,6 +91,7 @@ class LatentsInfo:
     augment: dict
     num_augmented: int = 0
     num_classes: int = 0
+    grid: tuple = (7, 7)
 
     def scaling(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) float64 (D,) of ``kind`` "latents" (quantized) or "encodings" (z_e)."""
@@ -90,7 +100,7 @@ class LatentsInfo:
 
 @dataclass
 class LatentSplit:
-    """One split in memory: codes int16 (N, 7, 7), latents and encodings float32 (N, D, 7, 7),
+    """One split in memory: codes int16 (N, h, w), latents and encodings float32 (N, D, h, w),
     labels int64 (N,)."""
 
     codes: np.ndarray
@@ -112,7 +122,7 @@ def _open(path: Path):
 
 def _validate(f, path: Path, expect_vqvae_sha256: str | None) -> LatentsInfo:
     version = f.attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise LatentsError(f"{path}: schema_version {version}, expected {SCHEMA_VERSION}; re-run extract_latents")
     for attr in ("K", "D", "vqvae_sha256", "latent_mean", "latent_std", "encoding_mean", "encoding_std", "augment"):
         if attr not in f.attrs:
@@ -126,6 +136,8 @@ def _validate(f, path: Path, expect_vqvae_sha256: str | None) -> LatentsInfo:
     except json.JSONDecodeError:
         raise LatentsError(f"{path}: attribute 'augment' is not JSON") from None
     info = LatentsInfo(int(f.attrs["K"]), int(f.attrs["D"]), str(f.attrs["vqvae_sha256"]), augment=augment, **vec)
+    if "grid" in f.attrs:
+        info.grid = tuple(int(v) for v in f.attrs["grid"])
     if "num_classes" in f.attrs:
         info.num_classes = int(f.attrs["num_classes"])
     else:  # written before the attribute: 1 + the largest label
@@ -142,7 +154,7 @@ def _validate(f, path: Path, expect_vqvae_sha256: str | None) -> LatentsInfo:
             if key not in f:
                 raise LatentsError(f"{path}: dataset '/{key}' is missing")
             ds = f[key]
-            shape = tuple(info.embedding_dim if d == "D" else d for d in tail)
+            shape = _shape(tail, info.embedding_dim, info.grid)
             if ds.dtype != dtype or tuple(ds.shape[1:]) != shape:
                 raise LatentsError(
                     f"{path}: '/{key}' is {ds.dtype} {ds.shape}, expected {dtype} (N, {', '.join(map(str, shape))})"
@@ -196,7 +208,7 @@ def read_split(
         return LatentSplit(*(g[name][...] for name in ("codes", "latents", "encodings", "labels"))), info
 
 
-def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0) -> None:
+def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0, downsample: int = 4) -> None:
     """Refuse to start when the uncompressed size of ``latents.h5`` exceeds the free space.
 
     HDF5 can crash the process on a failed write, so a full disk is detected before writing.
@@ -214,7 +226,9 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0) -> Non
     with h5py.File(dataset, "r") as f:
         n = sum(f[f"{s}/labels"].shape[0] for s in SPLITS if f"{s}/labels" in f)
         n += copies * (f["train/labels"].shape[0] if "train/labels" in f else 0)
-    need = n * (2 * d * 49 * 4 + 49 * 2 + 8) + (1 << 20)
+        h, w = f["train/images"].shape[-2:] if "train/images" in f else (28, 28)
+    cells = (h // downsample) * (w // downsample)
+    need = n * (2 * d * cells * 4 + cells * 2 + 8) + (1 << 20)
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
     if need > free:
@@ -225,9 +239,11 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0) -> Non
         )
 
 
-def _augmented_train(images: np.ndarray, copies: int, degrees: float, shift: float, scale: float, seed: int):
-    """Yield (start row, uint8-range float images (B, 1, H, W) in [0, 1]) of ``copies`` augmented
-    copies of ``images`` uint8 (N, 1, H, W), copy by copy, with a generator seeded by ``seed``."""
+def _augmented_train(
+    images: np.ndarray, copies: int, degrees: float, shift: float, scale: float, seed: int, max_value: int = 255
+):
+    """Yield (start row, float images (N, C, H, W) in [0, 1]) of ``copies`` augmented copies of
+    ``images`` uint8/uint16 (N, C, H, W) in 0..max_value, copy by copy, with a generator seeded by ``seed``."""
     import torch
 
     from pipeline.augment import random_affine
@@ -235,7 +251,7 @@ def _augmented_train(images: np.ndarray, copies: int, degrees: float, shift: flo
     g = torch.Generator().manual_seed(seed)
     n = len(images)
     for c in range(copies):
-        x = torch.from_numpy(images).float().div_(255.0)
+        x = torch.from_numpy(images.astype(np.float32)).div_(float(max_value))
         yield c * n, random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1)
 
 
@@ -277,7 +293,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         vqvae.eval()
         k, d = vqvae.num_embeddings, vqvae.embedding_dim
         vq_sha = sha256_file(paths.vqvae_model)
-        _check_free_space(paths.latents, paths.dataset, d, copies)
+        _check_free_space(paths.latents, paths.dataset, d, copies, getattr(vqvae, "downsample", 4))
         used = np.zeros(k, dtype=np.int64)
         sums = {
             kind: [np.zeros(d, dtype=np.float64), np.zeros(d, dtype=np.float64)] for kind in ("latents", "encodings")
@@ -300,6 +316,10 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             out.attrs["K"] = k
             out.attrs["D"] = d
             out.attrs["num_classes"] = read_num_classes(paths.dataset)
+            h, w = read_dataset(paths.dataset, "test").images.shape[-2:]
+            f = getattr(vqvae, "downsample", 4)
+            grid = (h // f, w // f)
+            out.attrs["grid"] = list(grid)
             out.attrs["vqvae_sha256"] = vq_sha
             out.attrs["augment"] = json.dumps(augment, sort_keys=True)
 
@@ -309,9 +329,9 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 return {
                     name: g.create_dataset(
                         name,
-                        shape=(n, *(d if x == "D" else x for x in tail)),
+                        shape=(n, *_shape(tail, d, grid)),
                         dtype=dtype,
-                        chunks=(chunk, *(d if x == "D" else x for x in tail)),
+                        chunks=(chunk, *_shape(tail, d, grid)),
                         compression="gzip",
                     )
                     for name, (dtype, tail) in SCHEMA.items()
@@ -323,7 +343,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 n = len(data.labels)
                 dsets = create(split, n)
                 for start in range(0, n, bs):
-                    x = torch.from_numpy(data.images[start : start + bs]).float().div_(255.0)
+                    x = torch.from_numpy(data.images[start : start + bs].astype(np.float32)).div_(float(data.max_value))
                     enc = encode(x)
                     m = len(enc["codes"])
                     for name, arr in enc.items():
@@ -336,7 +356,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                             sums[kind][1] += (enc[kind].astype(np.float64) ** 2).sum(axis=(0, 2, 3))
                         count += m * enc["codes"].shape[1] * enc["codes"].shape[2]
                 if split == "train":
-                    train_images, train_labels = data.images, data.labels
+                    train_images, train_labels, max_value = data.images, data.labels, data.max_value
                 metrics[f"num_{split}"] = n
                 log.info("extract_latents: %s %d images encoded", split, n)
             if copies:
@@ -344,7 +364,13 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 dsets = create(AUG_SPLIT, copies * n)
                 aug_used = np.zeros(k, dtype=np.int64)
                 for row0, xa in _augmented_train(
-                    train_images, copies, augment["degrees"], augment["shift"], augment["scale"], augment["seed"]
+                    train_images,
+                    copies,
+                    augment["degrees"],
+                    augment["shift"],
+                    augment["scale"],
+                    augment["seed"],
+                    max_value,
                 ):
                     for start in range(0, n, bs):
                         enc = encode(xa[start : start + bs])

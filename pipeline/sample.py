@@ -29,9 +29,9 @@ A sample set is named by what it draws (:func:`parse_sample_set`, the grammar is
   model is sampled with the null label, i.e. unconditionally.
 
 Latent diffusion samples are unscaled (x * std + mean), snapped to the nearest codebook vectors
-and decoded by the VQ-VAE decoder. Each set writes ``samples/<set>.npy`` (float32 (N, 1, 28, 28)
+and decoded by the VQ-VAE decoder. Each set writes ``samples/<set>.npy`` (float32 (N, C, H, W)
 in [0, 1]; N = ``sample.num_samples``, or ``sample.ddpm_num_samples`` for DDPM sets),
-``samples/<set>.png`` (a 10x10 grid of the first 100; one row per digit for conditional sets)
+``samples/<set>.png`` (a 10x10 grid of the first 100; one row per class for conditional sets)
 and ``samples/<set>.json`` (settings, sampling seconds and seconds per 1000 images).
 """
 
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-def _rows_per_digit(arr: np.ndarray, labels: np.ndarray, per_row: int = 10) -> np.ndarray:
+def _rows_per_class(arr: np.ndarray, labels: np.ndarray, per_row: int = 10) -> np.ndarray:
     """The first ``per_row`` images of each label 0..C-1 (C = 1 + the largest label), class by
     class (a grid row per class)."""
     return np.concatenate([arr[labels == d][:per_row] for d in range(int(labels.max()) + 1)])
@@ -275,6 +275,7 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
                     codes = sample_pixelcnn(
                         net,
                         m,
+                        shape=tuple(state.get("grid") or (7, 7)),
                         temperature=tau,
                         greedy=greedy,
                         generator=g,
@@ -293,7 +294,7 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
             default_steps = sec["ddim_steps"] if spec.method == "ddim" else sec["solver_steps"]
             steps = int(spec.steps if spec.steps is not None else default_steps)
             if spec.prior == "diffusion":
-                channels, shape = vqvae.embedding_dim, (7, 7)
+                channels, shape = vqvae.embedding_dim, tuple(state["grid"]) if "grid" in state else (7, 7)
                 mean = state["latent_mean"].float().to(device)[None, :, None, None]
                 std = state["latent_std"].float().to(device)[None, :, None, None]
                 # x_0 is clipped to the per-channel range of the scaled train latents (stored with the model)
@@ -306,7 +307,10 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
                     else None
                 )
             else:
-                channels, shape = 1, (32, 32)
+                from pipeline.diffusion import pixel_size
+
+                image_shape = tuple(state.get("image_shape") or (1, 28, 28))
+                channels, shape = image_shape[0], pixel_size(image_shape[1:])
                 clip = (
                     (torch.tensor(-1.0, device=device), torch.tensor(1.0, device=device))
                     if sec["clip_denoised"]
@@ -344,7 +348,7 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
                         codes = vqvae.quantizer.snap(z * std + mean)
                         images.append(vqvae.decode_codes(codes).float().cpu())
                     else:
-                        images.append(pixel_space_to_images(z).float().cpu())
+                        images.append(pixel_space_to_images(z, image_shape[1:]).float().cpu())
                 log.info("sample %s: %d/%d", sample_set, start + m, n)
             metrics.update(
                 prior=spec.prior,
@@ -360,7 +364,7 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
         arr = torch.cat(images).numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
         _save_npy(out_npy, arr)
-        grid = _rows_per_digit(arr, requested_labels(n, num_classes)) if spec.conditional and n >= 100 else arr[:100]
+        grid = _rows_per_class(arr, requested_labels(n, num_classes)) if spec.conditional and n >= 100 else arr[:100]
         save_grid_png(paths.samples(sample_set, "png"), grid, nrow=10, scale=2)
         metrics.update(
             model=sample_set,  # the record key stays "model" (samples/<set>.json)

@@ -39,6 +39,8 @@ __all__ = [
     "train_pixelcnn",
     "train_diffusion",
     "train_classifier",
+    "train_encoder",
+    "contrastive_views",
     "train_pixel_diffusion",
     "evaluate_vqvae",
 ]
@@ -50,7 +52,7 @@ def evaluate_vqvae(model, images: torch.Tensor, batch_size: int = 1000) -> dict:
     """Reconstruction MSE on [0, 1] pixels, codebook perplexity and codes in use over ``images``.
 
     Args:
-        images: float (N, 1, 28, 28) in [0, 1] on the model's device.
+        images: float (N, C, H, W) in [0, 1] on the model's device.
 
     Returns:
         {"recon_mse": float, "perplexity": float (exp of the code-histogram entropy, in
@@ -74,7 +76,7 @@ def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarr
     from pipeline.data import read_dataset
 
     data = read_dataset(paths.dataset, split)
-    return torch.from_numpy(data.images).to(device).float().div_(255.0), data.labels
+    return data.unit().to(device), data.labels
 
 
 def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
@@ -88,7 +90,10 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         device = resolve_device(cfg["device"])
         train_x, _ = _images(paths, "train", device)
         test_x, _ = _images(paths, "test", device)
-        model_args = build_args("vqvae", sec, in_channels=1)
+        from pipeline.data import check_divisible
+
+        check_divisible(train_x.shape[-2:], cfg, str(paths.dataset))
+        model_args = build_args("vqvae", sec, in_channels=int(train_x.shape[1]))
         seed_everything(int(sec["seed"]))
         model = build_model("vqvae", model_args).to(device)
 
@@ -205,6 +210,8 @@ def train_pixelcnn(
         test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
+        if conditional and not n_cls:
+            raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
         model_args = build_args("pixelcnn", sec, in_channels=info.num_embeddings, num_classes=n_cls)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
@@ -262,7 +269,9 @@ def train_pixelcnn(
         )
         metrics["budget"] = 1.0 if budget is None else float(budget)
         metrics["guide_step"] = snapshot_step(sec)
-        finish_training(out / "model.pt", "pixelcnn", model_args, model, res, metrics, vqvae_sha256=vq_sha)
+        finish_training(
+            out / "model.pt", "pixelcnn", model_args, model, res, metrics, vqvae_sha256=vq_sha, grid=list(info.grid)
+        )
         log.info(
             f"{out.name}: test NLL %.4f nats/code (%.4f bits/code)%s",
             uncond,
@@ -389,6 +398,8 @@ def train_diffusion(
         train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
         test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
         n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
+        if conditional and not n_cls:
+            raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
         model_args = build_args("unet", sec, in_channels=info.embedding_dim, num_classes=n_cls)
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
@@ -452,6 +463,7 @@ def train_diffusion(
             latent_min=train_z.amin(dim=(0, 2, 3)).cpu(),
             latent_max=train_z.amax(dim=(0, 2, 3)).cpu(),
             vqvae_sha256=vq_sha,
+            grid=list(info.grid),
         )
         log.info(
             f"{out.name}: final train loss %.4f, test loss EMA %.4f / raw %.4f",
@@ -465,7 +477,7 @@ def train_diffusion(
 # --- the judge: a digit classifier -------------------------------------------------------------
 @torch.no_grad()
 def classifier_accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction in [0, 1] of ``images`` float (N, 1, 28, 28) whose argmax class equals ``labels`` int (N,)."""
+    """Fraction in [0, 1] of ``images`` float (N, C, H, W) whose argmax class equals ``labels`` int (N,)."""
     probs, _ = model.predict(images)
     return float((probs.argmax(1) == labels.cpu()).float().mean())
 
@@ -487,7 +499,13 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
         train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
         from pipeline.data import read_num_classes
 
-        model_args = build_args("classifier", sec, num_classes=read_num_classes(paths.dataset))
+        n_cls = read_num_classes(paths.dataset)
+        if n_cls < 2:
+            raise StageInputError(
+                f"{paths.dataset} has {n_cls} classes: the classifier judge needs labelled data; set "
+                "evaluate.judge: features (the label-free judge)"
+            )
+        model_args = build_args("classifier", sec, num_classes=n_cls, image_shape=tuple(train_x.shape[1:]))
         seed_everything(int(sec["seed"]))
         model = build_model("classifier", model_args).to(device)
 
@@ -530,6 +548,96 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
     return metrics
 
 
+# --- the label-free judge: a SimCLR encoder ----------------------------------------------------
+def contrastive_views(x: torch.Tensor, sec: Mapping) -> torch.Tensor:
+    """One random view of each image for SimCLR (Chen et al. 2020 sec. 3; global torch RNG, so a
+    resumed run repeats it): random rotation/translation/zoom, optional horizontal flip,
+    brightness and contrast jitter, Gaussian noise, clamped to [0, 1].
+
+    Args:
+        x: float (B, C, H, W) in [0, 1].
+        sec: the ``encoder`` section (augment_* keys).
+
+    Returns:
+        float (B, C, H, W) in [0, 1].
+    """
+    b, _, h, w = x.shape
+    v = random_affine(
+        x, float(sec["augment_degrees"]), float(sec["augment_shift"]) * min(h, w), max_scale=float(sec["augment_scale"])
+    )
+    if sec["augment_flip"]:
+        flip = torch.rand(b, device=x.device) < 0.5
+        v = torch.where(flip[:, None, None, None], v.flip(-1), v)
+    j = float(sec["augment_jitter"])
+    if j:
+        contrast = 1 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * j
+        bright = (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * j * 0.5
+        mean = v.mean(dim=(1, 2, 3), keepdim=True)
+        v = (v - mean) * contrast + mean + bright
+    if float(sec["augment_noise"]):
+        v = v + torch.randn_like(v) * float(sec["augment_noise"])
+    return v.clamp(0, 1)
+
+
+def train_encoder(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Train the label-free judge: a :class:`pipeline.models.FeatureEncoder` by SimCLR's NT-Xent
+    loss (Chen et al. 2020, eq. 1) on two random views (:func:`contrastive_views`) of the train
+    images, never their labels. Writes ``encoder/model.pt``, ``metrics.json`` (final loss, the
+    top-1 retrieval accuracy of the test images' two views in [0, 1]) and ``train_log.csv``.
+
+    Under DDP each rank contrasts the views of its own shard of the batch (its negatives are
+    the shard's other images)."""
+    from pipeline.models.encoder import nt_xent
+
+    paths = RunPaths(run_dir)
+    sec = cfg["encoder"]
+    out = paths.encoder_model.parent
+    with stage_record("train_encoder", cfg, out, threads=threads) as metrics:
+        device = resolve_device(cfg["device"])
+        train_x, _ = _images(paths, "train", device)
+        test_x, _ = _images(paths, "test", device)
+        model_args = build_args("encoder", sec, image_shape=tuple(train_x.shape[1:]))
+        seed_everything(int(sec["seed"]))
+        model = build_model("encoder", model_args).to(device)
+        tau = float(sec["temperature"])
+
+        def compute_loss(net, idx, shard):
+            x = train_x[idx]
+            v1, v2 = contrastive_views(x, sec), contrastive_views(x, sec)  # global RNG: same on every rank
+            loss = nt_xent(net(shard(v1)), net(shard(v2)), tau)
+            return loss, {}
+
+        res = train_loop(
+            stage="train_encoder",
+            model=model,
+            kind="encoder",
+            model_args=model_args,
+            section=sec,
+            compute_loss=compute_loss,
+            n_data=len(train_x),
+            out_dir=out,
+            device=device,
+            bf16=cfg["bf16"],
+        )
+        g = torch.Generator().manual_seed(int(sec["seed"]) + 1)
+        state = torch.random.get_rng_state()
+        torch.random.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        n = min(len(test_x), 500)
+        h1 = F.normalize(model.embed(contrastive_views(test_x[:n], sec)), dim=1)
+        h2 = F.normalize(model.embed(contrastive_views(test_x[:n], sec)), dim=1)
+        torch.random.set_rng_state(state)
+        retrieval = float(((h1 @ h2.t()).argmax(1) == torch.arange(n)).float().mean())
+        metrics.update(
+            final_train_loss=res.final_loss,
+            test_view_retrieval=retrieval,
+            steps=sec["steps"],
+            train_seconds=round(res.elapsed_s, 2),
+        )
+        finish_training(paths.encoder_model, "encoder", model_args, model, res, metrics)
+        log.info("train_encoder: NT-Xent %.3f, test view retrieval %.3f (%d images)", res.final_loss, retrieval, n)
+    return metrics
+
+
 # --- baseline: diffusion in pixel space ---------------------------------------------------------
 def _steps_for_budget(
     model: torch.nn.Module,
@@ -567,7 +675,8 @@ def _steps_for_budget(
 
 def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Baseline stage: the same U-Net family, noise schedule and objective as ``train_diffusion``, trained on
-    the train images themselves (28x28 in [-1, 1], padded to 32x32) instead of the VQ-VAE latents.
+    the train images themselves (in [-1, 1], padded to the next power of two: 28x28 -> 32x32) instead of the
+    VQ-VAE latents.
 
     With ``pixel_diffusion.steps: null`` the step count is chosen so that training takes as long
     as ``train_diffusion``'s training did (``diffusion/metrics.json`` ``train_seconds``),
@@ -589,7 +698,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
         train_x, _ = _images(paths, "train", device)
         test_x, _ = _images(paths, "test", device)
         train_p, test_p = images_to_pixel_space(train_x), images_to_pixel_space(test_x)
-        model_args = build_args("unet", sec, in_channels=1)
+        model_args = build_args("unet", sec, in_channels=int(train_x.shape[1]))
         seed_everything(int(sec["seed"]))
         model = build_model("unet", model_args).to(device)
         diffusion = _make_diffusion(sec).to(device)
@@ -649,6 +758,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
             metrics,
             diffusion=diffusion.config(),
             space="pixel",
+            image_shape=list(train_x.shape[1:]),
         )
         log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res.elapsed_s, test_loss)
     return metrics

@@ -84,3 +84,25 @@ rule train_classifier:
         cfg=stage_config("train_classifier"),
     shell:
         stage_shell("train_classifier")
+
+
+rule train_encoder:
+    input:
+        f"{RUN}/data/dataset.h5",
+    output:
+        model=f"{RUN}/encoder/model.pt",
+        metrics=f"{RUN}/encoder/metrics.json",
+        log_csv=f"{RUN}/encoder/train_log.csv",
+    log:
+        f"{RUN}/logs/train_encoder.log",
+    conda:
+        CONDA_ENV
+    threads: HALF
+    resources:
+        gpu=1,
+        dispatch=DISPATCH,
+    params:
+        run=run_dir,
+        cfg=stage_config("train_encoder"),
+    shell:
+        stage_shell("train_encoder")

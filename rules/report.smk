@@ -74,7 +74,7 @@ rule sample:
 rule evaluate:
     input:
         f"{RUN}/data/dataset.h5",
-        f"{RUN}/classifier/model.pt",
+        JUDGE_MODELS,
         expand(f"{RUN}/samples/{{sample_set}}.{{ext}}", sample_set=SAMPLE_SETS, ext=("npy", "json")),
         # carried into the table: every trained model's own metrics and training log
         expand(f"{RUN}/{{stage}}/{{f}}", stage=["vqvae"] + MODEL_FOLDERS, f=("metrics.json", "train_log.csv")),

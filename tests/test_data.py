@@ -171,7 +171,7 @@ def test_dataset_h5_schema_checks(tmp_path):
     assert read_dataset(p, "train").images.shape == (4, 1, 28, 28)
     with h5py.File(p, "a") as f:
         f.attrs["schema_version"] = 99
-    with pytest.raises(DataError, match=r"dataset.h5: schema_version 99, expected 1"):
+    with pytest.raises(DataError, match=r"dataset.h5: schema_version 99, expected 2"):
         read_dataset(p, "train")
     with h5py.File(p, "a") as f:
         f.attrs["schema_version"] = 1
@@ -183,7 +183,7 @@ def test_dataset_h5_schema_checks(tmp_path):
 def test_prepare_data_output(tiny_run):
     p = tiny_run / "data" / "dataset.h5"
     with h5py.File(p) as f:
-        assert f.attrs["schema_version"] == 1 and f.attrs["source"] == "mnist5k"
+        assert f.attrs["schema_version"] == 2 and f.attrs["source"] == "mnist5k"
         assert f["train/images"].dtype == np.uint8 and f["train/images"].shape == (300, 1, 28, 28)
         assert f["test/labels"].shape == (100,)
         assert len(f.attrs["sha256"]) > 64

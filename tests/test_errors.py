@@ -104,7 +104,7 @@ def test_dataset_h5_wrong_shape_and_not_hdf5(tmp_path):
         f.attrs["schema_version"] = 1
         f["train/images"] = np.zeros((3, 28, 28), np.uint8)
         f["train/labels"] = np.zeros(3, np.int64)
-    with pytest.raises(DataError, match=r"'/train/images' is uint8 \(3, 28, 28\), expected uint8 \(N, 1, 28, 28\)"):
+    with pytest.raises(DataError, match=r"'/train/images' is uint8 \(3, 28, 28\), expected uint8 \(N, C, H, W\)"):
         read_dataset(p, "train")
     q = tmp_path / "text.h5"
     q.write_text("hello")

@@ -109,7 +109,7 @@ def test_reader_rejects_other_checkpoint_and_schema(tiny_run, tmp_path):
     shutil.copy(src, p)
     with h5py.File(p, "a") as f:
         f.attrs["schema_version"] = 0
-    with pytest.raises(LatentsError, match=r"schema_version 0, expected 2"):
+    with pytest.raises(LatentsError, match=r"schema_version 0, expected 3"):
         read_info(p)
     shutil.copy(src, p)
     with h5py.File(p, "a") as f:

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.models.classifier import DigitClassifier
+from pipeline.models.encoder import FeatureEncoder
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import UNet
 from pipeline.models.vqvae import VQVAE
@@ -25,6 +26,7 @@ __all__ = [
     "GatedPixelCNN",
     "UNet",
     "DigitClassifier",
+    "FeatureEncoder",
 ]
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {
@@ -32,6 +34,7 @@ MODEL_KINDS: dict[str, type[nn.Module]] = {
     "pixelcnn": GatedPixelCNN,
     "unet": UNet,
     "classifier": DigitClassifier,
+    "encoder": FeatureEncoder,
 }
 
 
@@ -49,7 +52,14 @@ def build_model(kind: str, args: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"cannot build {kind!r} from arguments {sorted(args)}: {exc}") from None
 
 
-def model_args(kind: str, section: Mapping[str, Any], *, in_channels: int = 1, num_classes: int = 0) -> dict:
+def model_args(
+    kind: str,
+    section: Mapping[str, Any],
+    *,
+    in_channels: int = 1,
+    num_classes: int = 0,
+    image_shape: tuple[int, int, int] = (1, 28, 28),
+) -> dict:
     """The constructor kwargs of ``kind`` from its config section: what a training stage stores
     as the checkpoint's ``args`` (and what :mod:`pipeline.flops` builds to count FLOPs).
 
@@ -60,6 +70,7 @@ def model_args(kind: str, section: Mapping[str, Any], *, in_channels: int = 1, n
         in_channels: image channels (vqvae, pixel-space unet) or latent channels D (latent unet);
             for "pixelcnn", the codebook size K.
         num_classes: > 0 for the class-conditional priors and the classifier.
+        image_shape: (C, H, W) of the images (classifier, feature encoder).
 
     Raises:
         ValueError: unknown kind.
@@ -68,7 +79,10 @@ def model_args(kind: str, section: Mapping[str, Any], *, in_channels: int = 1, n
     if kind == "vqvae":
         keys = ("num_embeddings", "embedding_dim", "hidden_channels", "res_channels", "num_res_blocks")
         keys += ("commitment_cost", "ema_decay", "dead_code_threshold")
-        return {"in_channels": in_channels, **{k: s[k] for k in keys}}
+        args = {"in_channels": in_channels, **{k: s[k] for k in keys}}
+        if int(s.get("downsample", 4)) != 4:  # checkpoints of f = 4 keep their old args
+            args["downsample"] = int(s["downsample"])
+        return args
     if kind == "pixelcnn":
         args = {"num_embeddings": in_channels, **{k: s[k] for k in ("hidden_channels", "num_layers", "kernel_size")}}
         if s.get("dropout"):
@@ -83,7 +97,12 @@ def model_args(kind: str, section: Mapping[str, Any], *, in_channels: int = 1, n
             "dropout": s["dropout"],
         }
     elif kind == "classifier":
-        return {"num_classes": num_classes, **{k: s[k] for k in ("channels", "feature_dim", "dropout")}}
+        args = {"num_classes": num_classes, **{k: s[k] for k in ("channels", "feature_dim", "dropout")}}
+        if tuple(image_shape) != (1, 28, 28):
+            args["image_shape"] = list(image_shape)
+        return args
+    elif kind == "encoder":
+        return {"image_shape": list(image_shape), **{k: s[k] for k in ("channels", "feature_dim", "projection_dim")}}
     else:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
     if num_classes:

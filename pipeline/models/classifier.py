@@ -30,11 +30,13 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class DigitClassifier(nn.Module):
-    """CNN: (B, 1, 28, 28) images -> (B, num_classes) logits, with a ``features`` view.
+    """CNN: (B, C, H, W) images -> (B, num_classes) logits, with a ``features`` view.
 
     Args:
         num_classes: output classes (10 digits).
-        channels: width c of the first block; the second block has 2c (28 -> 14 -> 7 pixels).
+        channels: width c of the first block; the second block has 2c (H -> H/2 -> H/4 pixels:
+            28 -> 14 -> 7).
+        image_shape: (C, H, W) of the images, H and W multiples of 4 ((1, 28, 28) for MNIST).
         feature_dim: size of the penultimate layer (the Fréchet-distance feature space).
         dropout: dropout before the last linear layer.
 
@@ -42,22 +44,36 @@ class DigitClassifier(nn.Module):
     (x - 0.5) / 0.5, so callers never normalise.
     """
 
-    def __init__(self, num_classes: int = 10, channels: int = 32, feature_dim: int = 128, dropout: float = 0.3):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: int = 32,
+        feature_dim: int = 128,
+        dropout: float = 0.3,
+        image_shape: tuple[int, int, int] | list[int] = (1, 28, 28),
+    ):
         super().__init__()
-        self.num_classes, self.feature_dim = num_classes, feature_dim
-        self.body = nn.Sequential(_block(1, channels), _block(channels, 2 * channels), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(2 * channels * 7 * 7, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU())
+        c, h, w = (int(v) for v in image_shape)
+        if h % 4 or w % 4:
+            raise ValueError(f"image_shape {tuple(image_shape)}: H and W must be multiples of 4")
+        self.num_classes, self.feature_dim, self.image_shape = num_classes, feature_dim, (c, h, w)
+        self.body = nn.Sequential(_block(c, channels), _block(channels, 2 * channels), nn.Flatten())
+        flat = 2 * channels * (h // 4) * (w // 4)
+        self.fc = nn.Sequential(nn.Linear(flat, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU())
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations float (B, feature_dim) (post-ReLU, >= 0) of images (B, 1, 28, 28) in [0, 1]."""
-        if x.shape[-2:] != (28, 28) or x.shape[1] != 1:
-            raise ValueError(f"expected images (B, 1, 28, 28), got {tuple(x.shape)}")
+        """Penultimate activations float (B, feature_dim) (post-ReLU, >= 0) of images (B, C, H, W) in [0, 1].
+
+        Raises:
+            ValueError: images of another shape than ``image_shape``."""
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"expected images (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
         return self.fc(self.body((x.float() - 0.5) / 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits float (B, num_classes) of images (B, 1, 28, 28) in [0, 1]."""
+        """Logits float (B, num_classes) of images (B, C, H, W) in [0, 1]."""
         return self.head(self.dropout(self.features(x)))
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning").
 
-An encoder maps a (B, 1, 28, 28) image to continuous vectors z_e of shape (B, D, 7, 7); a
+An encoder maps a (B, C, H, W) image to continuous vectors z_e of shape (B, D, H/f, W/f) by
+log2(f) stride-2 convolutions (f = ``downsample``: 4 gives MNIST's 28x28 -> 7x7 grid); a
 codebook of K vectors e_k in R^D replaces each vector by its nearest code (eq. 1-2 of the
 paper); a decoder maps the quantized grid back to pixels. The codebook is learned with
 exponential moving averages (paper appendix A.1; Razavi et al. 2019, VQ-VAE-2, eq. 4-7) and
@@ -161,16 +162,26 @@ class ResidualBlock(nn.Module):
         return x + self.block(x)
 
 
-class Encoder(nn.Module):
-    """(B, in_ch, 28, 28) in [0, 1] -> (B, D, 7, 7): two stride-2 convs, residual blocks, 1x1 to D."""
+def _widths(hidden: int, stages: int) -> list[int]:
+    """Channel widths of the stride-2 stages, finest first: hidden / 2**(stages-1), ..., hidden."""
+    return [hidden // 2 ** (stages - 1 - i) for i in range(stages)]
 
-    def __init__(self, in_channels: int, hidden: int, res_channels: int, num_res_blocks: int, embedding_dim: int):
+
+class Encoder(nn.Module):
+    """(B, in_ch, H, W) in [0, 1] -> (B, D, H/f, W/f): log2(f) stride-2 4x4 convolutions (each
+    halves H and W), residual blocks, a 1x1 convolution to D. f = 2**stages."""
+
+    def __init__(
+        self, in_channels: int, hidden: int, res_channels: int, num_res_blocks: int, embedding_dim: int, stages: int = 2
+    ):
         super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for width in _widths(hidden, stages):
+            layers += [nn.Conv2d(ch, width, 4, stride=2, padding=1), nn.ReLU()]  # H -> H/2
+            ch = width
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden // 2, 4, stride=2, padding=1),  # 28 -> 14
-            nn.ReLU(),
-            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1),  # 14 -> 7
-            nn.ReLU(),
+            *layers,
             nn.Conv2d(hidden, hidden, 3, padding=1),
             *[ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)],
             nn.ReLU(),
@@ -182,36 +193,44 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, D, 7, 7) -> (B, out_ch, 28, 28) logits; two stride-2 transposed convs."""
+    """(B, D, h, w) -> (B, out_ch, h*f, w*f) logits; log2(f) stride-2 transposed convolutions."""
 
-    def __init__(self, out_channels: int, hidden: int, res_channels: int, num_res_blocks: int, embedding_dim: int):
+    def __init__(
+        self,
+        out_channels: int,
+        hidden: int,
+        res_channels: int,
+        num_res_blocks: int,
+        embedding_dim: int,
+        stages: int = 2,
+    ):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(embedding_dim, hidden, 3, padding=1),
-            *[ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)],
-            nn.ReLU(),
-            nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1),  # 7 -> 14
-            nn.ReLU(),
-            nn.ConvTranspose2d(hidden // 2, out_channels, 4, stride=2, padding=1),  # 14 -> 28
-        )
+        widths = _widths(hidden, stages)[::-1] + [out_channels]  # hidden, hidden/2, ..., out
+        layers: list[nn.Module] = [nn.Conv2d(embedding_dim, hidden, 3, padding=1)]
+        layers += [ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)]
+        for i in range(stages):
+            layers += [nn.ReLU(), nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]  # h -> 2h
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
 
 
 class VQVAE(nn.Module):
-    """VQ-VAE for 28x28 images with a 7x7 grid of codes.
+    """VQ-VAE for C x H x W images with an (H/f) x (W/f) grid of codes (28x28 -> 7x7 at f = 4).
 
     Args:
-        in_channels: image channels (1 for MNIST).
+        in_channels: image channels C (1 gray, 3 RGB, 4 RGBA).
         num_embeddings: K, codebook size.
         embedding_dim: D, code vector dimension.
-        hidden_channels: width of encoder and decoder (must be even).
+        hidden_channels: width of encoder and decoder (a multiple of f / 2).
         res_channels: bottleneck width of the residual blocks.
         num_res_blocks: residual blocks in encoder and in decoder.
         commitment_cost, ema_decay, dead_code_threshold: see :class:`VectorQuantizerEMA`.
+        downsample: f in {2, 4, 8}: H and W of the images must be multiples of f.
 
-    Images are float (B, C, 28, 28) in [0, 1]; reconstructions come back in [0, 1] (sigmoid).
+    Images are float (B, C, H, W) in [0, 1]; reconstructions come back in [0, 1] (sigmoid).
+    Below, h = H / f and w = W / f.
     API (as MONAI Generative Models' VQVAE): :meth:`encode`, :meth:`quantize`, :meth:`decode`,
     :meth:`index_quantize`, :meth:`decode_codes`, :meth:`forward`.
     """
@@ -227,15 +246,28 @@ class VQVAE(nn.Module):
         commitment_cost: float = 0.25,
         ema_decay: float = 0.99,
         dead_code_threshold: float = 0.1,
+        downsample: int = 4,
     ):
         super().__init__()
-        if hidden_channels % 2:
-            raise ValueError(f"hidden_channels must be even, got {hidden_channels}")
-        self.encoder = Encoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim)
+        if downsample not in (2, 4, 8):
+            raise ValueError(f"downsample must be 2, 4 or 8, got {downsample}")
+        stages = downsample.bit_length() - 1
+        if hidden_channels % max(2, downsample // 2):
+            raise ValueError(f"hidden_channels must be a multiple of {max(2, downsample // 2)}, got {hidden_channels}")
+        self.downsample = downsample
+        self.encoder = Encoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages)
         self.quantizer = VectorQuantizerEMA(
             num_embeddings, embedding_dim, commitment_cost, ema_decay, dead_code_threshold
         )
-        self.decoder = Decoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim)
+        self.decoder = Decoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages)
+
+    def check_size(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless ``x`` is (B, C, H, W) with H and W multiples of ``downsample``."""
+        if x.dim() != 4 or x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
+            raise ValueError(
+                f"images must be (B, C, H, W) with H and W multiples of downsample {self.downsample}, got "
+                f"{tuple(x.shape)}"
+            )
 
     @property
     def num_embeddings(self) -> int:
@@ -246,26 +278,30 @@ class VQVAE(nn.Module):
         return self.quantizer.embedding_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, 28, 28) in [0, 1] -> continuous z_e (B, D, 7, 7)."""
+        """Images (B, C, H, W) in [0, 1] -> continuous z_e (B, D, h, w).
+
+        Raises:
+            ValueError: H or W not a multiple of ``downsample``."""
+        self.check_size(x)
         return self.encoder(x)
 
     def quantize(self, z_e: torch.Tensor) -> VQOutput:
-        """Quantize z_e (B, D, 7, 7); updates the codebook when training."""
+        """Quantize z_e (B, D, h, w); updates the codebook when training."""
         return self.quantizer(z_e)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
-        """Quantized (or any) latents (B, D, 7, 7) -> images (B, C, 28, 28) in [0, 1]."""
+        """Quantized (or any) latents (B, D, h, w) -> images (B, C, H, W) in [0, 1]."""
         return torch.sigmoid(self.decoder(z_q))
 
     def index_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, 28, 28) -> codes int64 (B, 7, 7)."""
+        """Images (B, C, H, W) -> codes int64 (B, h, w)."""
         return self.quantizer.snap(self.encode(x))
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes int (B, 7, 7) in [0, K) -> images (B, C, 28, 28) in [0, 1]."""
+        """Codes int (B, h, w) in [0, K) -> images (B, C, H, W) in [0, 1]."""
         return self.decode(self.quantizer.lookup(codes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, VQOutput]:
-        """Images (B, C, 28, 28) in [0, 1] -> (reconstruction in [0, 1], :class:`VQOutput`)."""
+        """Images (B, C, H, W) in [0, 1] -> (reconstruction in [0, 1], :class:`VQOutput`)."""
         vq = self.quantize(self.encode(x))
         return self.decode(vq.quantized), vq
