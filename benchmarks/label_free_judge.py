@@ -1,6 +1,6 @@
 """Validation of the label-free judge on MNIST, where both judges exist.
 
-    python benchmarks/label_free_judge.py --run results/judgeval [--threads 2]
+    python benchmarks/label_free_judge.py --run results/judgeval [--threads 2] [--set encoder.steps=900]
 
 On a finished run (labelled data, trained classifier, sample sets drawn), this trains the
 label-free encoder (``python -m pipeline train_encoder``, skipped if ``encoder/model.pt`` exists)
@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--configfile", action="append", default=[], help="the run's config file(s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-rho", type=float, default=0.9)
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. encoder.steps=900"
+    )
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
     cfg_files = a.configfile or [str(run / "samples" / "config.yaml")]
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
     common = ["--run", str(run), "--threads", str(a.threads)]
     for f in cfg_files:
         common += ["--configfile", f]
+    for o in a.overrides:
+        common += ["--set", o]
     if not (run / "encoder" / "model.pt").is_file():
         subprocess.run([*base, "train_encoder", *common], check=True, cwd=ROOT)
     subprocess.run([*base, "evaluate", *common, "--set", "evaluate.judge=both"], check=True, cwd=ROOT)

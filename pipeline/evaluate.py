@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.augment import gaussian_blur
 from pipeline.io import RunPaths, StageInputError, atomic_path, atomic_write_text, read_json, write_json
 from pipeline.runtime import log, resolve_device, stage_record
 
@@ -361,21 +362,6 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         out = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k=k)
     return {key: float(v) for key, v in out.items()}
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of float (N, C, H, W) images, std ``sigma`` pixels, radius
-    ceil(3 sigma), reflect padding; the blurred-real reference row."""
-    import torch.nn.functional as F
-
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = x.shape[1]
-    y = F.pad(x.float(), (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c).clamp(0, 1)
 
 
 def noise_images(train: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

@@ -106,10 +106,15 @@ def _forward_flops(fn, *args) -> float:
 
 def images_in_split(data: Mapping[str, Any]) -> tuple[int, int]:
     """(train, test) image counts of a ``data`` section (the source's sizes, capped)."""
-    train, test = _SOURCE_SIZES.get(data.get("source", "mnist5k"), (60000, 10000))
-    if data.get("source", "mnist5k") == "mnist5k":
-        test = int(data.get("test_size", test))
-        train = 5000 - test
+    from pipeline.sources import expected_count
+
+    source = data.get("source", "mnist5k")
+    train, test = _SOURCE_SIZES.get(source, (60000, 10000))
+    total = 5000 if source == "mnist5k" else expected_count(data)
+    if total is not None:
+        ts = data.get("test_size", 500)
+        test = int(round(ts * total)) if isinstance(ts, float) and ts < 1 else int(ts)
+        train = total - test
     if data.get("max_train"):
         train = min(train, int(data["max_train"]))
     if data.get("max_test"):

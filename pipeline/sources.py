@@ -714,6 +714,34 @@ def expected_shape(dcfg: Mapping) -> tuple[int, int, int]:
     return (c or int(shape[-1]), *(hw or (int(shape[0]), int(shape[1]))))
 
 
+def expected_count(dcfg: Mapping) -> int | None:
+    """Images the source will give, known before prepare_data (for the FLOP plan): the embedded
+    sets' sizes, the files of a folder, the first axis of an array or HDF5 dataset (read lazily);
+    None for the IDX sources or when nothing can be read yet."""
+    source = dcfg["source"]
+    if source == "photos":
+        return int(dcfg["num_crops"])
+    if source == "sklearn_digits":
+        return 1797
+    try:
+        path = Path(str(dcfg.get("path"))).expanduser()
+        if source == "folder":
+            return sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if source == "npy":
+            return int(np.load(path, mmap_mode="r").shape[0])
+        if source == "npz":
+            with np.load(path) as z:
+                return int(z[dcfg.get("images_key") or "images"].shape[0])
+        if source == "hdf5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                return int(f[dcfg.get("images_key") or "images"].shape[0])
+    except Exception:  # noqa: BLE001 - a plan before the data exists
+        return None
+    return None
+
+
 def judges(cfg: Mapping) -> tuple[str, ...]:
     """The evaluate stage's judges from ``evaluate.judge``: ("classifier",), ("features",) or
     both; ``auto`` = the classifier when the data has labels (:func:`has_labels`), else the

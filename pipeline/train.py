@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.augment import random_affine
+from pipeline.augment import gaussian_blur, random_affine
 from pipeline.diffusion import images_to_pixel_space
 from pipeline.io import RunPaths, StageInputError, save_grid_png, sha256_file
 from pipeline.models import build_model
@@ -574,6 +574,10 @@ def contrastive_views(x: torch.Tensor, sec: Mapping) -> torch.Tensor:
         bright = (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * j * 0.5
         mean = v.mean(dim=(1, 2, 3), keepdim=True)
         v = (v - mean) * contrast + mean + bright
+    if float(sec.get("augment_blur", 0)):  # Gaussian blur of random strength (SimCLR appendix A)
+        sigma = float(torch.rand(())) * float(sec["augment_blur"]) * min(h, w) / 28
+        if sigma > 0.1:
+            v = gaussian_blur(v, sigma)
     if float(sec["augment_noise"]):
         v = v + torch.randn_like(v) * float(sec["augment_noise"])
     return v.clamp(0, 1)
