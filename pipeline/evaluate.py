@@ -747,7 +747,11 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         real_test = judge_images(clf, test_x[:n_eval].to(device), bs) if clf is not None else None
         if clf is not None:
             mu_te, sig_te = feature_statistics(real_test["features"])
-        test_feats = {jn: sp["embed"](test_x[:n_eval]) for jn, sp in spaces.items()}
+        # the classifier's test features are real_test's (one pass over the test images per judge)
+        test_feats = {
+            jn: real_test["features"] if jn == "classifier" else sp["embed"](test_x[:n_eval])
+            for jn, sp in spaces.items()
+        }
 
         def floor(jn: str, n: int) -> float:
             sp = spaces[jn]

@@ -274,6 +274,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
 
     from pipeline.checkpoint import load_model
     from pipeline.data import read_dataset, read_num_classes
+    from pipeline.data import read_info as read_image_info
     from pipeline.runtime import log, resolve_device, stage_record
 
     paths = RunPaths(run_dir)
@@ -316,7 +317,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             out.attrs["K"] = k
             out.attrs["D"] = d
             out.attrs["num_classes"] = read_num_classes(paths.dataset)
-            h, w = read_dataset(paths.dataset, "test").images.shape[-2:]
+            h, w = read_image_info(paths.dataset).shape[-2:]
             f = getattr(vqvae, "downsample", 4)
             grid = (h // f, w // f)
             out.attrs["grid"] = list(grid)

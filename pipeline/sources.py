@@ -475,6 +475,14 @@ def _resize(arr: np.ndarray, size: tuple[int, int], mode: str, interpolation: st
     return np.stack(out, -1)
 
 
+def _first_seen(keys, origins) -> dict:
+    """key -> the origin of the first image with that key (channels, size), in order."""
+    out: dict = {}
+    for key, origin in zip(keys, origins):
+        out.setdefault(key, origin)
+    return out
+
+
 def standardise(raw: RawImages, cfg: Mapping) -> tuple[np.ndarray, dict]:
     """Apply colour, intensity and size (module docstring) to every image.
 
@@ -498,9 +506,7 @@ def standardise(raw: RawImages, cfg: Mapping) -> tuple[np.ndarray, dict]:
         raise _error(f"{raw.origins[0] if raw.origins else 'data.path'}: no images found")
     first = raw.origins[0]
     # 1. colour
-    chans = {}
-    for img, origin in zip(raw.images, raw.origins):
-        chans.setdefault(img.shape[-1], origin)
+    chans = _first_seen((img.shape[-1] for img in raw.images), raw.origins)
     color = cfg.get("color")
     if color is None:
         if len(chans) > 1:
@@ -564,9 +570,7 @@ def standardise(raw: RawImages, cfg: Mapping) -> tuple[np.ndarray, dict]:
     else:
         raise _error(f"{first}: pixels of type {dtype}; expected unsigned integers or floats")
     # 3. size
-    sizes = {}
-    for img, o in zip(floats, raw.origins):
-        sizes.setdefault(img.shape[:2], o)
+    sizes = _first_seen((img.shape[:2] for img in floats), raw.origins)
     size = cfg.get("size")
     if size is None:
         if len(sizes) > 1:
