@@ -83,11 +83,11 @@ def test_every_output_and_schema(workflow_run):
     for stage in ["prepare_data", "train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion"]:
         assert (run / "logs" / f"{stage}.log").stat().st_size > 0
     with h5py.File(run / "data" / "dataset.h5") as f:
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2 and f.attrs["max_value"] == 255 and f.attrs["color"] == "gray"
         assert f["train/images"].shape == (cfg["data"]["max_train"], 1, 28, 28) and f["train/images"].dtype == np.uint8
         assert f["test/images"].shape == (cfg["data"]["max_test"], 1, 28, 28)
     with h5py.File(run / "latents" / "latents.h5") as f:
-        assert f.attrs["schema_version"] == 2 and f.attrs["K"] == 128 and f.attrs["D"] == 16
+        assert f.attrs["schema_version"] == 3 and f.attrs["K"] == 128 and f.attrs["D"] == 16
         assert f["train/codes"].dtype == np.int16 and f["train/codes"].shape == (cfg["data"]["max_train"], 7, 7)
         assert f["train/latents"].dtype == np.float32 and f["train/latents"].shape == (
             cfg["data"]["max_train"],
@@ -95,6 +95,7 @@ def test_every_output_and_schema(workflow_run):
             7,
             7,
         )
+        assert list(f.attrs["grid"]) == [7, 7]
         assert len(f.attrs["vqvae_sha256"]) == 64
         copies = cfg["latents"]["augment_copies"]
         assert f["train_aug/codes"].shape == (copies * cfg["data"]["max_train"], 7, 7)
