@@ -6,10 +6,10 @@ On a finished run (labelled data, trained classifier, sample sets drawn), this t
 label-free encoder (``python -m pipeline train_encoder``, skipped if ``encoder/model.pt`` exists)
 and runs the evaluate stage with ``evaluate.judge=both``, so every set and reference row is
 judged by the digit classifier and by the SimCLR features alike (``report/metrics.json``). It
-prints, per row, FD / floor under each judge and the label-free precision/recall, then Spearman's
-rank correlation (``scipy.stats.spearmanr``) of the two FD / floor columns over all sample sets,
-and over the sets plus the reference rows (blurred_real, noise). It exits 1 if rho over the sets
-is below ``--min-rho`` (0.9, the bar of issue #13). Every number comes from the stages.
+prints, per row, FD / floor under each judge and the label-free precision, recall, density and
+coverage, then Spearman's rank correlation (``scipy.stats.spearmanr``) of the two FD / floor
+columns over all sample sets, and over the sets plus the reference rows (blurred_real, noise).
+It exits 1 if rho over the sets is below ``--min-rho`` (0.9, the bar of issue #13). Every number comes from the stages.
 
 The run used in docs/own-data.md is the default config with ten sample sets of spread quality
 (``sample.models`` listed there).
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     from scipy.stats import spearmanr
 
     rows = {**m["references"], **m["sets"]}
-    print("row\tclassifier FD/floor\tlabel-free FD/floor\tlabel-free precision\tlabel-free recall")
+    print("row\tclassifier FD/floor\tlabel-free FD/floor\tprecision\trecall\tdensity\tcoverage")
     for name, r in [("real_test", m["floor"]), *rows.items()]:
         print(
             f"{name}\t{r['fd_ratio']:.3f}\t{r['features_fd_ratio']:.3f}\t{r['features_precision']:.3f}\t"
-            f"{r['features_recall']:.3f}"
+            f"{r['features_recall']:.3f}\t{r['features_density']:.3f}\t{r['features_coverage']:.3f}"
         )
     sets = m["sets"]
     rho_sets = spearmanr([r["fd_ratio"] for r in sets.values()], [r["features_fd_ratio"] for r in sets.values()])[0]

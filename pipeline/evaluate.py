@@ -293,6 +293,8 @@ FEATURE_COLUMNS = [
     ("features_fd_ratio", "label-free FD / floor"),
     ("features_precision", "label-free precision"),
     ("features_recall", "label-free recall"),
+    ("features_density", "label-free density"),
+    ("features_coverage", "label-free coverage"),
 ]
 
 
@@ -345,13 +347,21 @@ def stage_judges(cfg: Mapping, num_classes: int) -> tuple[str, ...]:
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-2) with ``prdc`` (Naeem et
-    al. 2020's implementation), plus its density and coverage.
+    al. 2020's implementation), plus its density and coverage (Naeem et al. 2020, "Reliable
+    Fidelity and Diversity Metrics for Generative Models", eq. 3-4).
+
+    Precision counts a sample as realistic if it falls inside *any* real sample's k-NN ball, so a
+    tight cluster of bad samples inside one real outlier's large ball scores high (Naeem et al.,
+    sec. 3); density (the mean number of real balls around a sample, / k: about 1 for real data)
+    and coverage (the fraction of real samples with a generated one inside their ball) do not
+    have that failure, which is why the label-free judge reports them too.
 
     Args:
         real, fake: float (N, F) and (M, F) features; k: the k-th nearest neighbour radius.
 
     Returns:
-        {"precision", "recall", "density", "coverage"}: floats; precision and recall in [0, 1].
+        {"precision", "recall", "density", "coverage"}: floats; precision, recall and coverage in
+        [0, 1], density >= 0 (unbounded above, 1 on average for real data).
     """
     import contextlib
     import io
@@ -801,6 +811,8 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
                         features_fd_ratio=fd / fl if fl > 0 else None,
                         features_precision=pr["precision"],
                         features_recall=pr["recall"],
+                        features_density=pr["density"],
+                        features_coverage=pr["coverage"],
                     )
             if primary == "features":  # the table's FD columns are the primary judge's
                 row.update(fd_train=row["features_fd"], fd_floor_same_n=row["features_fd_floor"])

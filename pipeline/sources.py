@@ -706,8 +706,8 @@ def expected_shape(dcfg: Mapping) -> tuple[int, int, int]:
         elif source == "npy":
             shape = _to_nhwc(np.load(path, mmap_mode="r")[:1], dcfg.get("layout"), str(path)).shape[1:]
         elif source == "npz":
-            with np.load(path) as z:
-                shape = _to_nhwc(z[dcfg.get("images_key") or "images"][:1], dcfg.get("layout"), str(path)).shape[1:]
+            head = _npz_member_shape(path, dcfg.get("images_key") or "images")
+            shape = _to_nhwc(np.empty((1, *head[1:]), np.uint8), dcfg.get("layout"), str(path)).shape[1:]
         else:
             import h5py
 
@@ -716,6 +716,17 @@ def expected_shape(dcfg: Mapping) -> tuple[int, int, int]:
     except Exception:  # noqa: BLE001 - a plan before the data exists: fall back to MNIST's shape
         return (c or 1, *(hw or (28, 28)))
     return (c or int(shape[-1]), *(hw or (int(shape[0]), int(shape[1]))))
+
+
+def _npz_member_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of array ``key`` in the ``.npz`` at ``path`` from its ``.npy`` header alone (the
+    archive member is not decompressed past the header). Raises KeyError for a missing key."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(int(v) for v in read(fh)[0])
 
 
 def expected_count(dcfg: Mapping) -> int | None:
@@ -734,8 +745,7 @@ def expected_count(dcfg: Mapping) -> int | None:
         if source == "npy":
             return int(np.load(path, mmap_mode="r").shape[0])
         if source == "npz":
-            with np.load(path) as z:
-                return int(z[dcfg.get("images_key") or "images"].shape[0])
+            return _npz_member_shape(path, dcfg.get("images_key") or "images")[0]
         if source == "hdf5":
             import h5py
 
