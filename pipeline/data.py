@@ -13,6 +13,8 @@ Sources:
 * your own images: ``folder``, ``npz``, ``npy``, ``hdf5``, and the embedded ``photos`` (RGB
   crops) and ``sklearn_digits``, read by :mod:`pipeline.sources` and standardised there
   (colour, intensity, size), split seeded and stratified when labelled (or as given).
+* ``nifti``: 3D volumes from ``.nii`` / ``.nii.gz`` files, read and preprocessed by
+  :mod:`pipeline.volumes` (RAS+, voxel size, crop/pad, mask, percentile scaling to [0, 1]).
 
 ``dataset.h5`` schema (version 2; version-1 files, uint8 (N, 1, 28, 28), are still read)::
 
@@ -20,11 +22,16 @@ Sources:
     /train/labels  int64 (N,)                    class 0..num_classes-1, or -1 = unlabelled
     /test/images, /test/labels                   the same for the test split
     /source_sha256 (optional) str                sha256sum-format listing when > 64 files were read
+    3D volumes (source nifti): images uint16 (N, 1, D, H, W) of [0, 1] (max_value 65535), and per split
+    /<split>/affines float64 (N, 4, 4)          voxel index -> mm (RAS+) of each preprocessed volume
+    /<split>/intensity_range float32 (N, 2)     the input intensities that 0 and 1 stand for
     attrs: schema_version=2, source, sha256 (JSON object: input file name -> SHA-256, or the
            listing's digest), seed, num_classes (1 + the largest label; 0 = unlabelled),
            color (gray | rgb | rgba), max_value (255, 65535 or 2**bit_depth - 1),
            value_range (JSON [lo, hi]: the input values that 0 and max_value stand for),
-           preprocessing (JSON: size, resize, interpolation, input sizes), class_names (JSON or "null")
+           preprocessing (JSON: size, resize, interpolation, input sizes), class_names (JSON or "null"),
+           spatial_dims (2, or 3 for volumes), reference_affine (JSON 4x4: the first train volume's;
+           volumes only; samples are written as NIfTI with it)
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +113,18 @@ _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 
 @dataclass
 class Split:
-    """One split in memory: ``images`` uint8 or uint16 (N, C, H, W) in 0..``max_value``,
-    ``labels`` int64 (N,) (-1 = unlabelled)."""
+    """One split in memory: ``images`` uint8 or uint16 (N, C, H, W), or (N, 1, D, H, W) for
+    volumes, in 0..``max_value``, ``labels`` int64 (N,) (-1 = unlabelled); ``extra``: per-image
+    arrays written next to them (volumes: ``affines`` (N, 4, 4), ``intensity_range`` (N, 2))."""
 
     images: np.ndarray
     labels: np.ndarray
     max_value: int = 255
+    extra: dict = field(default_factory=dict)
+
+    def take(self, idx) -> Split:
+        """The images, labels and extras at ``idx`` (an index array or slice)."""
+        return Split(self.images[idx], self.labels[idx], self.max_value, {k: v[idx] for k, v in self.extra.items()})
 
     def unit(self):
         """The images as float32 torch (N, C, H, W) in [0, 1] (pixel / max_value)."""
@@ -125,13 +138,15 @@ class ImageInfo:
     """``dataset.h5``'s description of its images (:func:`read_info`).
 
     Attributes:
-        shape: (C, H, W) of every image.
+        shape: (C, H, W) of every image, or (1, D, H, W) of every volume.
         color: "gray", "rgb" or "rgba".
         max_value: the stored value of white (255, 65535, or 2**bit_depth - 1).
         value_range: (lo, hi) in the input's units that 0 and max_value stand for.
         num_classes: 0 for unlabelled data.
         class_names: list of names or None.
         source: the data.source that wrote the file.
+        spatial_dims: 2 for images, 3 for volumes.
+        reference_affine: float64 (4, 4) for volumes (the first train volume's), else None.
     """
 
     shape: tuple
@@ -141,6 +156,8 @@ class ImageInfo:
     num_classes: int
     class_names: list | None
     source: str
+    spatial_dims: int = 2
+    reference_affine: np.ndarray | None = None
 
 
 def to_input_range(images, info: ImageInfo):
@@ -341,6 +358,9 @@ def write_dataset(
         f.attrs["value_range"] = json.dumps(list(meta.get("value_range", [0, max_value])))
         f.attrs["preprocessing"] = json.dumps(meta.get("preprocessing", {}))
         f.attrs["class_names"] = json.dumps(meta.get("class_names"))
+        f.attrs["spatial_dims"] = first.images.ndim - 2
+        if meta.get("reference_affine") is not None:
+            f.attrs["reference_affine"] = json.dumps(np.asarray(meta["reference_affine"], float).tolist())
         dtype = np.uint8 if max_value <= 255 else np.uint16
         for name, split in splits.items():
             g = f.create_group(name)
@@ -355,6 +375,8 @@ def write_dataset(
                 compression="gzip",
             )
             g.create_dataset("labels", data=split.labels.astype(np.int64))
+            for key, arr in split.extra.items():
+                g.create_dataset(key, data=np.asarray(arr))
     with atomic_path(path, suffix=".h5") as tmp:
         tmp.write_bytes(buf.getbuffer())
 
@@ -414,7 +436,14 @@ def read_dataset(path: str | os.PathLike, split: str) -> Split:
         images, labels = f[f"{split}/images"], f[f"{split}/labels"]
         max_value = int(f.attrs.get("max_value", 255))
         want = np.uint8 if max_value <= 255 else np.uint16
-        if images.dtype != want or images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        dims = int(f.attrs.get("spatial_dims", 2))
+        if dims == 3:
+            if images.dtype != want or images.ndim != 5 or images.shape[1] != 1:
+                raise DataError(
+                    f"{p}: '/{split}/images' is {images.dtype} {images.shape}, expected {np.dtype(want)} "
+                    "(N, 1, D, H, W) volumes"
+                )
+        elif images.dtype != want or images.ndim != 4 or images.shape[1] not in (1, 3, 4):
             raise DataError(
                 f"{p}: '/{split}/images' is {images.dtype} {images.shape}, expected {np.dtype(want)} (N, C, H, W), "
                 "C in 1, 3, 4"
@@ -423,7 +452,8 @@ def read_dataset(path: str | os.PathLike, split: str) -> Split:
             raise DataError(f"{p}: '/{split}/images' is {images.shape}, expected (N, 1, 28, 28) in schema 1")
         if labels.shape != (images.shape[0],):
             raise DataError(f"{p}: '/{split}/labels' has shape {labels.shape}, expected ({images.shape[0]},)")
-        return Split(images[...], labels[...].astype(np.int64), max_value)
+        extra = {k: f[f"{split}/{k}"][...] for k in ("affines", "intensity_range") if f"{split}/{k}" in f}
+        return Split(images[...], labels[...].astype(np.int64), max_value, extra)
 
 
 def read_info(path: str | os.PathLike) -> ImageInfo:
@@ -448,6 +478,8 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
             num_classes=int(a["num_classes"]) if "num_classes" in a else read_num_classes(p),
             class_names=names,
             source=str(a.get("source", "")),
+            spatial_dims=int(a.get("spatial_dims", 2)),
+            reference_affine=np.asarray(json.loads(a["reference_affine"])) if "reference_affine" in a else None,
         )
 
 
@@ -473,19 +505,55 @@ def load_own_images(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], di
     return {"train": Split(images[tr], labels[tr], mv), "test": Split(images[te], labels[te], mv)}, raw.digests, meta
 
 
+def load_volumes(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], dict]:
+    """Read a NIfTI source with :func:`pipeline.volumes.load_nifti` and split it (seeded).
+
+    Volumes in [0, 1] are stored as uint16 (max_value 65535, value_range [0, 1]).
+
+    Returns:
+        ({"train": Split, "test": Split} with ``affines`` and ``intensity_range`` extras,
+        {file: SHA-256}, meta for :func:`write_dataset`).
+
+    Raises:
+        DataError: see :func:`pipeline.volumes.load_nifti`; too few volumes for the split.
+    """
+    from pipeline import sources, volumes
+
+    vs = volumes.load_nifti(dcfg)
+    n = len(vs.volumes)
+    tr, te = sources.split_indices(n, None, dcfg["test_size"], int(dcfg["seed"]), str(dcfg["path"]))
+    stored = np.round(vs.volumes * 65535).astype(np.uint16)
+    whole = Split(
+        stored,
+        np.full(n, -1, np.int64),
+        65535,
+        {"affines": vs.affines, "intensity_range": vs.intensity_range},
+    )
+    meta = {
+        "color": "gray",
+        "value_range": [0.0, 1.0],
+        "preprocessing": vs.preprocessing,
+        "class_names": None,
+        "reference_affine": vs.affines[tr[0]],
+    }
+    return {"train": whole.take(tr), "test": whole.take(te)}, vs.digests, meta
+
+
 def check_divisible(hw, cfg: Mapping, where: str) -> None:
-    """Refuse image sizes the VQ-VAE cannot encode: H and W must be multiples of
-    ``vqvae.downsample`` (the latent grid is H/f x W/f).
+    """Refuse image (or volume) sizes the VQ-VAE cannot encode: every spatial side (H, W, or
+    D, H, W) must be a multiple of ``vqvae.downsample`` (the latent grid is each side / f).
 
     Raises:
         DataError: naming the size, the factor and the keys that fix it.
     """
     f = int((cfg.get("vqvae") or {}).get("downsample", 4))
-    h, w = int(hw[0]), int(hw[1])
-    if h % f or w % f:
+    sides = [int(v) for v in hw]
+    if any(v % f for v in sides):
+        key = "data.volume_shape" if len(sides) == 3 else "data.size"
+        fix = "x".join(str(max(f, v // f * f)) for v in sides)
         raise DataError(
-            f"{where}: images are {h}x{w}, not divisible by vqvae.downsample {f}; set data.size to a multiple of {f} "
-            f"(e.g. {max(f, h // f * f)}x{max(f, w // f * f)}) or another vqvae.downsample"
+            f"{where}: {'volumes' if len(sides) == 3 else 'images'} are {'x'.join(map(str, sides))}, not divisible "
+            f"by vqvae.downsample {f}; set {key} to a multiple of {f} (e.g. {fix}) or another vqvae.downsample"
         )
 
 
@@ -509,13 +577,21 @@ def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None =
             splits, digests = load_mnist5k(dcfg)
         elif dcfg["source"] in MNIST_SOURCES:
             splits, digests = load_idx_source(dcfg)
+        elif dcfg["source"] == "nifti":
+            splits, digests, meta = load_volumes(dcfg)
         else:
             splits, digests, meta = load_own_images(dcfg)
         for split, cap in (("train", dcfg.get("max_train")), ("test", dcfg.get("max_test"))):
             if cap:
-                s = splits[split]
-                splits[split] = Split(s.images[:cap], s.labels[:cap], s.max_value)
+                splits[split] = splits[split].take(slice(0, cap))
         write_dataset(paths.dataset, splits, dcfg["source"], digests, int(dcfg["seed"]), meta)
+        if dcfg["source"] == "nifti":  # what the preprocessing made, to look at before training
+            from pipeline.volumes import save_three_plane_grid, write_nifti
+
+            tr = splits["train"]
+            first = tr.images[:8].astype(np.float32) / tr.max_value
+            save_three_plane_grid(paths.dataset.parent / "mid_slices.png", first, nrow=2)
+            write_nifti(paths.dataset.parent / "example.nii.gz", first[0], tr.extra["affines"][0])
         log.info(
             "prepare_data: %s -> %s (train %d, test %d)",
             dcfg["source"],
@@ -523,9 +599,8 @@ def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None =
             len(splits["train"].labels),
             len(splits["test"].labels),
         )
-        c, h, w = splits["train"].images.shape[1:]
         metrics.update(
-            image_shape=[int(c), int(h), int(w)],
+            image_shape=[int(v) for v in splits["train"].images.shape[1:]],
             color=(meta or {}).get("color", "gray"),
             num_classes=num_classes_of(splits),
             source=dcfg["source"],

@@ -156,6 +156,10 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
     from pipeline.diffusion import pixel_size
     from pipeline.sources import expected_shape
 
+    if stage in ("prepare_data", "timings"):
+        return StageCost(0.0, 0, "no network")
+    if full["data"]["source"] == "nifti":  # the 3D networks are not in this version yet (issue #14)
+        return StageCost(0.0, 0, "3D volumes: not priced in this version")
     vq = full["vqvae"]
     k, d = int(vq["num_embeddings"]), int(vq["embedding_dim"])
     img = expected_shape(full["data"])  # (C, H, W): (1, 28, 28) for MNIST
@@ -166,8 +170,6 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
     def vqvae():
         return build_model("vqvae", model_args("vqvae", vq, in_channels=img[0]))
 
-    if stage in ("prepare_data", "timings"):
-        return StageCost(0.0, 0, "no network")
     if stage == "train_vqvae":
         net = vqvae()
         return _training(net, lambda b: (torch.rand(b, *img),), _vqvae_loss, vq)

@@ -623,6 +623,8 @@ def load_source(cfg: Mapping) -> RawImages:
         return load_photos(cfg)
     if source == "sklearn_digits":
         return load_sklearn_digits(cfg)
+    if source == "nifti":
+        raise _error("data.source nifti holds 3D volumes: read them with pipeline.volumes.load_nifti")
     raise _error(f"data.source {source!r} has no reader in pipeline.sources")
 
 
@@ -672,6 +674,8 @@ def has_labels(dcfg: Mapping) -> bool:
         return bool(dcfg.get("labels_path"))
     if source in ("npz", "hdf5"):
         return bool(dcfg.get("labels_key"))
+    if source == "nifti":  # volumes are unlabelled
+        return False
     folder = Path(str(dcfg.get("path") or "")).expanduser()
     if not dcfg.get("path") or not folder.is_dir():
         return False

@@ -92,6 +92,11 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         test_x, _ = _images(paths, "test", device)
         from pipeline.data import check_divisible
 
+        if train_x.ndim == 5:
+            raise StageInputError(
+                f"{paths.dataset}: 3D volumes {tuple(train_x.shape[1:])}; the 3D VQ-VAE is not in this version yet "
+                "(issue #14: prepare_data, NIfTI out and the three-plane grids are; docs/volumes.md)"
+            )
         check_divisible(train_x.shape[-2:], cfg, str(paths.dataset))
         model_args = build_args("vqvae", sec, in_channels=int(train_x.shape[1]))
         seed_everything(int(sec["seed"]))

@@ -1,0 +1,241 @@
+"""3D volumes from NIfTI (issue #14, first part; docs/volumes.md): the reader and its
+preprocessing (RAS+, voxel size, crop/pad, mask, percentile scaling), dataset.h5 with
+(N, 1, D, H, W) volumes and their affines, NIfTI out, three-plane grids, and one clear line
+for each kind of bad input. Volumes are synthetic (written with nibabel) and nibabel's own
+bundled ``anatomical.nii``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import ROOT
+from PIL import Image
+
+from pipeline.config import resolve
+from pipeline.data import DataError, check_divisible, read_dataset, read_info
+from pipeline.io import StageInputError
+from pipeline.stages import get_stage
+from pipeline.volumes import load_nifti, mid_slices, save_three_plane_grid, write_nifti
+
+TINY = [ROOT / "tests" / "configs" / "tiny.yaml", ROOT / "tests" / "configs" / "tiny_own.yaml"]
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+def cfg_for(folder: Path, *over: str) -> dict:
+    return resolve(TINY, overrides=["data.source=nifti", f"data.path={folder}", "data.test_size=2", *over])
+
+
+def blob_volume(rng, shape=(20, 24, 16), centre=None) -> np.ndarray:
+    """A smooth bright ellipsoid on a dark background, plus a little noise (float32)."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    c = np.zeros(3) if centre is None else np.asarray(centre)
+    r = np.sqrt((((grid - c[:, None, None, None]) / 0.6) ** 2).sum(0))
+    return (np.clip(1.2 - r, 0, None) * 1000 + rng.normal(0, 5, shape)).clip(0).astype(np.float32)
+
+
+def write_set(folder: Path, n: int = 6, shape=(20, 24, 16), affine=None, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine
+    for i in range(n):
+        img = nib.Nifti1Image(blob_volume(rng, shape, centre=rng.uniform(-0.2, 0.2, 3)), aff)
+        img.to_filename(str(folder / f"sub-{i:02d}_T1w.nii.gz"))
+    return folder
+
+
+def prepare(cfg: dict, run: Path) -> Path:
+    get_stage("prepare_data")(cfg, str(run))
+    return run / "data" / "dataset.h5"
+
+
+# --- reading and preprocessing ---------------------------------------------------------------
+def test_prepare_data_writes_volumes_with_affines(tmp_path):
+    folder = write_set(tmp_path / "vols")
+    ds = prepare(cfg_for(folder, "data.voxel_size=4", "data.volume_shape=[12, 12, 8]"), tmp_path / "run")
+    info = read_info(ds)
+    assert info.spatial_dims == 3 and info.shape == (1, 12, 12, 8) and info.max_value == 65535
+    assert info.value_range == (0.0, 1.0) and info.num_classes == 0
+    train, test = read_dataset(ds, "train"), read_dataset(ds, "test")
+    assert train.images.shape == (4, 1, 12, 12, 8) and test.images.shape == (2, 1, 12, 12, 8)
+    assert train.images.dtype == np.uint16 and train.images.max() == 65535  # scaled to [0, 1]
+    assert train.extra["affines"].shape == (4, 4, 4) and train.extra["intensity_range"].shape == (4, 2)
+    assert np.allclose(np.abs(np.diag(train.extra["affines"][0])[:3]), 4.0)  # 4 mm voxels
+    assert np.allclose(info.reference_affine, train.extra["affines"][0])
+    lo, hi = train.extra["intensity_range"][0]
+    assert 0 <= lo < hi <= 1300
+    with h5py.File(ds) as f:
+        assert len(f.attrs["sha256"]) > 64 and '"volume_shape": [12, 12, 8]' in f.attrs["preprocessing"]
+    example = nib.load(str(ds.parent / "example.nii.gz"))  # the first train volume, to open in a viewer
+    assert example.shape == (12, 12, 8) and np.allclose(example.affine, info.reference_affine)
+    assert np.allclose(np.asarray(example.dataobj), train.images[0, 0] / 65535, atol=1e-6)
+    assert Image.open(ds.parent / "mid_slices.png").size[0] > 3 * 12
+
+
+def test_volumes_are_reoriented_to_ras(tmp_path):
+    """A volume stored left-right flipped (LAS affine) with a bright voxel at the right edge
+    comes out with that voxel at the high-D (right) end, the same as an RAS copy of it."""
+    vol = np.zeros((8, 8, 8), np.float32)
+    vol[1:3, 2:6, 2:6] = 1.0 + np.arange(2)[:, None, None]
+    vol += 0.01
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])
+    las[0, 3] = 14.0
+    (tmp_path / "a").mkdir()
+    nib.Nifti1Image(vol, las).to_filename(str(tmp_path / "a" / "las.nii"))
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.Nifti1Image(vol[::-1].copy(), ras).to_filename(str(tmp_path / "a" / "ras.nii"))
+    vs = load_nifti(resolve(TINY, overrides=["data.source=nifti", f"data.path={tmp_path / 'a'}"])["data"])
+    a, b = vs.volumes[0, 0], vs.volumes[1, 0]
+    assert np.allclose(a, b) and a[5:7].mean() > a[1:3].mean()  # the bright block is on the right
+    assert np.allclose(vs.affines[0], vs.affines[1]) and nib.aff2axcodes(vs.affines[0]) == ("R", "A", "S")
+
+
+def test_nibabels_anatomical_with_a_mask(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "m").mkdir()
+    shutil.copy(ANATOMICAL, tmp_path / "v" / "anat.nii")
+    img = nib.load(str(ANATOMICAL))
+    data = np.asarray(img.dataobj)
+    mask = (data > np.percentile(data, 60)).astype(np.uint8)
+    nib.Nifti1Image(mask, img.affine).to_filename(str(tmp_path / "m" / "anat.nii.gz"))
+    cfg = resolve(
+        TINY,
+        overrides=[
+            "data.source=nifti",
+            f"data.path={tmp_path / 'v'}",
+            f"data.masks={tmp_path / 'm'}",
+            "data.voxel_size=4",
+            "data.volume_shape=[16, 20, 12]",
+        ],
+    )["data"]
+    vs = load_nifti(cfg)
+    v = vs.volumes[0, 0]
+    assert v.shape == (16, 20, 12) and 0 <= v.min() and v.max() <= 1
+    assert (v == 0).mean() > 0.3 and (v > 0.5).any()  # outside the mask is 0, inside the anatomy
+    assert set(vs.digests) == {"anat.nii", "masks/anat.nii.gz"}
+
+
+def test_a_list_file_and_a_4d_volume_with_an_index(tmp_path):
+    folder = write_set(tmp_path / "vols", n=3)
+    four = np.stack([blob_volume(np.random.default_rng(1)), blob_volume(np.random.default_rng(2))], axis=-1)
+    nib.Nifti1Image(four, np.diag([2.0, 2, 2, 1])).to_filename(str(folder / "four.nii.gz"))
+    (tmp_path / "list.txt").write_text("# volumes\nvols/sub-00_T1w.nii.gz\nvols/four.nii.gz\n\n")
+    over = ["data.source=nifti", f"data.path={tmp_path / 'list.txt'}"]
+    with pytest.raises(
+        DataError, match=r"four.nii.gz: a 4D volume \(20, 24, 16, 2\), expected 3D \(set data.volume_index"
+    ):
+        load_nifti(resolve(TINY, overrides=over)["data"])
+    vs = load_nifti(resolve(TINY, overrides=[*over, "data.volume_index=1"])["data"])
+    assert vs.origins == ["sub-00_T1w.nii.gz", "four.nii.gz"] and vs.volumes.shape == (2, 1, 20, 24, 16)
+
+
+# --- NIfTI out and grids ------------------------------------------------------------------------
+def test_write_nifti_keeps_the_reference_affine(tmp_path):
+    folder = write_set(tmp_path / "vols")
+    ds = prepare(cfg_for(folder, "data.volume_shape=[20, 24, 16]"), tmp_path / "run")
+    info, test = read_info(ds), read_dataset(ds, "test")
+    vol = test.images[0].astype(np.float32) / 65535
+    write_nifti(tmp_path / "out" / "sample_000.nii.gz", vol, info.reference_affine)
+    back = nib.load(str(tmp_path / "out" / "sample_000.nii.gz"))
+    assert back.shape == (20, 24, 16) and np.allclose(back.affine, info.reference_affine)
+    assert np.allclose(np.asarray(back.dataobj), vol[0]) and back.header.get_sform(coded=True)[1] == 2
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # the temporary file was renamed
+    with pytest.raises(ValueError, match=r"expects \(D, H, W\)"):
+        write_nifti(tmp_path / "x.nii", np.zeros((2, 3)), np.eye(4))
+
+
+def test_three_plane_grid(tmp_path):
+    vols = np.zeros((2, 1, 10, 12, 8), np.float32)
+    vols[:, :, 5, :, :] = 1.0  # the sagittal mid-plane is bright, the others cut through it as a line
+    ax, co, sa = mid_slices(vols[0])
+    assert ax.shape == (12, 10) and co.shape == (8, 10) and sa.shape == (8, 12)
+    assert sa.min() == 1.0 and ax[:, 5].min() == 1.0 and ax.mean() < 0.2
+    save_three_plane_grid(tmp_path / "g.png", vols, nrow=2, scale=1)
+    im = Image.open(tmp_path / "g.png")
+    assert im.mode == "L" and im.size == (6 * (12 + 2) + 2, 12 + 4)
+
+
+# --- bad input: one clear line, nothing written -------------------------------------------------
+def _fails(cfg: dict, run: Path, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        prepare(cfg, run)
+    assert not (run / "data" / "dataset.h5").exists()
+
+
+def test_a_file_that_is_not_nifti(tmp_path):
+    folder = write_set(tmp_path / "vols", n=3)
+    (folder / "broken.nii").write_bytes(b"not a nifti header" * 30)
+    _fails(cfg_for(folder), tmp_path / "r1", r"broken.nii: not a readable NIfTI file")
+    (folder / "broken.nii").unlink()
+    (folder / "notes.txt").write_text("hi")
+    _fails(cfg_for(folder), tmp_path / "r2", r"notes.txt: not a NIfTI file \(expected .nii or .nii.gz")
+
+
+def test_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _fails(cfg_for(tmp_path / "empty"), tmp_path / "r", r"empty: no NIfTI volumes found")
+
+
+def test_mixed_shapes_without_resampling(tmp_path):
+    folder = write_set(tmp_path / "vols", n=3)
+    write_set(tmp_path / "other", n=1, shape=(18, 24, 16))
+    shutil.copy(tmp_path / "other" / "sub-00_T1w.nii.gz", folder / "sub-99_T1w.nii.gz")
+    _fails(
+        cfg_for(folder), tmp_path / "r", r"sub-99_T1w.nii.gz: shape \(18, 24, 16\) after preprocessing, but .* set data"
+    )
+    assert prepare(cfg_for(folder, "data.volume_shape=[20, 24, 16]"), tmp_path / "ok").is_file()
+
+
+def test_nan_and_all_zero_volumes(tmp_path):
+    folder = write_set(tmp_path / "vols", n=3)
+    bad = blob_volume(np.random.default_rng(0))
+    bad[3, 4, 5] = np.nan
+    nib.Nifti1Image(bad, np.eye(4)).to_filename(str(folder / "nan.nii.gz"))
+    _fails(cfg_for(folder), tmp_path / "r1", r"nan.nii.gz: 1 NaN/Inf voxels, expected finite")
+    (folder / "nan.nii.gz").unlink()
+    nib.Nifti1Image(np.zeros((20, 24, 16), np.float32), np.eye(4)).to_filename(str(folder / "zero.nii.gz"))
+    _fails(cfg_for(folder), tmp_path / "r2", r"zero.nii.gz: every voxel is 0.0 \(an empty volume\)")
+
+
+def test_a_mask_of_another_shape_and_a_missing_mask(tmp_path):
+    folder = write_set(tmp_path / "vols", n=3)
+    (tmp_path / "m").mkdir()
+    for f in sorted(folder.iterdir())[:2]:
+        nib.Nifti1Image(np.ones((20, 24, 16), np.uint8), np.eye(4)).to_filename(str(tmp_path / "m" / f.name))
+    _fails(cfg_for(folder, f"data.masks={tmp_path / 'm'}"), tmp_path / "r1", r"sub-02_T1w.nii.gz: no mask sub-02_T1w")
+    nib.Nifti1Image(np.ones((10, 24, 16), np.uint8), np.eye(4)).to_filename(str(tmp_path / "m" / "sub-02_T1w.nii.gz"))
+    _fails(
+        cfg_for(folder, f"data.masks={tmp_path / 'm'}"),
+        tmp_path / "r2",
+        r"sub-02_T1w.nii.gz: its mask is \(10, 24, 16\), expected the volume's shape \(20, 24, 16\)",
+    )
+
+
+def test_a_missing_affine(tmp_path):
+    folder = write_set(tmp_path / "vols", n=3)
+    img = nib.Nifti1Image(blob_volume(np.random.default_rng(0)), None)
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    img.to_filename(str(folder / "noaff.nii.gz"))
+    _fails(cfg_for(folder), tmp_path / "r", r"noaff.nii.gz: no affine \(sform_code and qform_code are 0\)")
+
+
+def test_a_shape_not_divisible_by_the_downsampling_factor(tmp_path):
+    with pytest.raises(
+        DataError, match=r"volumes are 20x24x18, not divisible by vqvae.downsample 4; set data.volume_shape"
+    ):
+        check_divisible((20, 24, 18), {"vqvae": {"downsample": 4}}, "dataset.h5")
+    check_divisible((20, 24, 16), {"vqvae": {"downsample": 4}}, "dataset.h5")
+
+
+def test_train_vqvae_refuses_volumes_with_one_line(tmp_path):
+    """Until the 3D networks land (issue #14), a 3D dataset gets a clear refusal, not a crash."""
+    folder = write_set(tmp_path / "vols", n=4)
+    cfg = cfg_for(folder, "data.volume_shape=[20, 24, 16]")
+    prepare(cfg, tmp_path / "run")
+    with pytest.raises(StageInputError, match=r"3D volumes \(1, 20, 24, 16\); the 3D VQ-VAE is not in this version"):
+        get_stage("train_vqvae")(cfg, str(tmp_path / "run"))
