@@ -124,27 +124,32 @@ def class_entropy(predicted: np.ndarray, num_classes: int = 10) -> float:
 
 
 def nearest_neighbour_rms(
-    queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False, chunk: int = 1024
-) -> np.ndarray:
+    queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False, chunk: int = 1024, return_index: bool = False
+):
     """RMS pixel distance from each query to its nearest reference image.
 
     Args:
         queries: float (N, ...) images; refs: float (M, ...) images of the same shape.
         exclude_self: ``queries`` is ``refs``: skip each image's distance to itself.
+        return_index: also return the index (N,) int64 of each nearest reference.
 
     Returns:
-        float64 (N,) distances, sqrt(mean squared pixel difference) (images in [0, 1] give [0, 1]).
+        float64 (N,) distances, sqrt(mean squared pixel difference) (images in [0, 1] give [0, 1]);
+        with ``return_index``, (distances, indices).
     """
     q, r = queries.flatten(1).double(), refs.flatten(1).double()
     d = q.shape[1]
-    out = []
+    out, idx = [], []
     for s in range(0, len(q), chunk):
         dist = torch.cdist(q[s : s + chunk], r)
         if exclude_self:
             rows = torch.arange(len(dist))
             dist[rows, rows + s] = float("inf")
-        out.append(dist.min(dim=1).values)
-    return (torch.cat(out) / math.sqrt(d)).numpy()
+        best = dist.min(dim=1)
+        out.append(best.values)
+        idx.append(best.indices)
+    distances = (torch.cat(out) / math.sqrt(d)).numpy()
+    return (distances, torch.cat(idx).numpy()) if return_index else distances
 
 
 def near_duplicate_fraction(images: torch.Tensor, threshold: float) -> float:
@@ -298,14 +303,24 @@ FEATURE_COLUMNS = [
 ]
 
 
-def set_columns(judge_names) -> list[tuple[str, str]]:
+#: the 3D checks of volume sets (:func:`pipeline.volumes.volume_scores`)
+VOLUME_COLUMNS = [
+    ("ms_ssim_pairs", "MS-SSIM between samples"),
+    ("ms_ssim_nearest_train", "MS-SSIM to nearest train"),
+    ("intensity_w1", "intensity W1"),
+]
+
+
+def set_columns(judge_names, volumes: bool = False) -> list[tuple[str, str]]:
     """The table columns for the judges in use: the classifier's (:data:`SET_COLUMNS`), the
-    label-free ones (:data:`FEATURE_COLUMNS`) before duplicates, or both."""
+    label-free ones (:data:`FEATURE_COLUMNS`) before duplicates, or both; for 3D volume sets
+    also :data:`VOLUME_COLUMNS` before duplicates."""
     tail = [c for c in SET_COLUMNS if c[0] in ("duplicates", "memorised", "label_accuracy", "seconds_per_1000")]
     head = [c for c in SET_COLUMNS if c not in tail]
+    extra = VOLUME_COLUMNS if volumes else []
     if "classifier" not in judge_names:
-        return head[:2] + FEATURE_COLUMNS + [c for c in tail if c[0] != "label_accuracy"]
-    return head + (FEATURE_COLUMNS if "features" in judge_names else []) + tail
+        return head[:2] + FEATURE_COLUMNS + extra + [c for c in tail if c[0] != "label_accuracy"]
+    return head + (FEATURE_COLUMNS if "features" in judge_names else []) + extra + tail
 
 
 def judge_sentence(evaluation: Mapping, judge_names, n_eval: int, n_train: int, floor_row: Mapping) -> str:
@@ -361,14 +376,17 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
 
     Returns:
         {"precision", "recall", "density", "coverage"}: floats; precision, recall and coverage in
-        [0, 1], density >= 0 (unbounded above, 1 on average for real data).
+        [0, 1], density >= 0 (unbounded above, 1 on average for real data); all NaN when a set
+        has fewer than 3 rows. k is lowered to the smaller set's size - 2 when needed.
     """
     import contextlib
     import io
 
     from prdc import compute_prdc
 
-    k = max(1, min(k, len(real) - 1, len(fake) - 1))
+    k = min(k, len(real) - 2, len(fake) - 2)  # prdc needs k + 1 < the smaller set's size
+    if k < 1:
+        return dict.fromkeys(("precision", "recall", "density", "coverage"), float("nan"))
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         out = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k=k)
     return {key: float(v) for key, v in out.items()}
@@ -771,6 +789,11 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             return sp["floors"][n]
 
         test_nn_train = nearest_neighbour_rms(test_x, train_x)
+        volumes = train_x.dim() == 5
+        if volumes:
+            from pipeline.volumes import intensity_histogram, volume_scores
+
+            train_hist = intensity_histogram(train_x)
         mem_threshold = float(np.quantile(test_nn_train, float(sec["memorisation_quantile"])))
         dup_threshold = float(sec["duplicate_threshold"])
         primary = judge_names[0]
@@ -817,9 +840,12 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             if primary == "features":  # the table's FD columns are the primary judge's
                 row.update(fd_train=row["features_fd"], fd_floor_same_n=row["features_fd_floor"])
                 row.update(fd_ratio=row["features_fd_ratio"], label_accuracy=None)
+            nn_rms, nn_idx = nearest_neighbour_rms(x, train_x, return_index=True)
+            if volumes:
+                row.update(volume_scores(x, train_x, train_hist, nn_idx))
             row.update(
                 duplicates=near_duplicate_fraction(x, dup_threshold),
-                memorised=float((nearest_neighbour_rms(x, train_x) < mem_threshold).mean()),
+                memorised=float((nn_rms < mem_threshold).mean()),
                 **extra,
             )
             return row
@@ -846,7 +872,7 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             arr = np.load(npy)
             want = tuple(train_x.shape[1:])
             if (
-                arr.ndim != 4
+                arr.ndim != train_x.dim()
                 or arr.shape[1:] != want
                 or arr.dtype != np.float32
                 or not np.isfinite(arr).all()
@@ -912,7 +938,7 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             result["scaling_crossover"] = studies["scaling"]["crossover"]
             plot_scaling(studies["scaling"]["rows"], out / "scaling.png")
         write_json(out / "metrics.json", result)
-        columns = set_columns(judge_names)
+        columns = set_columns(judge_names, volumes=volumes)
         refs = list(references.values())
         md_sets, tsv_sets = _table([floor_row, *refs, *sets.values()], columns)
         atomic_write_text(out / "sets.tsv", tsv_sets)

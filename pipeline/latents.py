@@ -11,7 +11,8 @@ MNIST at f = 4)::
     /<split>/latents    float32 (N, D, h, w)  the quantized embeddings e_{codes}
     /<split>/encodings  float32 (N, D, h, w)  the encoder outputs z_e before quantization
     /<split>/labels     int64   (N,)          -1 = unlabelled
-    attrs: schema_version=3, K, D, grid ([h, w]), num_classes (from dataset.h5; 0 = unlabelled),
+    (for 3D volumes the grid is (d, h, w): codes (N, d, h, w), latents (N, D, d, h, w))
+    attrs: schema_version=3, K, D, grid ([h, w] or [d, h, w]), num_classes (from dataset.h5; 0 = unlabelled),
            vqvae_sha256 (SHA-256 of the vqvae/model.pt bytes),
            latent_mean, latent_std, encoding_mean, encoding_std (float64 (D,): per-channel mean
            and std of the plain train latents / encodings, used to scale them to unit variance
@@ -57,17 +58,21 @@ SPLITS = ("train", "test")
 #: the optional split of augmented train copies
 AUG_SPLIT = "train_aug"
 
-#: dataset name -> (dtype, shape after N, with "D" for the embedding dimension and "h", "w" for the grid)
+#: dataset name -> (dtype, shape after N, with "D" for the embedding dimension and "grid" for the
+#: code grid's sides, (h, w) or (d, h, w))
 SCHEMA: dict[str, tuple[np.dtype, tuple]] = {
-    "codes": (np.dtype(np.int16), ("h", "w")),
-    "latents": (np.dtype(np.float32), ("D", "h", "w")),
-    "encodings": (np.dtype(np.float32), ("D", "h", "w")),
+    "codes": (np.dtype(np.int16), ("grid",)),
+    "latents": (np.dtype(np.float32), ("D", "grid")),
+    "encodings": (np.dtype(np.float32), ("D", "grid")),
     "labels": (np.dtype(np.int64), ()),
 }
 
 
 def _shape(tail: tuple, d: int, grid: tuple) -> tuple:
-    return tuple({"D": d, "h": grid[0], "w": grid[1]}.get(x, x) for x in tail)
+    out: list = []
+    for x in tail:
+        out += list(grid) if x == "grid" else [d if x == "D" else x]
+    return tuple(out)
 
 
 class LatentsError(ValueError):
@@ -226,8 +231,8 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0, downsa
     with h5py.File(dataset, "r") as f:
         n = sum(f[f"{s}/labels"].shape[0] for s in SPLITS if f"{s}/labels" in f)
         n += copies * (f["train/labels"].shape[0] if "train/labels" in f else 0)
-        h, w = f["train/images"].shape[-2:] if "train/images" in f else (28, 28)
-    cells = (h // downsample) * (w // downsample)
+        sides = f["train/images"].shape[2:] if "train/images" in f else (28, 28)
+    cells = int(np.prod([s // downsample for s in sides]))
     need = n * (2 * d * cells * 4 + cells * 2 + 8) + (1 << 20)
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
@@ -317,9 +322,15 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
             out.attrs["K"] = k
             out.attrs["D"] = d
             out.attrs["num_classes"] = read_num_classes(paths.dataset)
-            h, w = read_image_info(paths.dataset).shape[-2:]
+            sides = read_image_info(paths.dataset).shape[1:]  # (H, W) or (D, H, W)
             f = getattr(vqvae, "downsample", 4)
-            grid = (h // f, w // f)
+            grid = tuple(int(s) // f for s in sides)
+            if copies and len(grid) == 3:
+                from pipeline.io import StageInputError
+
+                raise StageInputError("latents.augment_copies > 0 is for 2D images; set it to 0 for volumes")
+            if len(grid) == 3:  # about 4M voxels per batch of volumes
+                bs = min(bs, max(1, 2**22 // int(np.prod(sides))))
             out.attrs["grid"] = list(grid)
             out.attrs["vqvae_sha256"] = vq_sha
             out.attrs["augment"] = json.dumps(augment, sort_keys=True)
@@ -352,10 +363,11 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                     dsets["labels"][start : start + m] = data.labels[start : start + m]
                     if split == "train":
                         used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=k)
+                        axes = (0, *range(2, enc["latents"].ndim))  # all but the channel
                         for kind in ("latents", "encodings"):
-                            sums[kind][0] += enc[kind].sum(axis=(0, 2, 3), dtype=np.float64)
-                            sums[kind][1] += (enc[kind].astype(np.float64) ** 2).sum(axis=(0, 2, 3))
-                        count += m * enc["codes"].shape[1] * enc["codes"].shape[2]
+                            sums[kind][0] += enc[kind].sum(axis=axes, dtype=np.float64)
+                            sums[kind][1] += (enc[kind].astype(np.float64) ** 2).sum(axis=axes)
+                        count += m * int(np.prod(enc["codes"].shape[1:]))
                 if split == "train":
                     train_images, train_labels, max_value = data.images, data.labels, data.max_value
                 metrics[f"num_{split}"] = n

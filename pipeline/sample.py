@@ -37,6 +37,7 @@ and ``samples/<set>.json`` (settings, sampling seconds and seconds per 1000 imag
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Mapping
@@ -85,7 +86,7 @@ def sample_pixelcnn(
     Args:
         model: a :class:`~pipeline.models.pixelcnn.GatedPixelCNN` (codes -> logits (B, K, H, W)).
         num: number of grids.
-        shape: (H, W) of the grid.
+        shape: (H, W) of the grid, or (D, H, W) for a 3D PixelCNN (raster order: planes, rows, columns).
         temperature: tau > 0 of softmax(logits / tau); ignored when ``greedy``.
         greedy: argmax decoding instead of the categorical sampling layer.
         generator: RNG of the categorical draws.
@@ -97,7 +98,7 @@ def sample_pixelcnn(
         autoguidance: w of autoguidance (1 = none; needs ``guide_model``).
 
     Returns:
-        int64 (num, H, W) codes in [0, K).
+        int64 (num, *shape) codes in [0, K).
 
     Raises:
         ValueError: temperature <= 0, or guidance without labels.
@@ -110,28 +111,28 @@ def sample_pixelcnn(
         raise ValueError("classifier-free guidance needs labels")
     if autoguidance != 1.0 and guide_model is None:
         raise ValueError("autoguidance needs guide_model (the snapshot weights)")
-    h, w = shape
-    codes = torch.zeros(num, h, w, dtype=torch.long, device=device)
+    codes = torch.zeros(num, *shape, dtype=torch.long, device=device)
     guided = labels is not None and guidance != 1.0
     if guided:
         both_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
-    for i in range(h):
-        for j in range(w):
-            # the masked convolutions are causal in rows: the logits of row i depend on rows <= i
-            # only, so the rows below are not computed (4/7 of the full cost on a 7x7 grid, same logits)
-            ctx = codes[:, : i + 1]
-            if guided:
-                cond, uncond = model(torch.cat([ctx, ctx]), both_labels)[:, :, i, j].float().chunk(2)
-                logits = guidance_combine(cond, uncond, guidance)
-            else:
-                logits = model(ctx, labels)[:, :, i, j].float()
-            if autoguidance != 1.0:
-                logits = guidance_combine(logits, guide_model(ctx, labels)[:, :, i, j].float(), autoguidance)
-            if greedy:
-                codes[:, i, j] = logits.argmax(dim=1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=1)
-                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    for pos in itertools.product(*(range(s) for s in shape)):
+        # the masked convolutions are causal along the first grid axis (rows; planes in 3D): the
+        # logits at pos depend on the slices <= pos[0] only, so the ones after it are not computed
+        # (4/7 of the full cost on a 7x7 grid, same logits)
+        ctx = codes[:, : pos[0] + 1]
+        at = (slice(None), slice(None), *pos)
+        if guided:
+            cond, uncond = model(torch.cat([ctx, ctx]), both_labels)[at].float().chunk(2)
+            logits = guidance_combine(cond, uncond, guidance)
+        else:
+            logits = model(ctx, labels)[at].float()
+        if autoguidance != 1.0:
+            logits = guidance_combine(logits, guide_model(ctx, labels)[at].float(), autoguidance)
+        if greedy:
+            codes[(slice(None), *pos)] = logits.argmax(dim=1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=1)
+            codes[(slice(None), *pos)] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return codes
 
 
@@ -295,13 +296,14 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
             steps = int(spec.steps if spec.steps is not None else default_steps)
             if spec.prior == "diffusion":
                 channels, shape = vqvae.embedding_dim, tuple(state["grid"]) if "grid" in state else (7, 7)
-                mean = state["latent_mean"].float().to(device)[None, :, None, None]
-                std = state["latent_std"].float().to(device)[None, :, None, None]
+                per_channel = (1, -1, *([1] * len(shape)))  # (1, D, 1, 1), or (1, D, 1, 1, 1) for volumes
+                mean = state["latent_mean"].float().to(device).view(per_channel)
+                std = state["latent_std"].float().to(device).view(per_channel)
                 # x_0 is clipped to the per-channel range of the scaled train latents (stored with the model)
                 clip = (
                     (
-                        state["latent_min"].float().to(device)[None, :, None, None],
-                        state["latent_max"].float().to(device)[None, :, None, None],
+                        state["latent_min"].float().to(device).view(per_channel),
+                        state["latent_max"].float().to(device).view(per_channel),
                     )
                     if sec["clip_denoised"]
                     else None
@@ -364,8 +366,19 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
         arr = torch.cat(images).numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
         _save_npy(out_npy, arr)
-        grid = _rows_per_class(arr, requested_labels(n, num_classes)) if spec.conditional and n >= 100 else arr[:100]
-        save_grid_png(paths.samples(sample_set, "png"), grid, nrow=10, scale=2)
+        if arr.ndim == 5:  # volumes: three-plane grid of the first 8, the first 4 as NIfTI
+            from pipeline.data import read_info
+            from pipeline.volumes import save_three_plane_grid, write_nifti
+
+            affine = read_info(paths.dataset).reference_affine
+            save_three_plane_grid(paths.samples(sample_set, "png"), arr[:8], nrow=2, scale=3)
+            for i in range(min(4, n)):
+                write_nifti(paths.root / "samples" / sample_set / f"sample_{i:03d}.nii.gz", arr[i], affine)
+        else:
+            grid = (
+                _rows_per_class(arr, requested_labels(n, num_classes)) if spec.conditional and n >= 100 else arr[:100]
+            )
+            save_grid_png(paths.samples(sample_set, "png"), grid, nrow=10, scale=2)
         metrics.update(
             model=sample_set,  # the record key stays "model" (samples/<set>.json)
             num_samples=n,

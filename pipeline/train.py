@@ -52,7 +52,8 @@ def evaluate_vqvae(model, images: torch.Tensor, batch_size: int = 1000) -> dict:
     """Reconstruction MSE on [0, 1] pixels, codebook perplexity and codes in use over ``images``.
 
     Args:
-        images: float (N, C, H, W) in [0, 1] on the model's device.
+        images: float (N, C, H, W) (or (N, C, D, H, W) volumes) in [0, 1] on the model's device;
+            batches of at most ``batch_size`` and about 4M voxels.
 
     Returns:
         {"recon_mse": float, "perplexity": float (exp of the code-histogram entropy, in
@@ -62,6 +63,7 @@ def evaluate_vqvae(model, images: torch.Tensor, batch_size: int = 1000) -> dict:
     k = model.num_embeddings
     counts = torch.zeros(k, dtype=torch.float64, device=images.device)
     se = 0.0
+    batch_size = min(batch_size, max(1, 2**22 // max(1, images[0].numel())))
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         xh, vq = model(x)
@@ -79,6 +81,27 @@ def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarr
     return data.unit().to(device), data.labels
 
 
+def _write_volume_reconstructions(model, test_x: torch.Tensor, paths: RunPaths, out, metrics: dict) -> None:
+    """3D: SSIM/PSNR of the test reconstructions, their three-plane grid (each input beside its
+    reconstruction) and the first two as NIfTI (input and reconstruction, each volume's affine)."""
+    from pipeline.data import read_dataset
+    from pipeline.volumes import reconstruction_quality, save_three_plane_grid, write_nifti
+
+    model.eval()
+    with torch.no_grad():
+        recons = torch.cat([model(test_x[i : i + 1])[0].float() for i in range(len(test_x))])
+    x, xh = test_x.float().cpu().numpy(), recons.cpu().numpy()
+    metrics.update(reconstruction_quality(x, xh))
+    n = min(4, len(x))
+    pairs = np.stack([v for i in range(n) for v in (x[i], xh[i])])
+    save_three_plane_grid(out / "reconstructions.png", pairs, nrow=2, scale=3)
+    affines = read_dataset(paths.dataset, "test").extra.get("affines")
+    for i in range(min(2, len(x))):
+        aff = affines[i] if affines is not None else np.eye(4)
+        write_nifti(out / "reconstructions" / f"test_{i:03d}_input.nii.gz", x[i], aff)
+        write_nifti(out / "reconstructions" / f"test_{i:03d}_reconstruction.nii.gz", xh[i], aff)
+
+
 def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 2: train the VQ-VAE on ``dataset.h5``'s train split; write ``vqvae/model.pt``,
     ``metrics.json`` (test recon MSE, perplexity, codes in use), ``reconstructions.png``
@@ -92,13 +115,9 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         test_x, _ = _images(paths, "test", device)
         from pipeline.data import check_divisible
 
-        if train_x.ndim == 5:
-            raise StageInputError(
-                f"{paths.dataset}: 3D volumes {tuple(train_x.shape[1:])}; the 3D VQ-VAE is not in this version yet "
-                "(issue #14: prepare_data, NIfTI out and the three-plane grids are; docs/volumes.md)"
-            )
-        check_divisible(train_x.shape[-2:], cfg, str(paths.dataset))
-        model_args = build_args("vqvae", sec, in_channels=int(train_x.shape[1]))
+        spatial_dims = train_x.ndim - 2  # 3 for NIfTI volumes (N, 1, D, H, W)
+        check_divisible(train_x.shape[2:], cfg, str(paths.dataset))
+        model_args = build_args("vqvae", sec, in_channels=int(train_x.shape[1]), spatial_dims=spatial_dims)
         seed_everything(int(sec["seed"]))
         model = build_model("vqvae", model_args).to(device)
 
@@ -137,12 +156,16 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
             steps=sec["steps"],
             train_seconds=round(res.elapsed_s, 2),
         )
-        with torch.no_grad():
-            originals = test_x[:20]
-            recons = model(originals)[0].float()
-        grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
-        if dist_info()[0] == 0:
-            save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
+        if spatial_dims == 3:
+            if dist_info()[0] == 0:
+                _write_volume_reconstructions(model, test_x, paths, out, metrics)
+        else:
+            with torch.no_grad():
+                originals = test_x[:20]
+                recons = model(originals)[0].float()
+            grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
+            if dist_info()[0] == 0:
+                save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
         finish_training(paths.vqvae_model, "vqvae", model_args, model, res, metrics)
         log.info(
             "train_vqvae: test MSE %.5f, perplexity %.1f, %d/%d codes in use",
@@ -217,7 +240,9 @@ def train_pixelcnn(
         n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
         if conditional and not n_cls:
             raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
-        model_args = build_args("pixelcnn", sec, in_channels=info.num_embeddings, num_classes=n_cls)
+        model_args = build_args(
+            "pixelcnn", sec, in_channels=info.num_embeddings, num_classes=n_cls, spatial_dims=len(info.grid)
+        )
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("pixelcnn", model_args).to(device)
@@ -398,14 +423,17 @@ def train_diffusion(
         vq_sha, train, test, info = _read_latents(paths, augmented=bool(sec.get("augmented", False)))
         kind = "encodings" if sec.get("latent", "quantized") == "encoder" else "latents"
         mean_np, std_np = info.scaling(kind)
-        mean = torch.tensor(mean_np, dtype=torch.float32, device=device)[None, :, None, None]
-        std = torch.tensor(std_np, dtype=torch.float32, device=device)[None, :, None, None]
+        per_channel = (1, -1, *([1] * len(info.grid)))  # (1, D, 1, 1) or (1, D, 1, 1, 1) for volumes
+        mean = torch.tensor(mean_np, dtype=torch.float32, device=device).view(per_channel)
+        std = torch.tensor(std_np, dtype=torch.float32, device=device).view(per_channel)
         train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
         test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
         n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
         if conditional and not n_cls:
             raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
-        model_args = build_args("unet", sec, in_channels=info.embedding_dim, num_classes=n_cls)
+        model_args = build_args(
+            "unet", sec, in_channels=info.embedding_dim, num_classes=n_cls, spatial_dims=len(info.grid)
+        )
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
@@ -465,8 +493,8 @@ def train_diffusion(
             latent=sec.get("latent", "quantized"),
             latent_mean=torch.tensor(mean_np),
             latent_std=torch.tensor(std_np),
-            latent_min=train_z.amin(dim=(0, 2, 3)).cpu(),
-            latent_max=train_z.amax(dim=(0, 2, 3)).cpu(),
+            latent_min=train_z.amin(dim=(0, *range(2, train_z.dim()))).cpu(),
+            latent_max=train_z.amax(dim=(0, *range(2, train_z.dim()))).cpu(),
             vqvae_sha256=vq_sha,
             grid=list(info.grid),
         )
@@ -560,24 +588,25 @@ def contrastive_views(x: torch.Tensor, sec: Mapping) -> torch.Tensor:
     brightness and contrast jitter, Gaussian noise, clamped to [0, 1].
 
     Args:
-        x: float (B, C, H, W) in [0, 1].
+        x: float (B, C, H, W) in [0, 1], or volumes (B, C, D, H, W) (rotation in the H-W planes).
         sec: the ``encoder`` section (augment_* keys).
 
     Returns:
-        float (B, C, H, W) in [0, 1].
+        float, the shape of x, in [0, 1].
     """
-    b, _, h, w = x.shape
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    per_image = (b, *([1] * (x.dim() - 1)))
     v = random_affine(
         x, float(sec["augment_degrees"]), float(sec["augment_shift"]) * min(h, w), max_scale=float(sec["augment_scale"])
     )
     if sec["augment_flip"]:
         flip = torch.rand(b, device=x.device) < 0.5
-        v = torch.where(flip[:, None, None, None], v.flip(-1), v)
+        v = torch.where(flip.view(per_image), v.flip(-1), v)
     j = float(sec["augment_jitter"])
     if j:
-        contrast = 1 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * j
-        bright = (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * j * 0.5
-        mean = v.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1 + (torch.rand(per_image, device=x.device) * 2 - 1) * j
+        bright = (torch.rand(per_image, device=x.device) * 2 - 1) * j * 0.5
+        mean = v.mean(dim=tuple(range(1, v.dim())), keepdim=True)
         v = (v - mean) * contrast + mean + bright
     if float(sec.get("augment_blur", 0)):  # Gaussian blur of random strength (SimCLR appendix A)
         sigma = float(torch.rand(())) * float(sec["augment_blur"]) * min(h, w) / 28

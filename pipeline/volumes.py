@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.io import DataError, atomic_path, sha256_file
 
@@ -47,6 +48,11 @@ __all__ = [
     "write_nifti",
     "mid_slices",
     "save_three_plane_grid",
+    "reconstruction_quality",
+    "ms_ssim",
+    "intensity_histogram",
+    "histogram_distance",
+    "volume_scores",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -367,3 +373,91 @@ def save_three_plane_grid(path: str | os.PathLike, volumes: np.ndarray, nrow: in
             t[y : y + s.shape[0], x : x + s.shape[1]] = s
             tiles.append(t)
     save_grid_png(path, np.stack(tiles)[:, None], nrow=3 * max(1, min(nrow, len(v))), scale=scale)
+
+
+def reconstruction_quality(originals: np.ndarray, reconstructions: np.ndarray) -> dict:
+    """Mean SSIM (Wang et al. 2004, eq. 13, on scikit-image's uniform 7-voxel window, in 3D) and
+    PSNR (dB) of volume pairs, by ``skimage.metrics``, data range 1.
+
+    Args:
+        originals, reconstructions: float (N, 1, D, H, W) in [0, 1], every side >= 7 for SSIM.
+
+    Returns:
+        {"test_ssim": float in [-1, 1], "test_psnr_db": float (inf for identical volumes)}.
+
+    Raises:
+        ValueError: shapes that differ.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = np.asarray(originals, np.float64), np.clip(np.asarray(reconstructions, np.float64), 0, 1)
+    if a.shape != b.shape:
+        raise ValueError(f"reconstruction_quality: shapes {a.shape} and {b.shape} differ")
+    win = min(7, *(s if s % 2 else s - 1 for s in a.shape[2:]))
+    ssim = [structural_similarity(x[0], y[0], data_range=1.0, win_size=win) for x, y in zip(a, b, strict=True)]
+    psnr = [peak_signal_noise_ratio(x[0], y[0], data_range=1.0) for x, y in zip(a, b, strict=True)]
+    return {"test_ssim": float(np.mean(ssim)), "test_psnr_db": float(np.mean(psnr))}
+
+
+#: Wang et al. 2003 (MS-SSIM, sec. 3), the weights of scales 1..5
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7) -> np.ndarray:
+    """Multi-scale SSIM (Wang et al. 2003, eq. 7) of volume pairs, by MONAI's
+    ``MultiScaleSSIMMetric`` (Gaussian window, sigma 1.5), data range 1. Uses as many dyadic scales
+    as the volumes allow (the coarsest side must exceed (kernel_size - 1) * 2**(scales - 1), up to
+    the paper's 5), with the paper's weights of those scales renormalised to sum to 1.
+
+    Args:
+        a, b: float (N, 1, D, H, W) in [0, 1], every side > kernel_size - 1.
+
+    Returns:
+        float64 (N,) in [0, 1] (MONAI clips negative contrast terms): 1 = identical.
+    """
+    from monai.metrics import MultiScaleSSIMMetric
+
+    side = min(a.shape[2:])
+    scales = 1
+    while scales < len(MS_SSIM_WEIGHTS) and side > (kernel_size - 1) * 2**scales:
+        scales += 1
+    w = np.asarray(MS_SSIM_WEIGHTS[:scales])
+    metric = MultiScaleSSIMMetric(
+        spatial_dims=3, data_range=1.0, kernel_size=kernel_size, weights=tuple((w / w.sum()).tolist())
+    )
+    with torch.no_grad():
+        return metric(a.float().clamp(0, 1), b.float().clamp(0, 1)).double().flatten().cpu().numpy()
+
+
+def intensity_histogram(volumes: torch.Tensor, bins: int = 64) -> np.ndarray:
+    """Normalised histogram float64 (bins,) of all voxel values of float volumes in [0, 1]."""
+    h = torch.histc(volumes.float().clamp(0, 1), bins=bins, min=0.0, max=1.0).double()
+    return (h / h.sum().clamp_min(1)).numpy()
+
+
+def histogram_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Wasserstein-1 (earth mover's) distance between two histograms on [0, 1] with equal bins:
+    sum |CDF_p - CDF_q| * bin width, in intensity units (0 = the same distribution, 1 at most)."""
+    return float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() / len(p))
+
+
+def volume_scores(x: torch.Tensor, train: torch.Tensor, train_hist: np.ndarray, nearest: np.ndarray) -> dict:
+    """The 3D checks of one set for the evaluate stage.
+
+    Args:
+        x: float (n, 1, D, H, W) in [0, 1]; train: float (N, 1, D, H, W) train volumes;
+        train_hist: :func:`intensity_histogram` of ``train``; nearest: int (n,) index of each
+            volume's nearest train volume (RMS).
+
+    Returns:
+        {"ms_ssim_pairs": mean MS-SSIM of consecutive pairs (i, i + 1) of the set: diversity (real
+        volumes give the reference; 1 = all alike); "ms_ssim_nearest_train": mean MS-SSIM of each
+        volume with its nearest train volume: memorisation (a copy gives 1); "intensity_w1": W1
+        distance of the set's voxel histogram to the train volumes'}.
+    """
+    pairs = ms_ssim(x, x.roll(-1, 0)) if len(x) > 1 else np.asarray([np.nan])
+    return {
+        "ms_ssim_pairs": float(np.mean(pairs)),
+        "ms_ssim_nearest_train": float(np.mean(ms_ssim(x, train[torch.as_tensor(nearest)]))),
+        "intensity_w1": histogram_distance(intensity_histogram(x), train_hist),
+    }

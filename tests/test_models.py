@@ -91,6 +91,29 @@ def test_pixelcnn_is_causal_and_has_no_blind_spot(kernel, layers):
                 assert g[i - 1, j + 1] > 0, "blind spot: above-right pixel is not seen"
 
 
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_3d_pixelcnn_is_causal_in_raster_order_and_sees_everything_before(num_classes):
+    """spatial_dims 3 (code grids of volumes): the logits at (p, i, j) depend on exactly the
+    codes before (p, i, j) in raster order over planes, rows and columns (no blind spot at the
+    last position with enough layers), and on the planes <= p only, so the sampler may crop."""
+    torch.manual_seed(0)
+    m = GatedPixelCNN(num_embeddings=8, hidden_channels=8, num_layers=4, num_classes=num_classes, spatial_dims=3)
+    m = m.double().eval()
+    d, h, w = 3, 4, 5
+    order = torch.arange(d * h * w).view(d, h, w)
+    y = torch.tensor([3]) if num_classes else None
+    for pos in [(0, 0, 1), (1, 2, 3), (2, 0, 0), (2, 3, 4)]:
+        x = torch.randn(1, 8, d, h, w, dtype=torch.double, requires_grad=True)
+        m.forward_embedded(x, y)[(0, slice(None), *pos)].sum().backward()
+        seen = x.grad.abs().sum(1)[0] > 0
+        assert not seen[order >= order[pos]].any(), f"logits at {pos} see the future"
+    assert seen[order < order[pos]].all(), "the last position must see every earlier code"
+    codes = torch.randint(0, 8, (2, d, h, w))
+    full = m(codes, y if y is None else y.expand(2))
+    for p in range(d):
+        assert torch.allclose(m(codes[:, : p + 1], y if y is None else y.expand(2))[:, :, p], full[:, :, p])
+
+
 def test_pixelcnn_shapes_and_mask_types():
     m = GatedPixelCNN(num_embeddings=32, hidden_channels=8, num_layers=3)
     assert [layer.mask_type for layer in m.layers] == ["A", "B", "B"]

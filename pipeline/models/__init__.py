@@ -59,6 +59,7 @@ def model_args(
     in_channels: int = 1,
     num_classes: int = 0,
     image_shape: tuple[int, int, int] = (1, 28, 28),
+    spatial_dims: int = 2,
 ) -> dict:
     """The constructor kwargs of ``kind`` from its config section: what a training stage stores
     as the checkpoint's ``args`` (and what :mod:`pipeline.flops` builds to count FLOPs).
@@ -71,6 +72,7 @@ def model_args(
             for "pixelcnn", the codebook size K.
         num_classes: > 0 for the class-conditional priors and the classifier.
         image_shape: (C, H, W) of the images (classifier, feature encoder).
+        spatial_dims: 2 for images, 3 for volumes (vqvae, pixelcnn, unet); stored only when 3.
 
     Raises:
         ValueError: unknown kind.
@@ -82,11 +84,15 @@ def model_args(
         args = {"in_channels": in_channels, **{k: s[k] for k in keys}}
         if int(s.get("downsample", 4)) != 4:  # checkpoints of f = 4 keep their old args
             args["downsample"] = int(s["downsample"])
+        if spatial_dims != 2:
+            args["spatial_dims"] = int(spatial_dims)
         return args
     if kind == "pixelcnn":
         args = {"num_embeddings": in_channels, **{k: s[k] for k in ("hidden_channels", "num_layers", "kernel_size")}}
         if s.get("dropout"):
             args["dropout"] = float(s["dropout"])
+        if spatial_dims != 2:
+            args["spatial_dims"] = int(spatial_dims)
     elif kind == "unet":
         args = {
             "in_channels": in_channels,
@@ -96,6 +102,8 @@ def model_args(
             "attention": s["attention"],
             "dropout": s["dropout"],
         }
+        if spatial_dims != 2:
+            args["spatial_dims"] = int(spatial_dims)
     elif kind == "classifier":
         args = {"num_classes": num_classes, **{k: s[k] for k in ("channels", "feature_dim", "dropout")}}
         if tuple(image_shape) != (1, 28, 28):

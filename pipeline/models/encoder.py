@@ -17,26 +17,36 @@ from torch import nn
 __all__ = ["FeatureEncoder", "nt_xent"]
 
 
-def _block(c_in: int, c_out: int) -> nn.Sequential:
+def _block(c_in: int, c_out: int, spatial_dims: int = 2) -> nn.Sequential:
+    conv, norm, pool = (
+        (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+        if spatial_dims == 2
+        else (
+            nn.Conv3d,
+            nn.BatchNorm3d,
+            nn.MaxPool3d,
+        )
+    )
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1),
-        nn.BatchNorm2d(c_out),
+        conv(c_in, c_out, 3, padding=1),
+        norm(c_out),
         nn.ReLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1),
-        nn.BatchNorm2d(c_out),
+        conv(c_out, c_out, 3, padding=1),
+        norm(c_out),
         nn.ReLU(),
-        nn.MaxPool2d(2),
+        pool(2),
     )
 
 
 class FeatureEncoder(nn.Module):
-    """CNN encoder f: (B, C, H, W) in [0, 1] -> h (B, feature_dim), plus projection head g.
+    """CNN encoder f: (B, C, H, W) in [0, 1] -> h (B, feature_dim), plus projection head g; for
+    volumes, (B, C, D, H, W) with the same blocks in 3D.
 
     Args:
-        image_shape: (C, H, W), H and W >= 8.
+        image_shape: (C, H, W), H and W >= 8; or (C, D, H, W) for volumes (3D convolutions).
         channels: width c of the first block; blocks double it (c, 2c, 4c), each halving H, W,
             while the map is at least 8 pixels on its shorter side (at least two blocks); then
-            adaptive average pooling to 4x4 and a linear layer to ``feature_dim``.
+            adaptive average pooling to 4x4 (2x2x2 for volumes) and a linear layer to ``feature_dim``.
         feature_dim: size of h (the judge's feature space).
         projection_dim: output of g (SimCLR's MLP head: Linear-ReLU-Linear).
 
@@ -45,16 +55,18 @@ class FeatureEncoder(nn.Module):
 
     def __init__(self, image_shape=(1, 28, 28), channels: int = 32, feature_dim: int = 128, projection_dim: int = 64):
         super().__init__()
-        c, h, w = (int(v) for v in image_shape)
-        if min(h, w) < 8:
-            raise ValueError(f"image_shape {tuple(image_shape)}: H and W must be >= 8")
-        self.image_shape, self.feature_dim = (c, h, w), feature_dim
-        blocks, ch, side = [], c, min(h, w)
+        c, *sides = (int(v) for v in image_shape)
+        if len(sides) not in (2, 3) or min(sides) < 8:
+            raise ValueError(f"image_shape {tuple(image_shape)}: expected (C, H, W) or (C, D, H, W), sides >= 8")
+        dims = len(sides)
+        self.image_shape, self.feature_dim = (c, *sides), feature_dim
+        blocks, ch, side = [], c, min(sides)
         while len(blocks) < 2 or (side >= 16 and len(blocks) < 4):
-            blocks.append(_block(ch, channels * 2 ** len(blocks)))
+            blocks.append(_block(ch, channels * 2 ** len(blocks), dims))
             ch, side = channels * 2 ** (len(blocks) - 1), side // 2
-        self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(ch * 16, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU())
+        pool, cells = (nn.AdaptiveAvgPool2d(4), 16) if dims == 2 else (nn.AdaptiveAvgPool3d(2), 8)
+        self.body = nn.Sequential(*blocks, pool, nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(ch * cells, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU())
         self.head = nn.Sequential(
             nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, projection_dim)
         )
@@ -74,7 +86,9 @@ class FeatureEncoder(nn.Module):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Eval-mode features h float32 (N, feature_dim) on CPU of images (N, C, H, W) in [0, 1]."""
+        """Eval-mode features h float32 (N, feature_dim) on CPU of images (N, C, H, W) (or volumes)
+        in [0, 1], in batches of at most ``batch_size`` and about 4M pixels."""
+        batch_size = min(batch_size, max(1, 2**22 // max(1, x[0].numel()))) if len(x) else batch_size
         was_training = self.training
         self.eval()
         dev = next(self.parameters()).device

@@ -18,6 +18,14 @@ and added to the pre-activations of both stacks, tanh(W_f * x + V_f h) . sigmoid
 Label ``num_classes`` is the *null* label: trained with label dropout, one model is both
 p(c | y) and p(c), and classifier-free guidance can mix their logits (``pipeline.sample``).
 
+**3D code grids** (``spatial_dims=3``, codes (B, d, h, w) of volumes) use the same layer with one
+more stack, the natural extension of the paper's construction to raster order over planes,
+rows and columns: a *depth* stack (kernel (k//2 + 1, k, k): every plane before the current one,
+type A masks the current plane) feeds the vertical stack, which now sees the rows above in the
+current plane (kernel (1, k//2 + 1, k)), which feeds the horizontal stack as in 2D (kernel
+(1, 1, k//2 + 1)). The logits at (p, i, j) depend only on codes before (p, i, j) in raster
+order (tested with gradients), and the 2D network is unchanged (same modules, same init).
+
 The model is generative only through its categorical sampling layer (``pipeline.sample``):
 drawing each code from softmax(logits / tau); argmax decoding collapses to one output.
 """
@@ -27,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MaskedConv2d", "GatedMaskedLayer", "GatedPixelCNN"]
+__all__ = ["MaskedConv2d", "MaskedConv3d", "GatedMaskedLayer", "GatedPixelCNN"]
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -37,6 +45,17 @@ class MaskedConv2d(nn.Conv2d):
         mask: float tensor broadcastable to the weight (out, in, kh, kw); 0 removes a tap.
         Other arguments as ``nn.Conv2d``.
     """
+
+    def __init__(self, *args, mask: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", mask.to(self.weight.dtype).expand_as(self.weight).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class MaskedConv3d(nn.Conv3d):
+    """:class:`MaskedConv2d` in 3D: mask broadcastable to the weight (out, in, kd, kh, kw)."""
 
     def __init__(self, *args, mask: torch.Tensor, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,9 +77,11 @@ class GatedMaskedLayer(nn.Module):
         cond_dim: size of the conditioning vector (0: unconditional layer).
         dropout: dropout probability on the gated horizontal features before their 1x1
             output convolution (0: none). Dropout acts per position, so causality is kept.
+        spatial_dims: 2, or 3 for code grids of volumes (adds the depth stack; module docstring).
 
-    Shapes: ``forward(v, h, cond=None)`` takes and returns two float (B, channels, H, W)
-    tensors; ``cond`` is float (B, cond_dim).
+    Shapes: ``forward(v, h, cond=None, d=None)`` takes and returns two float (B, channels, H, W)
+    tensors; ``cond`` is float (B, cond_dim). In 3D all are (B, channels, D, H, W), and the depth
+    stack's features ``d`` come in and go out too: ``forward`` then returns (v, h, d).
     """
 
     def __init__(
@@ -71,14 +92,18 @@ class GatedMaskedLayer(nn.Module):
         residual: bool = True,
         cond_dim: int = 0,
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ):
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if mask_type not in ("A", "B"):
             raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.mask_type = mask_type
         self.residual = residual
+        self.spatial_dims = spatial_dims
         k = kernel_size
         # Vertical stack: kernel rows i-k//2 .. i (after padding k//2 and cropping the top H rows).
         v_mask = torch.ones(1, 1, k // 2 + 1, k)
@@ -86,41 +111,63 @@ class GatedMaskedLayer(nn.Module):
         if mask_type == "A":
             v_mask[..., -1, :] = 0  # not the current row
             h_mask[..., -1] = 0  # not the current column
-        self.v_conv = MaskedConv2d(channels, 2 * channels, (k // 2 + 1, k), padding=(k // 2, k // 2), mask=v_mask)
-        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
-        self.h_conv = MaskedConv2d(channels, 2 * channels, (1, k // 2 + 1), padding=(0, k // 2), mask=h_mask)
-        self.h_out = nn.Conv2d(channels, channels, 1)
+        if spatial_dims == 2:
+            conv, masked = nn.Conv2d, MaskedConv2d
+            v_kernel, v_pad, h_kernel, h_pad = (k // 2 + 1, k), (k // 2, k // 2), (1, k // 2 + 1), (0, k // 2)
+        else:  # the same stacks inside the current plane (a leading kernel depth of 1)
+            conv, masked = nn.Conv3d, MaskedConv3d
+            v_mask, h_mask = v_mask[:, :, None], h_mask[:, :, None]
+            v_kernel, v_pad = (1, k // 2 + 1, k), (0, k // 2, k // 2)
+            h_kernel, h_pad = (1, 1, k // 2 + 1), (0, 0, k // 2)
+        self.v_conv = masked(channels, 2 * channels, v_kernel, padding=v_pad, mask=v_mask)
+        self.v_to_h = conv(2 * channels, 2 * channels, 1)
+        self.h_conv = masked(channels, 2 * channels, h_kernel, padding=h_pad, mask=h_mask)
+        self.h_out = conv(channels, channels, 1)
         # V_f, V_g of eq. 4 for the vertical and the horizontal stack (bias-free: the convs have biases)
         self.cond = nn.Linear(cond_dim, 4 * channels, bias=False) if cond_dim else None
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        if spatial_dims == 3:
+            # Depth stack: planes p-k//2 .. p (padding k//2, the first D planes kept); type A: not plane p
+            d_mask = torch.ones(1, 1, k // 2 + 1, k, k)
+            if mask_type == "A":
+                d_mask[:, :, -1] = 0
+            self.d_conv = MaskedConv3d(channels, 2 * channels, (k // 2 + 1, k, k), padding=k // 2, mask=d_mask)
+            self.d_to_v = nn.Conv3d(2 * channels, 2 * channels, 1)
+            self.d_cond = nn.Linear(cond_dim, 2 * channels, bias=False) if cond_dim else None
 
     @staticmethod
     def _gate(x: torch.Tensor) -> torch.Tensor:
         f, g = x.chunk(2, dim=1)
         return torch.tanh(f) * torch.sigmoid(g)
 
-    def forward(
-        self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None, d=None):
         height, width = v.shape[-2:]
-        v_feat = self.v_conv(v)[:, :, :height, :]
-        h_feat = self.h_conv(h)[:, :, :, :width]
+        v_feat = self.v_conv(v)[..., :height, :]
+        h_feat = self.h_conv(h)[..., :, :width]
+        if self.spatial_dims == 3:
+            d_feat = self.d_conv(d)[:, :, : d.shape[2], :height, :width]
+            v_feat = v_feat + self.d_to_v(d_feat)  # planes before the current one reach the vertical stack
         v_pre, h_pre = v_feat, h_feat + self.v_to_h(v_feat)
+        bcast = (slice(None), slice(None), *([None] * self.spatial_dims))
         if self.cond is not None:
             if cond is None:
                 raise ValueError("this layer is class-conditional: pass cond (B, cond_dim)")
-            cv, ch = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
+            cv, ch = self.cond(cond)[bcast].chunk(2, dim=1)
             v_pre, h_pre = v_pre + cv, h_pre + ch
         v_out = self._gate(v_pre)
         h_gated = self._gate(h_pre)
         h_out = self.h_out(self.dropout(h_gated))
         if self.residual:
             h_out = h_out + h
-        return v_out, h_out
+        if self.spatial_dims == 2:
+            return v_out, h_out
+        d_pre = d_feat + self.d_cond(cond)[bcast] if self.d_cond is not None else d_feat
+        return v_out, h_out, self._gate(d_pre)
 
 
 class GatedPixelCNN(nn.Module):
-    """Autoregressive prior p(c) = prod_i p(c_i | c_<i) over (B, H, W) code grids.
+    """Autoregressive prior p(c) = prod_i p(c_i | c_<i) over (B, H, W) code grids (or (B, D, H, W)
+    grids of volumes with ``spatial_dims=3``, raster order over planes, rows, columns).
 
     Args:
         num_embeddings: K, number of code values (classes of the output softmax).
@@ -130,10 +177,11 @@ class GatedPixelCNN(nn.Module):
         num_classes: 0 for an unconditional prior; n > 0 for p(c | y) with labels y in [0, n]
             where y = n is the null label (the unconditional model, trained by label dropout).
         dropout: dropout in every gated layer (see :class:`GatedMaskedLayer`); 0 = none.
+        spatial_dims: 2 (image code grids) or 3 (volume code grids).
 
     ``forward(codes, labels=None)`` takes int (B, H, W) codes in [0, K) (and int (B,) labels;
     None = the null label) and returns float logits (B, K, H, W); ``cross_entropy(logits,
-    codes)`` is the training loss (nats per code).
+    codes)`` is the training loss (nats per code). In 3D: codes (B, D, H, W), logits (B, K, D, H, W).
     """
 
     def __init__(
@@ -144,26 +192,27 @@ class GatedPixelCNN(nn.Module):
         kernel_size: int = 3,
         num_classes: int = 0,
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_embeddings = num_embeddings
         self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
         self.embedding = nn.Embedding(num_embeddings, hidden_channels)
         self.label_embedding = nn.Embedding(num_classes + 1, hidden_channels) if num_classes else None
         cond_dim = hidden_channels if num_classes else 0
+        kw = {"cond_dim": cond_dim, "dropout": dropout, "spatial_dims": spatial_dims}
         self.layers = nn.ModuleList(
-            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False, cond_dim=cond_dim, dropout=dropout)]
-            + [
-                GatedMaskedLayer("B", hidden_channels, kernel_size, cond_dim=cond_dim, dropout=dropout)
-                for _ in range(num_layers - 1)
-            ]
+            [GatedMaskedLayer("A", hidden_channels, kernel_size, residual=False, **kw)]
+            + [GatedMaskedLayer("B", hidden_channels, kernel_size, **kw) for _ in range(num_layers - 1)]
         )
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         self.head = nn.Sequential(
-            nn.Conv2d(hidden_channels, 4 * hidden_channels, 1),
+            conv(hidden_channels, 4 * hidden_channels, 1),
             nn.ReLU(),
-            nn.Conv2d(4 * hidden_channels, num_embeddings, 1),
+            conv(4 * hidden_channels, num_embeddings, 1),
         )
 
     def _cond(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
@@ -181,11 +230,16 @@ class GatedPixelCNN(nn.Module):
         return self.label_embedding(labels.long())
 
     def forward_embedded(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, K, H, W) from already-embedded codes x (B, h, H, W) (used by the causality test)."""
+        """Logits (B, K, *S) from already-embedded codes x (B, h, *S) (used by the causality test)."""
         cond = self._cond(labels, x.shape[0], x.device)
-        v, h = x, x
+        if self.spatial_dims == 2:
+            v, h = x, x
+            for layer in self.layers:
+                v, h = layer(v, h, cond)
+            return self.head(h)
+        v, h, d = x, x, x
         for layer in self.layers:
-            v, h = layer(v, h, cond)
+            v, h, d = layer(v, h, cond, d)
         return self.head(h)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,5 +249,9 @@ class GatedPixelCNN(nn.Module):
         Raises:
             ValueError: labels for an unconditional model, or labels out of range.
         """
-        x = self.embedding(codes.long()).permute(0, 3, 1, 2)
+        if codes.dim() != 1 + self.spatial_dims:
+            raise ValueError(
+                f"codes must be int (B, {'H, W' if self.spatial_dims == 2 else 'D, H, W'}), got {tuple(codes.shape)}"
+            )
+        x = self.embedding(codes.long()).movedim(-1, 1)
         return self.forward_embedded(x, labels)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.vqvae import conv_nd
+
 __all__ = ["timestep_embedding", "UNet"]
 
 
@@ -54,38 +56,43 @@ def _groups(channels: int) -> int:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv, + Linear(time embedding), GroupNorm-SiLU-Dropout-Conv, + skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0, spatial_dims: int = 2):
         super().__init__()
+        conv = conv_nd(spatial_dims)
         self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1)
         self.temb = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1)
+        self.skip = conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = h + self.temb(F.silu(temb)).view(*temb.shape[:1], -1, *([1] * (x.dim() - 2)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual (DDPM appendix B)."""
+    """Multi-head self-attention over the H*W (or D*H*W) positions, residual (DDPM appendix B)."""
 
-    def __init__(self, channels: int, num_heads: int = 4):
+    def __init__(self, channels: int, num_heads: int = 4, spatial_dims: int = 2):
         super().__init__()
+        conv = conv_nd(spatial_dims)
         self.num_heads = num_heads if channels % num_heads == 0 else 1
         self.norm = nn.GroupNorm(_groups(channels), channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = conv(channels, 3 * channels, 1)
+        self.proj = conv(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        b, c, *sides = x.shape
+        n = 1
+        for s in sides:
+            n *= s
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, n).unbind(1)
         out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        out = out.transpose(-1, -2).reshape(b, c, *sides)
         return x + self.proj(out)
 
 
@@ -101,9 +108,11 @@ class UNet(nn.Module):
         attention: add self-attention at the lowest resolution (down, middle and up).
         dropout: dropout inside residual blocks.
         num_classes: 0 (unconditional) or n > 0: labels in [0, n], n = the null label.
+        spatial_dims: 2 (latent grids of images) or 3 (of volumes): the same network with 3D
+            convolutions and attention over all d*h*w positions.
 
-    ``forward(x, t, labels=None)``: x float (B, D, H, W), t int or float (B,) in [0, T),
-    labels int (B,) or None (the null label) -> float (B, D, H, W).
+    ``forward(x, t, labels=None)``: x float (B, D, H, W) (or (B, D, d, h, w)), t int or float
+    (B,) in [0, T), labels int (B,) or None (the null label) -> float, the shape of x.
     """
 
     def __init__(
@@ -115,8 +124,11 @@ class UNet(nn.Module):
         attention: bool = True,
         dropout: float = 0.0,
         num_classes: int = 0,
+        spatial_dims: int = 2,
     ):
         super().__init__()
+        conv = conv_nd(spatial_dims)
+        self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.levels = len(channel_mult)
@@ -124,7 +136,7 @@ class UNet(nn.Module):
         self.base_channels = base_channels
         self.temb = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = conv(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
         skip_chs = [base_channels]
@@ -136,20 +148,20 @@ class UNet(nn.Module):
                 self.down.append(
                     nn.ModuleList(
                         [
-                            ResBlock(ch, out, temb_dim, dropout),
-                            AttentionBlock(out) if (attention and lowest) else nn.Identity(),
+                            ResBlock(ch, out, temb_dim, dropout, spatial_dims),
+                            AttentionBlock(out, spatial_dims=spatial_dims) if (attention and lowest) else nn.Identity(),
                         ]
                     )
                 )
                 ch = out
                 skip_chs.append(ch)
             if not lowest:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                self.down.append(nn.ModuleList([conv(ch, ch, 3, stride=2, padding=1)]))
                 skip_chs.append(ch)
 
-        self.mid1 = ResBlock(ch, ch, temb_dim, dropout)
-        self.mid_attn = AttentionBlock(ch) if attention else nn.Identity()
-        self.mid2 = ResBlock(ch, ch, temb_dim, dropout)
+        self.mid1 = ResBlock(ch, ch, temb_dim, dropout, spatial_dims)
+        self.mid_attn = AttentionBlock(ch, spatial_dims=spatial_dims) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, temb_dim, dropout, spatial_dims)
 
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(channel_mult))):
@@ -159,33 +171,37 @@ class UNet(nn.Module):
                 self.up.append(
                     nn.ModuleList(
                         [
-                            ResBlock(ch + skip_chs.pop(), out, temb_dim, dropout),
-                            AttentionBlock(out) if (attention and lowest) else nn.Identity(),
+                            ResBlock(ch + skip_chs.pop(), out, temb_dim, dropout, spatial_dims),
+                            AttentionBlock(out, spatial_dims=spatial_dims) if (attention and lowest) else nn.Identity(),
                         ]
                     )
                 )
                 ch = out
             if i > 0:
-                self.up.append(
-                    nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)])
-                )
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), conv(ch, ch, 3, padding=1)]))
 
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
-        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.conv_out = conv(ch, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise float (B, D, H, W).
+        """Predicted noise float, the shape of x: (B, D, H, W) or (B, D, d, h, w); each side is
+        zero-padded up to a multiple of 2**(levels - 1) and the output cut back.
 
         Raises:
-            ValueError: labels for an unconditional network, or labels out of [0, num_classes].
+            ValueError: labels for an unconditional network, or labels out of [0, num_classes];
+                x of another rank than 2 + spatial_dims.
         """
-        height, width = x.shape[-2:]
+        if x.dim() != 2 + self.spatial_dims:
+            raise ValueError(
+                f"expected x of rank {2 + self.spatial_dims} (spatial_dims {self.spatial_dims}), got {tuple(x.shape)}"
+            )
+        sides = x.shape[2:]
         m = 2 ** (self.levels - 1)
-        pad_h, pad_w = (-height) % m, (-width) % m
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        pads = [(-s) % m for s in sides]
+        if any(pads):
+            x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
         temb = self.temb(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
             if labels is None:
@@ -213,4 +229,4 @@ class UNet(nn.Module):
             else:
                 h = block[1](block[0](h))
         h = self.conv_out(F.silu(self.norm_out(h)))
-        return h[:, :, :height, :width]
+        return h[(slice(None), slice(None), *(slice(0, s) for s in sides))]

@@ -1,7 +1,9 @@
 """VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning").
 
 An encoder maps a (B, C, H, W) image to continuous vectors z_e of shape (B, D, H/f, W/f) by
-log2(f) stride-2 convolutions (f = ``downsample``: 4 gives MNIST's 28x28 -> 7x7 grid); a
+log2(f) stride-2 convolutions (f = ``downsample``: 4 gives MNIST's 28x28 -> 7x7 grid), or a
+(B, C, D, H, W) volume to (B, D, D/f, H/f, W/f) with ``spatial_dims=3`` (the same layers in 3D,
+as MONAI's networks take ``spatial_dims``); a
 codebook of K vectors e_k in R^D replaces each vector by its nearest code (eq. 1-2 of the
 paper); a decoder maps the quantized grid back to pixels. The codebook is learned with
 exponential moving averages (paper appendix A.1; Razavi et al. 2019, VQ-VAE-2, eq. 4-7) and
@@ -21,17 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VQOutput", "VectorQuantizerEMA", "ResidualBlock", "Encoder", "Decoder", "VQVAE"]
+__all__ = ["VQOutput", "VectorQuantizerEMA", "ResidualBlock", "Encoder", "Decoder", "VQVAE", "conv_nd"]
+
+
+def conv_nd(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
+    """``nn.Conv2d`` / ``nn.Conv3d`` (or their transposes) for ``spatial_dims`` 2 or 3.
+
+    Raises:
+        ValueError: another spatial_dims."""
+    table = {2: (nn.Conv2d, nn.ConvTranspose2d), 3: (nn.Conv3d, nn.ConvTranspose3d)}
+    if spatial_dims not in table:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    return table[spatial_dims][int(transposed)]
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, *S) -> (B, *S, D)."""
+    return x.movedim(1, -1)
 
 
 class VQOutput(NamedTuple):
     """What :meth:`VectorQuantizerEMA.forward` returns.
 
     Attributes:
-        quantized: float (B, D, H, W), the straight-through quantized vectors: forward value
-            e_{k*}, gradient passed unchanged to z_e.
+        quantized: float (B, D, H, W) (or (B, D, d, h, w) for volumes), the straight-through
+            quantized vectors: forward value e_{k*}, gradient passed unchanged to z_e.
         commitment_loss: float scalar, beta * mean((z_e - sg[e_{k*}])^2).
-        codes: int64 (B, H, W), indices k* in [0, K).
+        codes: int64 (B, H, W) (or (B, d, h, w)), indices k* in [0, K).
         perplexity: float scalar, exp(entropy) of the batch's code histogram, in [1, K].
     """
 
@@ -89,14 +107,14 @@ class VectorQuantizerEMA(nn.Module):
         return dist.argmin(1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codebook vectors of ``codes`` (B, H, W) int -> float (B, D, H, W)."""
-        return F.embedding(codes.long(), self.embedding).permute(0, 3, 1, 2).contiguous()
+        """Codebook vectors of ``codes`` (B, *S) int -> float (B, D, *S), S = (H, W) or (d, h, w)."""
+        return F.embedding(codes.long(), self.embedding).movedim(-1, 1).contiguous()
 
     def snap(self, latents: torch.Tensor) -> torch.Tensor:
-        """Codes of the codebook vectors nearest to ``latents`` (B, D, H, W) -> int64 (B, H, W)."""
-        b, d, h, w = latents.shape
-        flat = latents.permute(0, 2, 3, 1).reshape(-1, d).float()
-        return self.nearest(flat).view(b, h, w)
+        """Codes of the codebook vectors nearest to ``latents`` (B, D, *S) -> int64 (B, *S)."""
+        d = latents.shape[1]
+        flat = _channels_last(latents).reshape(-1, d).float()
+        return self.nearest(flat).view(latents.shape[0], *latents.shape[2:])
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
@@ -124,38 +142,42 @@ class VectorQuantizerEMA(nn.Module):
             self.restarts += n_dead
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:
-        """Quantize ``z_e`` (B, D, H, W) float; see :class:`VQOutput` for what comes back.
+        """Quantize ``z_e`` (B, D, H, W) or (B, D, d, h, w) float; see :class:`VQOutput`.
 
         Raises:
-            ValueError: if the channel dimension is not D.
+            ValueError: if the channel dimension is not D, or the rank is not 4 or 5.
         """
-        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B, {self.embedding_dim}, H, W), got {tuple(z_e.shape)}")
-        b, d, h, w = z_e.shape
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d).float()
+        if z_e.dim() not in (4, 5) or z_e.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"expected (B, {self.embedding_dim}, H, W) or (B, {self.embedding_dim}, d, h, w), got "
+                f"{tuple(z_e.shape)}"
+            )
+        b, d, *grid = z_e.shape
+        flat = _channels_last(z_e).reshape(-1, d).float()
         codes = self.nearest(flat.detach())
         # Look up with the codebook the codes were chosen from, then update it (as Sonnet's
         # VectorQuantizerEMA): the EMA step and any restart take effect from the next batch.
-        quantized = F.embedding(codes, self.embedding.clone()).view(b, h, w, d).permute(0, 3, 1, 2)
+        quantized = F.embedding(codes, self.embedding.clone()).view(b, *grid, d).movedim(-1, 1)
         if self.training:
             self._ema_update(flat.detach(), codes)
         commitment = self.commitment_cost * F.mse_loss(z_e.float(), quantized.detach())
         quantized_st = z_e + (quantized - z_e).detach()  # straight-through estimator
         probs = torch.bincount(codes, minlength=self.num_embeddings).float() / codes.numel()
         perplexity = torch.exp(torch.special.entr(probs).sum())
-        return VQOutput(quantized_st, commitment, codes.view(b, h, w), perplexity)
+        return VQOutput(quantized_st, commitment, codes.view(b, *grid), perplexity)
 
 
 class ResidualBlock(nn.Module):
-    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))) (VQ-VAE paper sec. 4.1); keeps (B, C, H, W)."""
+    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))) (VQ-VAE paper sec. 4.1); keeps (B, C, *S)."""
 
-    def __init__(self, channels: int, res_channels: int):
+    def __init__(self, channels: int, res_channels: int, spatial_dims: int = 2):
         super().__init__()
+        conv = conv_nd(spatial_dims)
         self.block = nn.Sequential(
             nn.ReLU(),
-            nn.Conv2d(channels, res_channels, 3, padding=1),
+            conv(channels, res_channels, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(res_channels, channels, 1),
+            conv(res_channels, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,24 +190,33 @@ def _widths(hidden: int, stages: int) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """(B, in_ch, H, W) in [0, 1] -> (B, D, H/f, W/f): log2(f) stride-2 4x4 convolutions (each
-    halves H and W), residual blocks, a 1x1 convolution to D. f = 2**stages."""
+    """(B, in_ch, *S) in [0, 1] -> (B, D, *S/f): log2(f) stride-2 kernel-4 convolutions (each
+    halves every side), residual blocks, a 1x1 convolution to D. f = 2**stages; S = (H, W) or
+    (D, H, W) for ``spatial_dims`` 2 or 3."""
 
     def __init__(
-        self, in_channels: int, hidden: int, res_channels: int, num_res_blocks: int, embedding_dim: int, stages: int = 2
+        self,
+        in_channels: int,
+        hidden: int,
+        res_channels: int,
+        num_res_blocks: int,
+        embedding_dim: int,
+        stages: int = 2,
+        spatial_dims: int = 2,
     ):
         super().__init__()
+        conv = conv_nd(spatial_dims)
         layers: list[nn.Module] = []
         ch = in_channels
         for width in _widths(hidden, stages):
-            layers += [nn.Conv2d(ch, width, 4, stride=2, padding=1), nn.ReLU()]  # H -> H/2
+            layers += [conv(ch, width, 4, stride=2, padding=1), nn.ReLU()]  # H -> H/2
             ch = width
         self.net = nn.Sequential(
             *layers,
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            *[ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)],
+            conv(hidden, hidden, 3, padding=1),
+            *[ResidualBlock(hidden, res_channels, spatial_dims) for _ in range(num_res_blocks)],
             nn.ReLU(),
-            nn.Conv2d(hidden, embedding_dim, 1),
+            conv(hidden, embedding_dim, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +224,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, D, h, w) -> (B, out_ch, h*f, w*f) logits; log2(f) stride-2 transposed convolutions."""
+    """(B, D, *s) -> (B, out_ch, *s*f) logits; log2(f) stride-2 transposed convolutions."""
 
     def __init__(
         self,
@@ -203,13 +234,15 @@ class Decoder(nn.Module):
         num_res_blocks: int,
         embedding_dim: int,
         stages: int = 2,
+        spatial_dims: int = 2,
     ):
         super().__init__()
+        conv, up = conv_nd(spatial_dims), conv_nd(spatial_dims, transposed=True)
         widths = _widths(hidden, stages)[::-1] + [out_channels]  # hidden, hidden/2, ..., out
-        layers: list[nn.Module] = [nn.Conv2d(embedding_dim, hidden, 3, padding=1)]
-        layers += [ResidualBlock(hidden, res_channels) for _ in range(num_res_blocks)]
+        layers: list[nn.Module] = [conv(embedding_dim, hidden, 3, padding=1)]
+        layers += [ResidualBlock(hidden, res_channels, spatial_dims) for _ in range(num_res_blocks)]
         for i in range(stages):
-            layers += [nn.ReLU(), nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]  # h -> 2h
+            layers += [nn.ReLU(), up(widths[i], widths[i + 1], 4, stride=2, padding=1)]  # h -> 2h
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -217,7 +250,8 @@ class Decoder(nn.Module):
 
 
 class VQVAE(nn.Module):
-    """VQ-VAE for C x H x W images with an (H/f) x (W/f) grid of codes (28x28 -> 7x7 at f = 4).
+    """VQ-VAE for C x H x W images with an (H/f) x (W/f) grid of codes (28x28 -> 7x7 at f = 4),
+    or for C x D x H x W volumes with a (D/f) x (H/f) x (W/f) grid (``spatial_dims=3``).
 
     Args:
         in_channels: image channels C (1 gray, 3 RGB, 4 RGBA).
@@ -227,10 +261,11 @@ class VQVAE(nn.Module):
         res_channels: bottleneck width of the residual blocks.
         num_res_blocks: residual blocks in encoder and in decoder.
         commitment_cost, ema_decay, dead_code_threshold: see :class:`VectorQuantizerEMA`.
-        downsample: f in {2, 4, 8}: H and W of the images must be multiples of f.
+        downsample: f in {2, 4, 8}: H and W (and D) must be multiples of f.
+        spatial_dims: 2 (images) or 3 (volumes): the same network with 3D convolutions.
 
     Images are float (B, C, H, W) in [0, 1]; reconstructions come back in [0, 1] (sigmoid).
-    Below, h = H / f and w = W / f.
+    Below, h = H / f and w = W / f; for volumes read (B, C, D, H, W) and codes (B, d, h, w).
     API (as MONAI Generative Models' VQVAE): :meth:`encode`, :meth:`quantize`, :meth:`decode`,
     :meth:`index_quantize`, :meth:`decode_codes`, :meth:`forward`.
     """
@@ -247,26 +282,34 @@ class VQVAE(nn.Module):
         ema_decay: float = 0.99,
         dead_code_threshold: float = 0.1,
         downsample: int = 4,
+        spatial_dims: int = 2,
     ):
         super().__init__()
+        conv_nd(spatial_dims)  # raises for another value
         if downsample not in (2, 4, 8):
             raise ValueError(f"downsample must be 2, 4 or 8, got {downsample}")
         stages = downsample.bit_length() - 1
         if hidden_channels % max(2, downsample // 2):
             raise ValueError(f"hidden_channels must be a multiple of {max(2, downsample // 2)}, got {hidden_channels}")
-        self.downsample = downsample
-        self.encoder = Encoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages)
+        self.downsample, self.spatial_dims = downsample, spatial_dims
+        self.encoder = Encoder(
+            in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages, spatial_dims
+        )
         self.quantizer = VectorQuantizerEMA(
             num_embeddings, embedding_dim, commitment_cost, ema_decay, dead_code_threshold
         )
-        self.decoder = Decoder(in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages)
+        self.decoder = Decoder(
+            in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages, spatial_dims
+        )
 
     def check_size(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless ``x`` is (B, C, H, W) with H and W multiples of ``downsample``."""
-        if x.dim() != 4 or x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
+        """Raise ValueError unless ``x`` is (B, C, H, W) (or (B, C, D, H, W) for volumes) with
+        every side a multiple of ``downsample``."""
+        if x.dim() != 2 + self.spatial_dims or any(s % self.downsample for s in x.shape[2:]):
+            sides = "H and W" if self.spatial_dims == 2 else "D, H and W"
+            shape = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
             raise ValueError(
-                f"images must be (B, C, H, W) with H and W multiples of downsample {self.downsample}, got "
-                f"{tuple(x.shape)}"
+                f"images must be {shape} with {sides} multiples of downsample {self.downsample}, got {tuple(x.shape)}"
             )
 
     @property
