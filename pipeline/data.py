@@ -520,14 +520,27 @@ def load_volumes(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], dict]
     from pipeline import sources, volumes
 
     vs = volumes.load_nifti(dcfg)
-    n = len(vs.volumes)
+    vols, affines, ranges = vs.volumes, vs.affines, vs.intensity_range
+    copies = int(dcfg.get("volume_copies") or 0)
+    if copies:  # seeded variants of every volume (the embedded one-anatomy default): pooled, then split
+        extra = volumes.augment_volumes(vols, copies, dcfg, int(dcfg["seed"]))
+        vols = np.concatenate([vols, extra])
+        affines = np.concatenate([affines, np.tile(affines, (copies, 1, 1))])
+        ranges = np.concatenate([ranges, np.tile(ranges, (copies, 1))])
+        vs.preprocessing["volume_copies"] = copies
+        vs.preprocessing["augmentation"] = {
+            k: dcfg.get(k)
+            for k in ("volume_degrees", "volume_scale", "volume_shift", "volume_elastic", "volume_bias_field")
+            + ("volume_gamma", "volume_noise")
+        }
+    n = len(vols)
     tr, te = sources.split_indices(n, None, dcfg["test_size"], int(dcfg["seed"]), str(dcfg["path"]))
-    stored = np.round(vs.volumes * 65535).astype(np.uint16)
+    stored = np.round(vols * 65535).astype(np.uint16)
     whole = Split(
         stored,
         np.full(n, -1, np.int64),
         65535,
-        {"affines": vs.affines, "intensity_range": vs.intensity_range},
+        {"affines": affines, "intensity_range": ranges},
     )
     meta = {
         "color": "gray",

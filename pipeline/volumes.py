@@ -53,6 +53,8 @@ __all__ = [
     "intensity_histogram",
     "histogram_distance",
     "volume_scores",
+    "resolve_path",
+    "augment_volumes",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -89,15 +91,37 @@ class VolumeSet:
     preprocessing: dict
 
 
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``data.path`` as a file system path; ``package:<module>/<file>`` names a file inside an
+    installed package (e.g. ``package:nibabel/tests/data/anatomical.nii``, the T1 volume that
+    nibabel's wheel ships), found without importing more than the package itself.
+
+    Raises:
+        DataError: the package is not installed."""
+    text = str(path)
+    if not text.startswith("package:"):
+        return Path(text).expanduser()
+    import importlib.util
+
+    module, _, rest = text.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"data.path {text!r}: package {module!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
 def nifti_files(path: str | os.PathLike) -> list[Path]:
     """The NIfTI files of ``data.path``: a folder (its ``*.nii`` / ``*.nii.gz``, sorted; other
-    files are an error, hidden ones are skipped) or a list file (one path per line, relative to
-    the list's folder; ``#`` comments and blank lines skipped).
+    files are an error, hidden ones are skipped), one ``.nii``/``.nii.gz`` file, or a list file
+    (one path per line, relative to the list's folder; ``#`` comments and blank lines skipped).
+    ``package:<module>/<path>`` is resolved by :func:`resolve_path`.
 
     Raises:
         DataError: missing path, an empty folder or list, a file that is not ``.nii``/``.nii.gz``.
     """
-    p = Path(path).expanduser()
+    p = resolve_path(path)
+    if p.is_file() and _is_nifti_name(p):
+        return [p]
     if not p.exists():
         raise DataError(f"{p}: data.path does not exist (a folder of .nii/.nii.gz files or a list file)")
     if p.is_dir():
@@ -461,3 +485,53 @@ def volume_scores(x: torch.Tensor, train: torch.Tensor, train_hist: np.ndarray, 
         "ms_ssim_nearest_train": float(np.mean(ms_ssim(x, train[torch.as_tensor(nearest)]))),
         "intensity_w1": histogram_distance(intensity_histogram(x), train_hist),
     }
+
+
+def augment_volumes(volumes: np.ndarray, copies: int, cfg: Mapping, seed: int) -> np.ndarray:
+    """``copies`` seeded random variants of every volume, by MONAI's transforms in this order:
+    ``Rand3DElastic`` (elastic deformation of magnitude up to ``data.volume_elastic`` voxels,
+    smoothing sigma 4-6 voxels, with rotation up to ``data.volume_degrees`` about every axis,
+    zoom within +-``data.volume_scale`` and shifts up to ``data.volume_shift`` voxels),
+    ``RandBiasField`` (coefficients up to ``data.volume_bias_field``), ``RandAdjustContrast``
+    (gamma in [1 / g, g], g = ``data.volume_gamma``) and ``RandGaussianNoise`` (std
+    ``data.volume_noise``); clipped to [0, 1].
+
+    Args:
+        volumes: float32 (N, 1, D, H, W) in [0, 1].
+        copies: variants per volume (>= 1).
+        cfg: the ``data`` section.
+        seed: seeds MONAI's transform RNG (``Compose.set_random_state``).
+
+    Returns:
+        float32 (copies * N, 1, D, H, W) in [0, 1]; row c * N + i is copy c of volume i.
+    """
+    import math
+
+    from monai.transforms import Compose, Rand3DElastic, RandAdjustContrast, RandBiasField, RandGaussianNoise
+
+    rad = math.radians(float(cfg.get("volume_degrees", 10)))
+    g = float(cfg.get("volume_gamma", 1.25))
+    transform = Compose(
+        [
+            Rand3DElastic(
+                prob=1.0,
+                sigma_range=(4, 6),
+                magnitude_range=(0, float(cfg.get("volume_elastic", 20))),
+                rotate_range=(rad,) * 3,
+                scale_range=(float(cfg.get("volume_scale", 0.1)),) * 3,
+                translate_range=(float(cfg.get("volume_shift", 2)),) * 3,
+                padding_mode="zeros",
+                mode="bilinear",
+            ),
+            RandBiasField(prob=1.0, coeff_range=(0.0, float(cfg.get("volume_bias_field", 0.3)))),
+            RandAdjustContrast(prob=1.0, gamma=(1 / g, g)),
+            RandGaussianNoise(prob=1.0, std=float(cfg.get("volume_noise", 0.02))),
+        ]
+    )
+    transform.set_random_state(seed)
+    out = np.empty((copies * len(volumes), *volumes.shape[1:]), np.float32)
+    for c in range(copies):
+        for i, v in enumerate(volumes):
+            y = transform(torch.from_numpy(np.ascontiguousarray(v)))
+            out[c * len(volumes) + i] = np.clip(np.asarray(torch.as_tensor(y)), 0.0, 1.0)
+    return out

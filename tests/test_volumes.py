@@ -133,6 +133,24 @@ def test_a_list_file_and_a_4d_volume_with_an_index(tmp_path):
     assert vs.origins == ["sub-00_T1w.nii.gz", "four.nii.gz"] and vs.volumes.shape == (2, 1, 20, 24, 16)
 
 
+def test_a_package_path_and_seeded_augmented_copies(tmp_path):
+    """The embedded default's data: nibabel's own anatomical.nii by a package: path, with seeded
+    MONAI-augmented copies pooled before the split (same seed, same volumes)."""
+    over = ["data.path=package:nibabel/tests/data/anatomical.nii", "data.volume_shape=[32, 40, 24]"]
+    over += ["data.volume_copies=5", "data.test_size=2"]
+    ds = prepare(cfg_for(tmp_path, *over), tmp_path / "r1")
+    train, test = read_dataset(ds, "train"), read_dataset(ds, "test")
+    assert train.images.shape == (4, 1, 32, 40, 24) and test.images.shape == (2, 1, 32, 40, 24)
+    both = np.concatenate([train.images, test.images]).astype(np.float32)
+    assert min(np.abs(both[i] - both[j]).mean() for i in range(6) for j in range(i)) > 100  # all differ
+    again = read_dataset(prepare(cfg_for(tmp_path, *over), tmp_path / "r2"), "train")
+    assert np.array_equal(again.images, train.images)
+    with h5py.File(ds) as f:
+        assert '"volume_copies": 5' in f.attrs["preprocessing"] and "anatomical.nii" in f.attrs["sha256"]
+    with pytest.raises(DataError, match=r"package 'no_such_pkg' is not installed"):
+        prepare(cfg_for(tmp_path, "data.path=package:no_such_pkg/x.nii"), tmp_path / "r3")
+
+
 # --- NIfTI out and grids ------------------------------------------------------------------------
 def test_write_nifti_keeps_the_reference_affine(tmp_path):
     folder = write_set(tmp_path / "vols")
