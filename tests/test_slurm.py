@@ -65,15 +65,21 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = 
 
 
 def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
-    """(job name, final state) of a job from the accounting database (which lags a little)."""
+    """(job name, final state) of a job from the accounting database (which lags a little).
+
+    A test SLURM started again on the same machine keeps its accounting database but counts job
+    ids from the start, so an id can name jobs of earlier runs too: the newest record is taken."""
     import time
 
     deadline = time.monotonic() + wait_s
     while True:
         out = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,State"], capture_output=True, text=True, check=True
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "Submit,JobName,State"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
-        name, state = out.strip().splitlines()[-1].split("|")
+        _, name, state = max(line.split("|") for line in out.strip().splitlines())
         state = state.split()[0]
         if state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.monotonic() > deadline:
             return name, state
