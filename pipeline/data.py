@@ -528,11 +528,8 @@ def load_volumes(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], dict]
         affines = np.concatenate([affines, np.tile(affines, (copies, 1, 1))])
         ranges = np.concatenate([ranges, np.tile(ranges, (copies, 1))])
         vs.preprocessing["volume_copies"] = copies
-        vs.preprocessing["augmentation"] = {
-            k: dcfg.get(k)
-            for k in ("volume_degrees", "volume_scale", "volume_shift", "volume_elastic", "volume_bias_field")
-            + ("volume_gamma", "volume_noise")
-        }
+        keys = ("degrees", "scale", "shift", "elastic", "bias_field", "gamma", "noise")
+        vs.preprocessing["augmentation"] = {f"volume_{k}": dcfg[f"volume_{k}"] for k in keys}
     n = len(vols)
     tr, te = sources.split_indices(n, None, dcfg["test_size"], int(dcfg["seed"]), str(dcfg["path"]))
     stored = np.round(vols * 65535).astype(np.uint16)

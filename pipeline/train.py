@@ -81,10 +81,10 @@ def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarr
     return data.unit().to(device), data.labels
 
 
-def _write_volume_reconstructions(model, test_x: torch.Tensor, paths: RunPaths, out, metrics: dict) -> None:
+def _write_volume_reconstructions(model, test_x: torch.Tensor, affines, out, metrics: dict) -> None:
     """3D: SSIM/PSNR of the test reconstructions, their three-plane grid (each input beside its
-    reconstruction) and the first two as NIfTI (input and reconstruction, each volume's affine)."""
-    from pipeline.data import read_dataset
+    reconstruction) and the first two as NIfTI (input and reconstruction, each volume's affine
+    from ``affines`` (N, 4, 4), or the identity when None)."""
     from pipeline.volumes import reconstruction_quality, save_three_plane_grid, write_nifti
 
     model.eval()
@@ -95,7 +95,6 @@ def _write_volume_reconstructions(model, test_x: torch.Tensor, paths: RunPaths, 
     n = min(4, len(x))
     pairs = np.stack([v for i in range(n) for v in (x[i], xh[i])])
     save_three_plane_grid(out / "reconstructions.png", pairs, nrow=2, scale=3)
-    affines = read_dataset(paths.dataset, "test").extra.get("affines")
     for i in range(min(2, len(x))):
         aff = affines[i] if affines is not None else np.eye(4)
         write_nifti(out / "reconstructions" / f"test_{i:03d}_input.nii.gz", x[i], aff)
@@ -111,9 +110,11 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
     out = paths.vqvae_model.parent
     with stage_record("train_vqvae", cfg, out, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
+        from pipeline.data import check_divisible, read_dataset
+
         train_x, _ = _images(paths, "train", device)
-        test_x, _ = _images(paths, "test", device)
-        from pipeline.data import check_divisible
+        test = read_dataset(paths.dataset, "test")  # its affines too, for the volumes' NIfTI reconstructions
+        test_x = test.unit().to(device)
 
         spatial_dims = train_x.ndim - 2  # 3 for NIfTI volumes (N, 1, D, H, W)
         check_divisible(train_x.shape[2:], cfg, str(paths.dataset))
@@ -158,7 +159,7 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         )
         if spatial_dims == 3:
             if dist_info()[0] == 0:
-                _write_volume_reconstructions(model, test_x, paths, out, metrics)
+                _write_volume_reconstructions(model, test_x, test.extra.get("affines"), out, metrics)
         else:
             with torch.no_grad():
                 originals = test_x[:20]

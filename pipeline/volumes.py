@@ -499,7 +499,7 @@ def augment_volumes(volumes: np.ndarray, copies: int, cfg: Mapping, seed: int) -
     Args:
         volumes: float32 (N, 1, D, H, W) in [0, 1].
         copies: variants per volume (>= 1).
-        cfg: the ``data`` section.
+        cfg: the resolved ``data`` section (its ``volume_*`` keys).
         seed: seeds MONAI's transform RNG (``Compose.set_random_state``).
 
     Returns:
@@ -509,23 +509,23 @@ def augment_volumes(volumes: np.ndarray, copies: int, cfg: Mapping, seed: int) -
 
     from monai.transforms import Compose, Rand3DElastic, RandAdjustContrast, RandBiasField, RandGaussianNoise
 
-    rad = math.radians(float(cfg.get("volume_degrees", 10)))
-    g = float(cfg.get("volume_gamma", 1.25))
+    rad = math.radians(float(cfg["volume_degrees"]))
+    g = float(cfg["volume_gamma"])
     transform = Compose(
         [
             Rand3DElastic(
                 prob=1.0,
                 sigma_range=(4, 6),
-                magnitude_range=(0, float(cfg.get("volume_elastic", 20))),
+                magnitude_range=(0, float(cfg["volume_elastic"])),
                 rotate_range=(rad,) * 3,
-                scale_range=(float(cfg.get("volume_scale", 0.1)),) * 3,
-                translate_range=(float(cfg.get("volume_shift", 2)),) * 3,
+                scale_range=(float(cfg["volume_scale"]),) * 3,
+                translate_range=(float(cfg["volume_shift"]),) * 3,
                 padding_mode="zeros",
                 mode="bilinear",
             ),
-            RandBiasField(prob=1.0, coeff_range=(0.0, float(cfg.get("volume_bias_field", 0.3)))),
+            RandBiasField(prob=1.0, coeff_range=(0.0, float(cfg["volume_bias_field"]))),
             RandAdjustContrast(prob=1.0, gamma=(1 / g, g)),
-            RandGaussianNoise(prob=1.0, std=float(cfg.get("volume_noise", 0.02))),
+            RandGaussianNoise(prob=1.0, std=float(cfg["volume_noise"])),
         ]
     )
     transform.set_random_state(seed)

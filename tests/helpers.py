@@ -23,3 +23,11 @@ def run_cli(*args, timeout: float = 600, env: dict | None = None) -> subprocess.
     """``python -m pipeline <args>`` from the repository root; the finished process with text
     stdout and stderr (not checked: the tests read the codes)."""
     return subprocess.run(pipeline_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+def prepare(cfg: dict, run: Path) -> Path:
+    """Run the prepare_data stage of ``cfg`` into the run folder ``run``; the dataset.h5 path."""
+    from pipeline.stages import get_stage
+
+    get_stage("prepare_data")(cfg, str(run))
+    return run / "data" / "dataset.h5"

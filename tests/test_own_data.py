@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, snakemake_cmd
+from helpers import ROOT, prepare, snakemake_cmd
 from PIL import Image
 
 from pipeline.config import resolve
@@ -40,11 +40,6 @@ def mnist_png_folder(root: Path, per_class: int = 12, flat: bool = False) -> Pat
         for i in idx:
             Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L").save(folder / f"{d}_{i}.png")
     return root
-
-
-def prepare(cfg: dict, run: Path) -> Path:
-    get_stage("prepare_data")(cfg, str(run))
-    return run / "data" / "dataset.h5"
 
 
 # --- readers -----------------------------------------------------------------------------

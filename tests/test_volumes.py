@@ -15,7 +15,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import ROOT, snakemake_cmd
+from helpers import ROOT, prepare, snakemake_cmd
 from PIL import Image
 
 from pipeline.config import resolve
@@ -47,11 +47,6 @@ def write_set(folder: Path, n: int = 6, shape=(20, 24, 16), affine=None, seed: i
         img = nib.Nifti1Image(blob_volume(rng, shape, centre=rng.uniform(-0.2, 0.2, 3)), aff)
         img.to_filename(str(folder / f"sub-{i:02d}_T1w.nii.gz"))
     return folder
-
-
-def prepare(cfg: dict, run: Path) -> Path:
-    get_stage("prepare_data")(cfg, str(run))
-    return run / "data" / "dataset.h5"
 
 
 # --- reading and preprocessing ---------------------------------------------------------------

@@ -38,13 +38,9 @@ from torch import nn
 __all__ = ["MaskedConv2d", "MaskedConv3d", "GatedMaskedLayer", "GatedPixelCNN"]
 
 
-class MaskedConv2d(nn.Conv2d):
-    """A ``Conv2d`` whose weight is multiplied by a fixed 0/1 mask buffer in every forward.
-
-    Args:
-        mask: float tensor broadcastable to the weight (out, in, kh, kw); 0 removes a tap.
-        Other arguments as ``nn.Conv2d``.
-    """
+class _Masked:
+    """Mixin for a convolution whose weight is multiplied by a fixed 0/1 mask buffer in every
+    forward: ``mask`` is a float tensor broadcastable to the weight; 0 removes a tap."""
 
     def __init__(self, *args, mask: torch.Tensor, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,15 +50,13 @@ class MaskedConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight * self.mask, self.bias)
 
 
-class MaskedConv3d(nn.Conv3d):
+class MaskedConv2d(_Masked, nn.Conv2d):
+    """A ``Conv2d`` with a fixed 0/1 mask (out, in, kh, kw) on its weight; other arguments as
+    ``nn.Conv2d``."""
+
+
+class MaskedConv3d(_Masked, nn.Conv3d):
     """:class:`MaskedConv2d` in 3D: mask broadcastable to the weight (out, in, kd, kh, kw)."""
-
-    def __init__(self, *args, mask: torch.Tensor, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("mask", mask.to(self.weight.dtype).expand_as(self.weight).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
 
 
 class GatedMaskedLayer(nn.Module):
