@@ -66,8 +66,9 @@ _PARAM_MAP = {
 }
 #: keys of a stage entry that are ours, not submitit's: memory per GPU (the node's ``--mem`` is
 #: this times ``gpus_per_node``) and what the plan assumes: sustained TFLOP/s per GPU and a
-#: per-call latency floor in ms (:mod:`pipeline.plan`)
-_OWN_KEYS = {"mem_per_gpu_gb", "assumed_tflops", "assumed_step_ms"}
+#: per-call latency floor in ms, and each GPU's memory in GB, against which the plan checks a
+#: training stage's estimated need (:mod:`pipeline.plan`)
+_OWN_KEYS = {"mem_per_gpu_gb", "assumed_tflops", "assumed_step_ms", "gpu_memory_gb"}
 _MEMORY_KEYS = ("mem_gb", "mem_per_gpu_gb")
 _MAIL_TYPES = {
     "NONE",
@@ -106,6 +107,7 @@ _TYPES = {
     "srun_args": list,
     "assumed_tflops": (int, float),
     "assumed_step_ms": (int, float),
+    "gpu_memory_gb": (int, float),
 }
 
 

@@ -11,15 +11,31 @@ networks at small batch are bound by kernel-launch latency, not by arithmetic, s
 sustained throughput (TFLOP/s per GPU) and a per-call latency floor are assumptions, stated in
 the cluster YAML (``assumed_tflops``, ``assumed_step_ms``) and printed by the plan. For the
 A100 40 GB: 312 TFLOP/s dense bf16 peak (NVIDIA A100 datasheet), 156 TF32, 19.5 FP32.
+
+Networks are built and run on PyTorch's ``meta`` device: shapes without values, so a 128³
+volume costs nothing to count. :func:`stage_memory` measures a training stage's GPU memory the
+same way: parameters, gradients, Adam's two moments and the EMA copy (fp32, 4 bytes each), plus
+the activations autograd saves for backward (each saved tensor once, measured with
+``torch.autograd.graph.saved_tensors_hooks`` at the per-GPU batch; 2 bytes per element under
+bf16 autocast, 4 without), with and without gradient checkpointing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["StageCost", "stage_cost", "images_in_split", "estimate_seconds", "A100_PEAK_TFLOPS"]
+__all__ = [
+    "StageCost",
+    "StageMemory",
+    "stage_cost",
+    "stage_memory",
+    "images_in_split",
+    "estimate_seconds",
+    "A100_PEAK_TFLOPS",
+]
 
 #: NVIDIA A100 datasheet, dense (no sparsity), TFLOP/s.
 A100_PEAK_TFLOPS = {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
@@ -29,7 +45,11 @@ A100_PEAK_TFLOPS = {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
 _CLASSES = 10
 
 #: train / test sizes of the data sources (``data.max_train`` / ``max_test`` cap them)
-_SOURCE_SIZES = {"mnist5k": (4500, 500), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000)}
+#: (nifti: NFBS's 125 volumes, 110 / 15, when data.path cannot be read yet: the plan before the download)
+_SOURCE_SIZES = {"mnist5k": (4500, 500), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "nifti": (110, 15)}
+
+#: sources without labels: the label-free encoder judges them (evaluate.judge auto)
+_UNLABELLED = ("nifti", "photos", "npy")
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,8 @@ def images_in_split(data: Mapping[str, Any]) -> tuple[int, int]:
     source = data.get("source", "mnist5k")
     train, test = _SOURCE_SIZES.get(source, (60000, 10000))
     total = 5000 if source == "mnist5k" else expected_count(data)
+    if total is not None and source == "nifti":
+        total *= 1 + int(data.get("volume_copies") or 0)
     if total is not None:
         ts = data.get("test_size", 500)
         test = int(round(ts * total)) if isinstance(ts, float) and ts < 1 else int(ts)
@@ -126,9 +148,75 @@ def _evals_per_step(method: str) -> int:
     return 2 if method == "heun" else 1
 
 
+def _networks(stage: str, full: Mapping[str, Any], flags: Mapping[str, Any]):
+    """The stage's geometry and, for a training stage, (network, batch maker, loss, section),
+    built on the current default device (:func:`stage_cost` and :func:`stage_memory` run it
+    under ``torch.device("meta")``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.config import variant_config
+    from pipeline.diffusion import pixel_size
+    from pipeline.models import build_model, model_args
+    from pipeline.sources import expected_shape
+
+    vq = full["vqvae"]
+    k, d = int(vq["num_embeddings"]), int(vq["embedding_dim"])
+    img = tuple(expected_shape(full["data"]))  # (C, H, W), or (1, D, H, W) for volumes
+    sd = len(img) - 1
+    f = int(vq.get("downsample", 4))
+    grid = tuple(side // f for side in img[1:])  # the code grid (7x7 for MNIST)
+    geo = {"img": img, "sd": sd, "grid": grid, "k": k, "d": d}
+    net = None
+    if stage == "train_vqvae":
+        net = build_model("vqvae", model_args("vqvae", vq, in_channels=img[0], spatial_dims=sd))
+        return geo, (net, lambda b: (torch.rand(b, *img),), _vqvae_loss, vq)
+    if stage == "train_classifier":
+        sec = full["classifier"]
+        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES, image_shape=img))
+        batch = lambda b: (torch.rand(b, *img), torch.randint(0, 10, (b,)))  # noqa: E731
+        return geo, (net, batch, lambda m, x, y: F.cross_entropy(m(x), y), sec)
+    if stage == "train_encoder":
+        from pipeline.models.encoder import nt_xent
+
+        sec = full["encoder"]
+        net = build_model("encoder", model_args("encoder", sec, image_shape=img))
+        batch = lambda b: (torch.rand(b, *img), torch.rand(b, *img))  # noqa: E731
+        return geo, (net, batch, lambda m, a, b: nt_xent(m(a), m(b)), sec)
+    if stage in ("train_pixelcnn", "train_diffusion"):
+        prior = stage.removeprefix("train_")
+        conditional = bool(flags.get("conditional"))
+        sec = variant_config(full, prior, conditional=conditional, budget=flags.get("budget"))[prior]
+        n_cls = _CLASSES if conditional else 0
+        if prior == "pixelcnn":
+            net = build_model(
+                "pixelcnn", model_args("pixelcnn", sec, in_channels=k, num_classes=n_cls, spatial_dims=sd)
+            )
+            codes = lambda b: (torch.randint(0, k, (b, *grid)),)  # noqa: E731
+            return geo, (net, codes, lambda m, c: F.cross_entropy(m(c), c), sec)
+        net = build_model("unet", model_args("unet", sec, in_channels=d, num_classes=n_cls, spatial_dims=sd))
+        return geo, (net, _noisy(d, grid, sec), _eps_loss, sec)
+    if stage == "train_pixel_diffusion":
+        sec = dict(full["pixel_diffusion"])
+        sec["steps"] = int(sec["steps"] or full["diffusion"]["steps"])  # null: about the latent model's
+        net = build_model("unet", model_args("unet", sec, in_channels=img[0]))
+        return geo, (net, _noisy(img[0], pixel_size(img[1:]), sec), _eps_loss, sec)
+    return geo, None
+
+
+def _judges(full: Mapping[str, Any]) -> tuple[str, ...]:
+    """The evaluate stage's judges as :func:`pipeline.evaluate.stage_judges` will choose them,
+    guessed before the data exist (labelled unless the source is one of :data:`_UNLABELLED`)."""
+    j = full["evaluate"].get("judge", "auto")
+    if j == "auto":
+        return ("features",) if full["data"]["source"] in _UNLABELLED else ("classifier",)
+    return ("classifier", "features") if j == "both" else (j,)
+
+
 def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | None = None, **flags: Any) -> StageCost:
     """The FLOPs of one stage job under ``cfg`` (the stage's resolved config: what its
-    ``--config-json`` holds, so top-level keys plus its sections).
+    ``--config-json`` holds, so top-level keys plus its sections), for images and for 3D
+    volumes alike (the shapes come from :func:`pipeline.sources.expected_shape`).
 
     Args:
         stage: a stage name of :data:`pipeline.stages.STAGES`.
@@ -144,35 +232,38 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         KeyError: unknown stage; ValueError: a sample set outside the grammar.
     """
     import torch
-    import torch.nn.functional as F
 
-    from pipeline.config import load_default, variant_config
-    from pipeline.models import build_model, model_args
-    from pipeline.sets import parse_sample_set
+    if stage in ("prepare_data", "timings"):
+        return StageCost(0.0, 0, "no network")
+    with torch.device("meta"):
+        return _stage_cost(stage, _full(cfg), sample_sets, flags)
+
+
+def _full(cfg: Mapping[str, Any]) -> dict:
+    from pipeline.config import load_default
 
     full = load_default()
     for key, value in cfg.items():
         full[key] = value
-    from pipeline.diffusion import pixel_size
-    from pipeline.sources import expected_shape
+    return full
 
-    if stage in ("prepare_data", "timings"):
-        return StageCost(0.0, 0, "no network")
-    if full["data"]["source"] == "nifti":  # the 3D networks are not in this version yet (issue #14)
-        return StageCost(0.0, 0, "3D volumes: not priced in this version")
+
+def _stage_cost(stage: str, full: dict, sample_sets, flags) -> StageCost:
+    import torch
+
+    from pipeline.diffusion import pixel_size
+    from pipeline.models import build_model, model_args
+    from pipeline.sets import parse_sample_set
+
+    geo, training = _networks(stage, full, flags)
+    img, sd, grid, k, d = geo["img"], geo["sd"], geo["grid"], geo["k"], geo["d"]
     vq = full["vqvae"]
-    k, d = int(vq["num_embeddings"]), int(vq["embedding_dim"])
-    img = expected_shape(full["data"])  # (C, H, W): (1, 28, 28) for MNIST
-    f = int(vq.get("downsample", 4))
-    gh, gw = img[1] // f, img[2] // f  # the code grid (7x7 for MNIST)
-    ph, pw = pixel_size(img[1:])
+    if training is not None:
+        return _training(*training)
 
     def vqvae():
-        return build_model("vqvae", model_args("vqvae", vq, in_channels=img[0]))
+        return build_model("vqvae", model_args("vqvae", vq, in_channels=img[0], spatial_dims=sd))
 
-    if stage == "train_vqvae":
-        net = vqvae()
-        return _training(net, lambda b: (torch.rand(b, *img),), _vqvae_loss, vq)
     if stage == "extract_latents":
         net = vqvae()
         train, test = images_in_split(full["data"])
@@ -180,44 +271,11 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
         per = _forward_flops(lambda x: net.encode(x), torch.rand(1, *img))
         batches = -(-n // 500)
         return StageCost(per * n, batches, f"{n} images x {per / 1e6:.1f} MFLOP (encoder)")
-    if stage == "train_classifier":
-        sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES, image_shape=img))
-        return _training(
-            net,
-            lambda b: (torch.rand(b, *img), torch.randint(0, 10, (b,))),
-            lambda m, x, y: F.cross_entropy(m(x), y),
-            sec,
-        )
-    if stage == "train_encoder":
-        from pipeline.models.encoder import nt_xent
-
-        sec = full["encoder"]
-        net = build_model("encoder", model_args("encoder", sec, image_shape=img))
-        return _training(
-            net, lambda b: (torch.rand(b, *img), torch.rand(b, *img)), lambda m, a, b: nt_xent(m(a), m(b)), sec
-        )
-    if stage in ("train_pixelcnn", "train_diffusion"):
-        prior = stage.removeprefix("train_")
-        conditional = bool(flags.get("conditional"))
-        sec = variant_config(full, prior, conditional=conditional, budget=flags.get("budget"))[prior]
-        n_cls = _CLASSES if conditional else 0
-        if prior == "pixelcnn":
-            net = build_model("pixelcnn", model_args("pixelcnn", sec, in_channels=k, num_classes=n_cls))
-            codes = lambda b: (torch.randint(0, k, (b, gh, gw)),)  # noqa: E731
-            return _training(net, codes, lambda m, c: F.cross_entropy(m(c), c), sec)
-        net = build_model("unet", model_args("unet", sec, in_channels=d, num_classes=n_cls))
-        return _training(net, _noisy(d, (gh, gw), sec), _eps_loss, sec)
-    if stage == "train_pixel_diffusion":
-        sec = dict(full["pixel_diffusion"])
-        sec["steps"] = int(sec["steps"] or full["diffusion"]["steps"])  # null: about the latent model's
-        net = build_model("unet", model_args("unet", sec, in_channels=img[0]))
-        return _training(net, _noisy(img[0], (ph, pw), sec), _eps_loss, sec)
     if stage == "sample":
         sec = full["sample"]
         sets = list(sample_sets or ["pixelcnn"])
         decoder = vqvae()
-        dec = _forward_flops(lambda c: decoder.decode_codes(c), torch.randint(0, k, (1, gh, gw)))
+        dec = _forward_flops(lambda c: decoder.decode_codes(c), torch.randint(0, k, (1, *grid)))
         total, calls, parts = 0.0, 0, []
         for name in sets:
             spec = parse_sample_set(name)
@@ -226,17 +284,20 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
             n_cls = _CLASSES if spec.conditional else 0
             if spec.prior == "pixelcnn":
                 sec_p = full["pixelcnn"]
-                net = build_model("pixelcnn", model_args("pixelcnn", sec_p, in_channels=k, num_classes=n_cls))
-                full_fwd = _forward_flops(lambda c, net=net: net(c), torch.randint(0, k, (1, gh, gw)))
-                # row-cropped raster sampling: position (r, c) runs the net on rows 0..r
-                evals = sum(gw * (r + 1) / gh for r in range(gh))
+                args = model_args("pixelcnn", sec_p, in_channels=k, num_classes=n_cls, spatial_dims=sd)
+                net = build_model("pixelcnn", args)
+                full_fwd = _forward_flops(lambda c, net=net: net(c), torch.randint(0, k, (1, *grid)))
+                # raster sampling cropped to the first rows (planes): position (r, ...) runs rows 0..r
+                per_row = math.prod(grid[1:])
+                evals = sum(per_row * (r + 1) / grid[0] for r in range(grid[0]))
                 per_sample = full_fwd * evals * guided + dec
-                seq = gh * gw
+                seq = math.prod(grid)
             else:
                 pixel = spec.prior == "pixeldiff"
                 sec_d = full["pixel_diffusion" if pixel else "diffusion"]
-                shape = (1, img[0], ph, pw) if pixel else (1, d, gh, gw)
-                net = build_model("unet", model_args("unet", sec_d, in_channels=shape[1], num_classes=n_cls))
+                shape = (1, img[0], *pixel_size(img[1:])) if pixel else (1, d, *grid)
+                args = model_args("unet", sec_d, in_channels=shape[1], num_classes=n_cls, spatial_dims=sd)
+                net = build_model("unet", args)
                 fwd = _forward_flops(lambda z, net=net: net(z, torch.zeros(1, dtype=torch.long)), torch.randn(shape))
                 if spec.method == "ddpm":
                     steps = int(sec_d["timesteps"])
@@ -254,13 +315,137 @@ def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | N
             parts.append(f"{name} {n} x {per_sample / 1e9:.2f} GFLOP")
         return StageCost(total, calls, "; ".join(parts))
     if stage == "evaluate":
-        sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES, image_shape=img)).eval()
-        per = _forward_flops(lambda x: net(x), torch.rand(1, *img))
         sets = len(full["sample"]["models"]) + 4  # the sample sets and the reference rows
         n = int(full["sample"]["num_samples"]) * sets + sum(images_in_split(full["data"]))
-        return StageCost(per * n, -(-n // 500), f"{n} images x {per / 1e6:.1f} MFLOP (classifier)")
+        per, names = 0.0, []
+        for judge in _judges(full):
+            kind, sec = ("classifier", full["classifier"]) if judge == "classifier" else ("encoder", full["encoder"])
+            extra = {"num_classes": _CLASSES} if kind == "classifier" else {}
+            net = build_model(kind, model_args(kind, sec, image_shape=img, **extra)).eval()
+            fn = net if kind == "classifier" else net.features
+            per += _forward_flops(lambda x, fn=fn: fn(x), torch.rand(1, *img))
+            names.append(kind)
+        return StageCost(per * n, -(-n // 500), f"{n} images x {per / 1e6:.1f} MFLOP ({' + '.join(names)})")
     raise KeyError(f"unknown stage {stage!r}")
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """GPU memory of one training stage, per GPU, in GiB (2**30 bytes).
+
+    Attributes:
+        params: parameter count.
+        states: weights + gradients + Adam's two moments (fp32: 16 bytes a parameter), plus 4
+            for the EMA copy and 4 for the autoguidance snapshot when the stage keeps them.
+        activations: what autograd saves for backward at the per-GPU batch, without checkpointing.
+        activations_checkpointed: the same with the model's gradient checkpointing on: the
+            saved tensors outside its regions, every region's inputs, and the largest region's
+            own activations (recomputed one region at a time in backward).
+        batch_per_gpu: the batch the activations are measured at.
+        checkpointing: whether the stage's config turns checkpointing on.
+    """
+
+    params: int
+    states: float
+    activations: float
+    activations_checkpointed: float | None
+    batch_per_gpu: int
+    checkpointing: bool
+
+    @property
+    def total(self) -> float:
+        """GiB the stage needs as configured (states + the activations it will keep)."""
+        act = (
+            self.activations_checkpointed if self.checkpointing and self.activations_checkpointed else self.activations
+        )
+        return self.states + act
+
+
+def stage_memory(stage: str, cfg: Mapping[str, Any], gpus: int = 1, **flags: Any) -> StageMemory | None:
+    """The GPU memory of a training stage at its configured shapes and batch (``batch_size``
+    split over ``gpus`` DDP ranks), measured on the meta device; None for stages without
+    training (their memory is one forward at a time: small next to training's).
+
+    Activations are every tensor autograd saves for backward (counted once, parameters
+    excluded: they are in ``states``), at 2 bytes an element under ``cfg["bf16"]`` and 4
+    without; it leaves out the allocator's slack, cuDNN workspaces and the CUDA context (about
+    0.5 to 1 GiB), which is why the plan warns at 90 % of the GPU's memory. With
+    checkpointing, region inputs are saved and each region is recomputed alone (Chen et al.
+    2016): saved_outside + sum(inputs) + max(region activations).
+
+    Raises:
+        KeyError: unknown stage (via :func:`stage_cost`'s stage names).
+    """
+    import torch
+
+    if not stage.startswith("train_"):
+        return None
+    with torch.device("meta"):
+        full = _full(cfg)
+        _, training = _networks(stage, full, flags)
+        if training is None:
+            raise KeyError(f"unknown stage {stage!r}")
+        net, make_batch, loss_of, sec = training
+        per_gpu = max(1, -(-int(sec["batch_size"]) // max(1, gpus)))
+        bytes_per = 2 if full.get("bf16") else 4
+        params = sum(p.numel() for p in net.parameters())
+        # an EMA copy of the weights (not the VQ-VAE: its ema_decay is the codebook's) and the
+        # autoguidance snapshot, when the stage keeps them: 4 bytes a parameter each
+        ema = 4 * (bool(sec.get("ema_decay")) and stage != "train_vqvae") + 4 * bool(sec.get("guide_snapshot"))
+        regions = net.checkpoint_regions() if hasattr(net, "checkpoint_regions") else []
+        saved, inside, inputs = _saved_elements(net, make_batch(per_gpu), loss_of, regions)
+    gib = 2.0**30
+    ckpt = None
+    if regions:
+        ckpt = (saved - sum(inside) + sum(inputs) + max(inside)) * bytes_per / gib
+    return StageMemory(
+        params=params,
+        states=params * (16 + ema) / gib,
+        activations=saved * bytes_per / gib,
+        activations_checkpointed=ckpt,
+        batch_per_gpu=per_gpu,
+        checkpointing=bool(sec.get("gradient_checkpointing")),
+    )
+
+
+def _saved_elements(net, batch, loss_of, regions) -> tuple[int, list[int], list[int]]:
+    """(elements saved for backward in all, per region: saved inside it, its input elements)."""
+    import torch
+
+    params = {id(p) for p in net.parameters()}
+    seen: set[int] = set()
+    keep: list = []  # the tensors stay alive, so no id is reused during the pass
+    total = [0]
+
+    def pack(t):
+        if id(t) not in seen and id(t) not in params:
+            seen.add(id(t))
+            keep.append(t)
+            total[0] += t.numel()
+        return t
+
+    inside = [0] * len(regions)
+    inputs = [0] * len(regions)
+    start = [0] * len(regions)
+    handles = []
+    for i, (first, last) in enumerate(regions):
+
+        def pre(module, args, i=i):
+            start[i] = total[0]
+            inputs[i] = sum(a.numel() for a in args if isinstance(a, torch.Tensor))
+
+        def post(module, args, out, i=i):
+            inside[i] = total[0] - start[i]
+
+        handles += [first.register_forward_pre_hook(pre), last.register_forward_hook(post)]
+    net.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_of(net, *batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0], inside, inputs
 
 
 def estimate_seconds(cost: StageCost, tflops: float, step_ms: float, startup_s: float = 60.0) -> float:

@@ -7,8 +7,10 @@ runs Snakemake's dry run (``-n -p``) with the given arguments, reads back the
 job: where it runs (a SLURM job or the Snakemake host), partition, GPUs, CPUs per task, memory,
 time limit and account from the cluster YAML the command names, the stage's FLOPs counted from
 its models at its configured sizes (:mod:`pipeline.flops`), the time they imply at the YAML's
-``assumed_tflops`` / ``assumed_step_ms``, and the GPU-hours (estimated, and at most: the time
-limit). Only jobs that would run are listed: a finished stage costs nothing. The dry run needs
+``assumed_tflops`` / ``assumed_step_ms``, the GPU-hours (estimated, and at most: the time
+limit), and for training stages the GPU memory per GPU (:func:`pipeline.flops.stage_memory`),
+with a warning that names the fix when it passes 90 % of the YAML's ``gpu_memory_gb``. Only
+jobs that would run are listed: a finished stage costs nothing. The dry run needs
 no account; the plan shows the placeholder where none is set.
 """
 
@@ -52,6 +54,10 @@ class PlanRow:
     est_s: float
     gpu_hours: float
     max_gpu_hours: float | None
+    gpu_mem_gib: float | None = None  # estimated per GPU as configured (training stages)
+    gpu_mem_other_gib: float | None = None  # the same with gradient checkpointing toggled
+    gpu_memory_gb: float | None = None  # the GPU's memory (cluster YAML gpu_memory_gb)
+    section: str | None = None  # the config section of the trained network
 
 
 def dry_run_commands(snakemake_args: list[str], snakefile: Path | None = None) -> tuple[list[str], dict]:
@@ -86,7 +92,7 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
         pipeline.dispatch.DispatchError: a cluster YAML a command names is missing or invalid.
     """
     from pipeline.dispatch import job_suffix, load_cluster_config, stage_parameters, submitit_parameters
-    from pipeline.flops import estimate_seconds, stage_cost
+    from pipeline.flops import estimate_seconds, stage_cost, stage_memory
 
     rows = []
     for command in commands:
@@ -107,6 +113,10 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
             tflops = float(params.get("assumed_tflops", DEFAULT_TFLOPS)) * gpus
             est = estimate_seconds(cost, tflops, float(params.get("assumed_step_ms", DEFAULT_STEP_MS)), STARTUP_S)
             timeout = int(sub["timeout_min"])
+            mem = stage_memory(args.stage, cfg, gpus, **flags)
+            other = None
+            if mem is not None and mem.activations_checkpointed is not None:
+                other = mem.states + (mem.activations if mem.checkpointing else mem.activations_checkpointed)
             rows.append(
                 PlanRow(
                     job=sub["name"],
@@ -123,6 +133,10 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
                     est_s=est,
                     gpu_hours=est * gpus / 3600,
                     max_gpu_hours=timeout * gpus / 60,
+                    gpu_mem_gib=None if mem is None else mem.total,
+                    gpu_mem_other_gib=other,
+                    gpu_memory_gb=params.get("gpu_memory_gb"),
+                    section=_SECTIONS.get(args.stage),
                 )
             )
         else:
@@ -147,6 +161,20 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
     return rows
 
 
+#: the config section of each training stage's network (for the plan's checkpointing advice)
+_SECTIONS = {
+    "train_vqvae": "vqvae",
+    "train_pixelcnn": "pixelcnn",
+    "train_diffusion": "diffusion",
+    "train_pixel_diffusion": "pixel_diffusion",
+    "train_encoder": "encoder",
+    "train_classifier": "classifier",
+}
+#: the plan warns when a stage's estimate passes this fraction of the GPU's memory (the estimate
+#: leaves out the CUDA context, cuDNN workspaces and the allocator's slack)
+MEMORY_WARN_FRACTION = 0.9
+
+
 def _minutes(seconds: float) -> str:
     return "-" if seconds != seconds else f"{seconds / 60:.1f}"
 
@@ -155,14 +183,15 @@ def format_plan(rows: list[PlanRow]) -> str:
     """The plan as a Markdown table with totals and the assumptions, warning about any job whose
     estimate exceeds its time limit."""
     cols = ["job", "runs", "partition", "GPUs", "CPUs/task", "mem GB", "limit min", "account", "TFLOP", "est. min"]
-    cols.append("GPU-h (max)")
+    cols += ["GPU-h (max)", "GPU mem GiB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         lines.append(
             f"| {r.job} | {r.where} | {r.partition or '-'} | {r.gpus} | {r.cpus or '-'} | "
             f"{'-' if r.mem_gb is None else f'{r.mem_gb:g}'} | {r.timeout_min or '-'} | {r.account or '-'} | "
             f"{r.tflop:.2f} | {_minutes(r.est_s)} | {r.gpu_hours:.3f} "
-            f"({'-' if r.max_gpu_hours is None else f'{r.max_gpu_hours:.2f}'}) |"
+            f"({'-' if r.max_gpu_hours is None else f'{r.max_gpu_hours:.2f}'}) | "
+            f"{'-' if r.gpu_mem_gib is None else f'{r.gpu_mem_gib:.2f}'} |"
         )
     slurm = [r for r in rows if r.where == "SLURM"]
     lines.append("")
@@ -176,9 +205,24 @@ def format_plan(rows: list[PlanRow]) -> str:
         "assumed_step_ms), from the cluster YAML (default "
         f"{DEFAULT_TFLOPS:g} TFLOP/s, {DEFAULT_STEP_MS:g} ms); FLOPs counted from the models (pipeline/flops.py)."
     )
+    if any(r.gpu_mem_gib is not None for r in slurm):
+        lines.append(
+            "GPU mem: per GPU, training stages only: weights, gradients, Adam and EMA (fp32) plus the activations "
+            "saved for backward at the per-GPU batch (bf16 when bf16: true), measured on the meta device "
+            "(pipeline/flops.py stage_memory); the CUDA context and workspaces (~1 GiB) come on top."
+        )
     for r in slurm:
         if r.timeout_min and r.est_s > 60 * r.timeout_min:
             lines.append(f"WARNING: {r.job} is estimated at {r.est_s / 60:.0f} min, over its {r.timeout_min} min limit")
+        cap = r.gpu_memory_gb
+        if cap and r.gpu_mem_gib is not None and r.gpu_mem_gib > MEMORY_WARN_FRACTION * cap:
+            fix = f"lower {r.section}.batch_size"
+            if r.gpu_mem_other_gib is not None and r.gpu_mem_other_gib < r.gpu_mem_gib:
+                fix = f"set {r.section}.gradient_checkpointing: true ({r.gpu_mem_other_gib:.1f} GiB) or " + fix
+            lines.append(
+                f"WARNING: {r.job} needs about {r.gpu_mem_gib:.1f} GiB per GPU, over {MEMORY_WARN_FRACTION:.0%} of "
+                f"the {cap:g} GB GPU: {fix}"
+            )
     if any(r.where == "here" and r.tflop > 0 for r in rows):
         lines.append(
             "Jobs that run here (no SLURM dispatch: the one-allocation mode, or a laptop) have no estimate: "

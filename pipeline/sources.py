@@ -684,12 +684,24 @@ def has_labels(dcfg: Mapping) -> bool:
     return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
 
 
-def expected_shape(dcfg: Mapping) -> tuple[int, int, int]:
+def expected_shape(dcfg: Mapping) -> tuple[int, ...]:
     """(C, H, W) that ``dataset.h5`` will hold, known before prepare_data runs (for the FLOP plan):
     from ``data.size`` and ``data.color`` when set, else the source's own shape (MNIST 28x28, the
     photos' crop, the digits' 8x8), else the first image or array of ``data.path``; (1, 28, 28)
-    when nothing can be read yet."""
+    when nothing can be read yet. For ``nifti``: (1, D, H, W) from ``data.volume_shape``, else
+    the first volume's header (before resampling), else (1, 64, 64, 64)."""
     source = dcfg["source"]
+    if source == "nifti":
+        if dcfg.get("volume_shape"):
+            return (1, *(int(v) for v in dcfg["volume_shape"]))
+        try:
+            import nibabel as nib
+
+            from pipeline.volumes import nifti_files
+
+            return (1, *(int(v) for v in nib.load(str(nifti_files(dcfg["path"])[0])).shape[:3]))
+        except Exception:  # noqa: BLE001 - a plan before the data exists
+            return (1, 64, 64, 64)
     c = {"gray": 1, "rgb": 3, "rgba": 4}.get(dcfg.get("color") or "", 3 if source == "photos" else None)
     hw = None
     if dcfg.get("size") is not None:
@@ -740,6 +752,13 @@ def expected_count(dcfg: Mapping) -> int | None:
     source = dcfg["source"]
     if source == "photos":
         return int(dcfg["num_crops"])
+    if source == "nifti":  # volumes before the volume_copies (pipeline.flops.images_in_split adds them)
+        from pipeline.volumes import nifti_files
+
+        try:
+            return len(nifti_files(dcfg["path"]))
+        except Exception:  # noqa: BLE001 - a plan before the data exists
+            return None
     if source == "sklearn_digits":
         return 1797
     try:

@@ -121,6 +121,7 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
         model_args = build_args("vqvae", sec, in_channels=int(train_x.shape[1]), spatial_dims=spatial_dims)
         seed_everything(int(sec["seed"]))
         model = build_model("vqvae", model_args).to(device)
+        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
 
         def compute_loss(net, idx, shard):
             x = shard(train_x[idx])
@@ -247,6 +248,7 @@ def train_pixelcnn(
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("pixelcnn", model_args).to(device)
+        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
 
         def compute_loss(net, idx, shard):
             c = shard(train_c[idx])
@@ -439,6 +441,7 @@ def train_diffusion(
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
         model = build_model("unet", model_args).to(device)
+        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
         diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
         res = _train_denoiser(
@@ -740,6 +743,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
         model_args = build_args("unet", sec, in_channels=int(train_x.shape[1]))
         seed_everything(int(sec["seed"]))
         model = build_model("unet", model_args).to(device)
+        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
         diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
         budget = None

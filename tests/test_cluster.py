@@ -285,3 +285,74 @@ def test_gpu_preset_validates_and_switches_the_gpu_paths_on():
     assert cfg["data"]["source"] == "mnist" and cfg["data"]["download"]
     assert cfg["evaluate"]["num_images"] <= 10000  # the full test split
     assert cfg["slurm"]["enabled"] and cfg["sample"]["ddpm_num_samples"] is None
+
+
+# --- the 3D T1 preset: FLOPs, GPU memory and the plan for 128³ volumes (issue #14) ------------
+T1 = ROOT / "pipeline" / "configs" / "bigred200_t1.yaml"
+
+
+def test_t1_preset_fits_one_a100_with_checkpointing_where_the_memory_needs_it():
+    from pipeline.config import resolve
+    from pipeline.flops import stage_memory
+
+    cfg = resolve([str(BR200 / "pipeline.yaml"), str(T1)])
+    assert cfg["data"]["source"] == "nifti" and cfg["data"]["volume_shape"] == [128, 128, 128] and cfg["bf16"]
+    assert cfg["slurm"]["cluster_config"] == "cluster/bigred200/slurm_t1.yaml"
+    assert (ROOT / cfg["slurm"]["cluster_config"]).is_file()
+    gpu = yaml.safe_load((ROOT / cfg["slurm"]["cluster_config"]).read_text())["defaults"]["gpu_memory_gb"]
+    for stage in ("train_vqvae", "train_encoder", "train_pixelcnn", "train_diffusion"):
+        cost, mem = stage_cost(stage, cfg), stage_memory(stage, cfg)
+        assert cost.flops > 1e15 and mem.total < 0.9 * gpu, (stage, cost, mem)
+    # the PixelCNN over the 32³ code grid needs its checkpointing: without it, past the 90 % the plan warns at
+    pix = stage_memory("train_pixelcnn", cfg)
+    assert pix.checkpointing and pix.states + pix.activations > 0.9 * gpu > 2 * pix.total
+    # the diffusion sampler is thousands of times cheaper per volume than raster PixelCNN sampling
+    pc, diff = (stage_cost("sample", cfg, sample_sets=[s]) for s in ("pixelcnn", "diffusion_dpmsde"))
+    assert pc.flops > 1000 * diff.flops
+
+
+def test_gpu_memory_scales_with_batch_precision_and_checkpointing():
+    import torch
+
+    from pipeline.config import resolve
+    from pipeline.flops import _networks, _saved_elements, stage_memory
+
+    vols = ["data.source=nifti", "data.path=none", "data.volume_shape=[16, 16, 8]", "vqvae.batch_size=4"]
+    cfg = resolve(overrides=vols)
+    base = stage_memory("train_vqvae", cfg)
+    double = stage_memory("train_vqvae", {**cfg, "vqvae": {**cfg["vqvae"], "batch_size": 8}})
+    bf16 = stage_memory("train_vqvae", {**cfg, "bf16": True})
+    two_gpus = stage_memory("train_vqvae", cfg, gpus=2)
+    assert double.activations == pytest.approx(2 * base.activations, rel=0.01)
+    assert bf16.activations == pytest.approx(base.activations / 2) and two_gpus.batch_per_gpu == 2
+    assert base.activations_checkpointed < base.activations and base.states == pytest.approx(base.params * 16 / 2**30)
+    # the meta device counts what real tensors save
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            _, (net, batch, loss, _) = _networks("train_vqvae", cfg, {})
+            net.quantizer.eval()  # the EMA update does not run on meta tensors
+            counts = _saved_elements(net, batch(4), loss, net.checkpoint_regions())
+        if device == "meta":
+            meta = counts
+    assert counts == meta
+    assert stage_memory("sample", cfg) is None
+
+
+def test_plan_of_the_t1_preset_prints_gpu_hours_and_warns_about_memory(tmp_path):
+    args = ["plan", "-d", str(tmp_path), "--profile", str(BR200), "--configfile", str(BR200 / "pipeline.yaml"), str(T1)]
+    proc = run_cli(*args, "--config", "slurm={account: r12345}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    row = re.search(
+        r"^\| t1_128-train_pixelcnn \| SLURM \| gpu \| 1 \| 16 \| 60 \| 480 \| r12345 \|.*\| ([\d.]+) \|$", out, re.M
+    )
+    assert row and float(row.group(1)) < 36, out
+    hours = float(re.search(r"estimated ([\d.]+) GPU-hours", out).group(1))
+    assert 1 < hours < 100 and "WARNING" not in out and "GPU mem" in out
+    proc = run_cli(*args, "--config", "pixelcnn={gradient_checkpointing: false}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(
+        r"WARNING: t1_128-train_pixelcnn needs about [\d.]+ GiB per GPU, over 90% of the 40 GB GPU: "
+        r"set pixelcnn.gradient_checkpointing: true",
+        proc.stdout,
+    ), proc.stdout

@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models.vqvae import checkpointed
+
 __all__ = ["MaskedConv2d", "MaskedConv3d", "GatedMaskedLayer", "GatedPixelCNN"]
 
 
@@ -208,6 +210,7 @@ class GatedPixelCNN(nn.Module):
             nn.ReLU(),
             conv(4 * hidden_channels, num_embeddings, 1),
         )
+        self.gradient_checkpointing = False
 
     def _cond(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         if self.label_embedding is None:
@@ -216,7 +219,9 @@ class GatedPixelCNN(nn.Module):
             return None
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        if labels.shape != (batch,) or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+        if labels.shape != (batch,) or (
+            not labels.is_meta and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes)
+        ):
             raise ValueError(
                 f"labels must be int ({batch},) in [0, {self.num_classes}] ({self.num_classes} = null), got shape "
                 f"{tuple(labels.shape)}"
@@ -226,15 +231,25 @@ class GatedPixelCNN(nn.Module):
     def forward_embedded(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K, *S) from already-embedded codes x (B, h, *S) (used by the causality test)."""
         cond = self._cond(labels, x.shape[0], x.device)
+        ck = self.gradient_checkpointing
         if self.spatial_dims == 2:
             v, h = x, x
             for layer in self.layers:
-                v, h = layer(v, h, cond)
+                v, h = checkpointed(layer, v, h, cond, enabled=ck)
             return self.head(h)
         v, h, d = x, x, x
         for layer in self.layers:
-            v, h, d = layer(v, h, cond, d)
+            v, h, d = checkpointed(layer, v, h, cond, d, enabled=ck)
         return self.head(h)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint every gated layer (:func:`pipeline.models.vqvae.checkpointed`): training keeps
+        each layer's input stacks only. A training setting (``pixelcnn.gradient_checkpointing``)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def checkpoint_regions(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(first, last) module of every checkpointed region: each gated layer."""
+        return [(m, m) for m in self.layers]
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Codes int (B, H, W) in [0, K), labels int (B,) in [0, num_classes] or None (null label)

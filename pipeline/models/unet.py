@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.vqvae import conv_nd
+from pipeline.models.vqvae import checkpointed, conv_nd
 
 __all__ = ["timestep_embedding", "UNet"]
 
@@ -184,6 +184,18 @@ class UNet(nn.Module):
         self.conv_out = conv(ch, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint every residual and attention block (:func:`pipeline.models.vqvae.checkpointed`):
+        training keeps each block's inputs only and recomputes its activations in backward. A
+        training setting (``diffusion.gradient_checkpointing``), not a model arg."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def checkpoint_regions(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(first, last) module of every checkpointed region: each ResBlock and AttentionBlock."""
+        blocks = [m for m in self.modules() if isinstance(m, ResBlock | AttentionBlock)]
+        return [(m, m) for m in blocks]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted noise float, the shape of x: (B, D, H, W) or (B, D, d, h, w); each side is
@@ -206,7 +218,9 @@ class UNet(nn.Module):
         if self.label_emb is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            if labels.shape != (x.shape[0],) or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+            if labels.shape != (x.shape[0],) or (
+                not labels.is_meta and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes)
+            ):
                 raise ValueError(
                     f"labels must be int ({x.shape[0]},) in [0, {self.num_classes}] ({self.num_classes} = null), got "
                     f"shape {tuple(labels.shape)}"
@@ -214,18 +228,26 @@ class UNet(nn.Module):
             temb = temb + self.label_emb(labels.long())
         elif labels is not None:
             raise ValueError("labels given to an unconditional UNet (num_classes=0)")
+        ck = self.gradient_checkpointing
+
+        def res(block, h):
+            return checkpointed(block, h, temb, enabled=ck)
+
+        def attn(block, h):
+            return checkpointed(block, h, enabled=ck and isinstance(block, AttentionBlock))
+
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
             if len(block) == 2:
-                h = block[1](block[0](h, temb))
+                h = attn(block[1], res(block[0], h))
             else:
                 h = block[0](h)
             skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        h = res(self.mid2, attn(self.mid_attn, res(self.mid1, h)))
         for block in self.up:
             if isinstance(block[0], ResBlock):
-                h = block[1](block[0](torch.cat([h, skips.pop()], dim=1), temb))
+                h = attn(block[1], res(block[0], torch.cat([h, skips.pop()], dim=1)))
             else:
                 h = block[1](block[0](h))
         h = self.conv_out(F.silu(self.norm_out(h)))

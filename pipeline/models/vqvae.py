@@ -17,13 +17,24 @@ This module holds ``nn.Module`` s only; it imports neither config, training code
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VQOutput", "VectorQuantizerEMA", "ResidualBlock", "Encoder", "Decoder", "VQVAE", "conv_nd"]
+__all__ = [
+    "VQOutput",
+    "VectorQuantizerEMA",
+    "ResidualBlock",
+    "Encoder",
+    "Decoder",
+    "VQVAE",
+    "conv_nd",
+    "checkpointed",
+    "sequential_segments",
+]
 
 
 def conv_nd(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
@@ -35,6 +46,35 @@ def conv_nd(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
     if spatial_dims not in table:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     return table[spatial_dims][int(transposed)]
+
+
+def checkpointed(fn, *args, enabled: bool = True):
+    """``fn(*args)``, through gradient checkpointing when ``enabled`` and autograd is recording:
+    only the inputs are kept for backward and the activations inside ``fn`` are recomputed
+    there (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost";
+    ``torch.utils.checkpoint`` non-reentrant, which restores the RNG state, so dropout draws the
+    same mask and the gradients equal the plain ones). Costs one more forward of ``fn``."""
+    if enabled and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def sequential_segments(n: int) -> list[tuple[int, int]]:
+    """[start, end) ranges cutting n layers into about sqrt(n) segments of about sqrt(n) layers:
+    what checkpointing a plain stack keeps (segment inputs) and recomputes (one segment at a
+    time) is then O(sqrt(n)) activations (Chen et al. 2016, sec. 4.1)."""
+    size = max(1, math.ceil(math.sqrt(n)))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _run_sequential(net: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    if not (checkpointing and torch.is_grad_enabled()):
+        return net(x)
+    for a, b in sequential_segments(len(net)):
+        x = checkpointed(net[a:b], x)
+    return x
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -158,11 +198,13 @@ class VectorQuantizerEMA(nn.Module):
         # Look up with the codebook the codes were chosen from, then update it (as Sonnet's
         # VectorQuantizerEMA): the EMA step and any restart take effect from the next batch.
         quantized = F.embedding(codes, self.embedding.clone()).view(b, *grid, d).movedim(-1, 1)
-        if self.training:
+        if self.training and not flat.is_meta:  # meta tensors (pipeline.flops counts on them) have no values
             self._ema_update(flat.detach(), codes)
         commitment = self.commitment_cost * F.mse_loss(z_e.float(), quantized.detach())
         quantized_st = z_e + (quantized - z_e).detach()  # straight-through estimator
-        probs = torch.bincount(codes, minlength=self.num_embeddings).float() / codes.numel()
+        # code counts by scatter_add, not bincount: same integers, and it runs on meta tensors
+        counts = flat.new_zeros(self.num_embeddings).scatter_add_(0, codes, flat.new_ones(codes.shape))
+        probs = counts / codes.numel()
         perplexity = torch.exp(torch.special.entr(probs).sum())
         return VQOutput(quantized_st, commitment, codes.view(b, *grid), perplexity)
 
@@ -218,9 +260,10 @@ class Encoder(nn.Module):
             nn.ReLU(),
             conv(hidden, embedding_dim, 1),
         )
+        self.gradient_checkpointing = False  # set by the training stage (vqvae.gradient_checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x - 0.5)
+        return _run_sequential(self.net, x - 0.5, self.gradient_checkpointing)
 
 
 class Decoder(nn.Module):
@@ -244,9 +287,10 @@ class Decoder(nn.Module):
         for i in range(stages):
             layers += [nn.ReLU(), up(widths[i], widths[i + 1], 4, stride=2, padding=1)]  # h -> 2h
         self.net = nn.Sequential(*layers)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return _run_sequential(self.net, z, self.gradient_checkpointing)
 
 
 class VQVAE(nn.Module):
@@ -301,6 +345,19 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(
             in_channels, hidden_channels, res_channels, num_res_blocks, embedding_dim, stages, spatial_dims
         )
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint the encoder's and the decoder's layer stacks in about sqrt(n) segments
+        (:func:`checkpointed`; as diffusers' ``enable_gradient_checkpointing``): training
+        activations drop to the segment inputs plus one segment, for one more forward. A training
+        setting, not stored in the checkpoint's model args."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = bool(enabled)
+
+    def checkpoint_regions(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(first, last) module of every region :meth:`enable_gradient_checkpointing` recomputes
+        (what :func:`pipeline.flops.stage_memory` measures)."""
+        stacks = (self.encoder.net, self.decoder.net)
+        return [(net[a], net[b - 1]) for net in stacks for a, b in sequential_segments(len(net))]
 
     def check_size(self, x: torch.Tensor) -> None:
         """Raise ValueError unless ``x`` is (B, C, H, W) (or (B, C, D, H, W) for volumes) with
