@@ -8,8 +8,10 @@ Makes ``results/ablation/<name>/`` with links to the base run's ``data/``, ``vqv
 ``classifier/`` (and ``latents/`` unless a ``latents.*`` key is overridden, when it is re-extracted),
 runs the training stage(s) the overrides touch, the ``sample`` stage for every set and the
 ``evaluate`` stage, and prints one TSV row per set: name, FD / floor, FD, class entropy,
-duplicates, memorised, label accuracy, training seconds of the prior. Every number comes from the
-stages themselves (``report/metrics.json``); nothing is computed here.
+duplicates, memorised, label accuracy, training seconds of the prior, the overrides, then
+the label-free coverage and the noise check ("-" where a judge does not apply: 3D volumes and
+unlabelled data have no classifier, so the label-free encoder/ is linked and judges). Every
+number comes from the stages themselves (``report/metrics.json``); nothing is computed here.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "ablation.log"
     sections = {o.split("=", 1)[0].split(".")[0] for o in a.overrides}
-    for folder in ("data", "vqvae", "classifier") + (() if "latents" in sections else ("latents",)):
+    for folder in ("data", "vqvae", "classifier", "encoder") + (() if "latents" in sections else ("latents",)):
         link = out / folder
-        if not link.exists():
+        if (base / folder).exists() and not link.exists():  # encoder/: the label-free judge (3D, own data)
             os.symlink(base / folder, link)
     common = (
         ["--run", str(out), "--threads", str(a.threads)]
@@ -100,7 +102,10 @@ def main(argv=None) -> int:
     for s in a.sets:
         r = m["sets"][s]
         secs = r.get("prior_train_seconds")
-        acc = r.get("label_accuracy")
+
+        def f3(key, r=r):
+            return "-" if r.get(key) is None else f"{r[key]:.3f}"
+
         print(
             "\t".join(
                 [
@@ -108,12 +113,13 @@ def main(argv=None) -> int:
                     s,
                     f"{r['fd_ratio']:.2f}",
                     f"{r['fd_train']:.3f}",
-                    f"{r['class_entropy']:.3f}",
-                    f"{r['duplicates']:.3f}",
-                    f"{r['memorised']:.3f}",
-                    "-" if acc is None else f"{acc:.3f}",
+                    f3("class_entropy"),
+                    f3("duplicates"),
+                    f3("memorised"),
+                    f3("label_accuracy"),
                     f"{secs}",
                     " ".join(a.overrides),
+                    f"coverage {f3('features_coverage')} noise check {r.get('noise_check')}",
                 ]
             ),
             flush=True,

@@ -157,7 +157,7 @@ def _networks(stage: str, full: Mapping[str, Any], flags: Mapping[str, Any]):
 
     from pipeline.config import variant_config
     from pipeline.diffusion import pixel_size
-    from pipeline.models import build_model, model_args
+    from pipeline.models import UNET_KINDS, build_model, model_args
     from pipeline.sources import expected_shape
 
     vq = full["vqvae"]
@@ -194,7 +194,8 @@ def _networks(stage: str, full: Mapping[str, Any], flags: Mapping[str, Any]):
             )
             codes = lambda b: (torch.randint(0, k, (b, *grid)),)  # noqa: E731
             return geo, (net, codes, lambda m, c: F.cross_entropy(m(c), c), sec)
-        net = build_model("unet", model_args("unet", sec, in_channels=d, num_classes=n_cls, spatial_dims=sd))
+        kind = UNET_KINDS[sec.get("network", "own")]
+        net = build_model(kind, model_args(kind, sec, in_channels=d, num_classes=n_cls, spatial_dims=sd))
         return geo, (net, _noisy(d, grid, sec), _eps_loss, sec)
     if stage == "train_pixel_diffusion":
         sec = dict(full["pixel_diffusion"])
@@ -252,7 +253,7 @@ def _stage_cost(stage: str, full: dict, sample_sets, flags) -> StageCost:
     import torch
 
     from pipeline.diffusion import pixel_size
-    from pipeline.models import build_model, model_args
+    from pipeline.models import UNET_KINDS, build_model, model_args
     from pipeline.sets import parse_sample_set
 
     geo, training = _networks(stage, full, flags)
@@ -296,8 +297,9 @@ def _stage_cost(stage: str, full: dict, sample_sets, flags) -> StageCost:
                 pixel = spec.prior == "pixeldiff"
                 sec_d = full["pixel_diffusion" if pixel else "diffusion"]
                 shape = (1, img[0], *pixel_size(img[1:])) if pixel else (1, d, *grid)
-                args = model_args("unet", sec_d, in_channels=shape[1], num_classes=n_cls, spatial_dims=sd)
-                net = build_model("unet", args)
+                kind = "unet" if pixel else UNET_KINDS[sec_d.get("network", "own")]
+                args = model_args(kind, sec_d, in_channels=shape[1], num_classes=n_cls, spatial_dims=sd)
+                net = build_model(kind, args)
                 fwd = _forward_flops(lambda z, net=net: net(z, torch.zeros(1, dtype=torch.long)), torch.randn(shape))
                 if spec.method == "ddpm":
                     steps = int(sec_d["timesteps"])

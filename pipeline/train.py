@@ -348,9 +348,10 @@ def _train_denoiser(
     p_drop: float = 0.0,
     n_cls: int = 0,
     snapshot: int | None = None,
+    kind: str = "unet",
 ):
-    """Train the U-Net ``model`` as a denoiser of ``x`` float (N, C, H, W) (the scaled latents or
-    the pixel-space images) under ``diffusion``'s objective (DDPM eq. 14 with the configured
+    """Train the U-Net ``model`` (factory kind ``kind``) as a denoiser of ``x`` float (N, C, H, W)
+    (the scaled latents or the pixel-space images) under ``diffusion``'s objective (DDPM eq. 14 with the configured
     prediction and weighting): per step t ~ U{0..T-1} and noise ~ N(0, I) are drawn for the
     global batch and sharded; with ``n_cls``, labels int (N,) are dropped to the null label with
     probability ``p_drop`` (classifier-free guidance training). Returns the
@@ -366,7 +367,7 @@ def _train_denoiser(
     return train_loop(
         stage=stage,
         model=model,
-        kind="unet",
+        kind=kind,
         model_args=model_args,
         section=sec,
         compute_loss=compute_loss,
@@ -434,13 +435,16 @@ def train_diffusion(
         n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
         if conditional and not n_cls:
             raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
+        from pipeline.models import UNET_KINDS
+
+        unet_kind = UNET_KINDS[sec.get("network", "own")]  # the project's U-Net or MONAI's
         model_args = build_args(
-            "unet", sec, in_channels=info.embedding_dim, num_classes=n_cls, spatial_dims=len(info.grid)
+            unet_kind, sec, in_channels=info.embedding_dim, num_classes=n_cls, spatial_dims=len(info.grid)
         )
         train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
         p_drop = float(sec.get("label_dropout", 0.0))
         seed_everything(int(sec["seed"]))
-        model = build_model("unet", model_args).to(device)
+        model = build_model(unet_kind, model_args).to(device)
         model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
         diffusion = _make_diffusion(sec).to(device)
         T = diffusion.num_timesteps
@@ -458,6 +462,7 @@ def train_diffusion(
             p_drop=p_drop,
             n_cls=n_cls,
             snapshot=snapshot_step(sec),
+            kind=unet_kind,
         )
         ema = res.ema
         seed = int(sec["seed"]) + 1
@@ -488,7 +493,7 @@ def train_diffusion(
         metrics["guide_step"] = snapshot_step(sec)
         finish_training(
             out / "model.pt",
-            "unet",
+            unet_kind,
             model_args,
             model,
             res,

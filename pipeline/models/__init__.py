@@ -15,16 +15,18 @@ from torch import nn
 from pipeline.models.classifier import DigitClassifier
 from pipeline.models.encoder import FeatureEncoder
 from pipeline.models.pixelcnn import GatedPixelCNN
-from pipeline.models.unet import UNet
+from pipeline.models.unet import MonaiUNet, UNet
 from pipeline.models.vqvae import VQVAE
 
 __all__ = [
     "MODEL_KINDS",
+    "UNET_KINDS",
     "build_model",
     "model_args",
     "VQVAE",
     "GatedPixelCNN",
     "UNet",
+    "MonaiUNet",
     "DigitClassifier",
     "FeatureEncoder",
 ]
@@ -33,9 +35,14 @@ MODEL_KINDS: dict[str, type[nn.Module]] = {
     "vqvae": VQVAE,
     "pixelcnn": GatedPixelCNN,
     "unet": UNet,
+    "monai_unet": MonaiUNet,
     "classifier": DigitClassifier,
     "encoder": FeatureEncoder,
 }
+
+
+#: ``diffusion.network`` -> the factory kind of the latent U-Net
+UNET_KINDS = {"own": "unet", "monai": "monai_unet"}
 
 
 def build_model(kind: str, args: Mapping[str, Any]) -> nn.Module:
@@ -65,7 +72,7 @@ def model_args(
     as the checkpoint's ``args`` (and what :mod:`pipeline.flops` builds to count FLOPs).
 
     Args:
-        kind: "vqvae", "pixelcnn", "unet" or "classifier".
+        kind: "vqvae", "pixelcnn", "unet", "monai_unet" (the same arguments), "classifier" or "encoder".
         section: the stage's config section (``vqvae``, ``pixelcnn``, ``diffusion``,
             ``pixel_diffusion``, ``classifier``).
         in_channels: image channels (vqvae, pixel-space unet) or latent channels D (latent unet);
@@ -93,7 +100,7 @@ def model_args(
             args["dropout"] = float(s["dropout"])
         if spatial_dims != 2:
             args["spatial_dims"] = int(spatial_dims)
-    elif kind == "unet":
+    elif kind in ("unet", "monai_unet"):
         args = {
             "in_channels": in_channels,
             "base_channels": s["base_channels"],

@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.models.vqvae import checkpointed, conv_nd
 
-__all__ = ["timestep_embedding", "UNet"]
+__all__ = ["timestep_embedding", "UNet", "MonaiUNet"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -252,3 +252,85 @@ class UNet(nn.Module):
                 h = block[1](block[0](h))
         h = self.conv_out(F.silu(self.norm_out(h)))
         return h[(slice(None), slice(None), *(slice(0, s) for s in sides))]
+
+
+class MonaiUNet(nn.Module):
+    """MONAI's ``DiffusionModelUNet`` (MONAI Generative Models, Pinaya et al. 2023) behind this
+    project's U-Net interface, so the diffusion stages can train and sample it unchanged
+    (``diffusion.network: monai``): the same constructor arguments as :class:`UNet` (levels of
+    ``base_channels * channel_mult``, ``num_res_blocks`` per level, attention at the lowest level
+    when ``attention``), the same ``forward(x, t, labels=None)`` with each side zero-padded to a
+    multiple of 2**(levels - 1) and the output cut back, labels in [0, num_classes] with
+    ``num_classes`` the null label (MONAI's ``num_class_embeds = num_classes + 1``).
+
+    Raises:
+        ValueError: ``dropout`` > 0 (MONAI's U-Net has no residual-block dropout), or what
+            MONAI raises for the widths (each must be a multiple of the group count).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 16,
+        base_channels: int = 64,
+        channel_mult: tuple[int, ...] | list[int] = (1, 2),
+        num_res_blocks: int = 1,
+        attention: bool = True,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        spatial_dims: int = 2,
+    ):
+        super().__init__()
+        from monai.networks.nets import DiffusionModelUNet
+
+        if dropout:
+            raise ValueError(f"diffusion.network monai has no residual-block dropout; got dropout {dropout}")
+        widths = tuple(int(base_channels) * int(m) for m in channel_mult)
+        self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
+        self.levels = len(widths)
+        self.net = DiffusionModelUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            num_res_blocks=int(num_res_blocks),
+            channels=widths,
+            attention_levels=tuple(bool(attention) and i == len(widths) - 1 for i in range(len(widths))),
+            norm_num_groups=min(_groups(w) for w in widths),
+            num_head_channels=widths[-1] // 4,
+            num_class_embeds=num_classes + 1 if num_classes else None,
+        )
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Not offered for MONAI's network here.
+
+        Raises:
+            ValueError: ``enabled`` (use the project's U-Net, ``diffusion.network: own``)."""
+        if enabled:
+            raise ValueError("diffusion.gradient_checkpointing needs diffusion.network: own")
+
+    def checkpoint_regions(self) -> list[tuple[nn.Module, nn.Module]]:
+        """None: :meth:`enable_gradient_checkpointing` is not offered."""
+        return []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`UNet.forward`: x float (B, D, *S), t (B,) in [0, T) -> the shape of x.
+
+        Raises:
+            ValueError: labels for an unconditional network, or x of another rank.
+        """
+        if x.dim() != 2 + self.spatial_dims:
+            raise ValueError(
+                f"expected x of rank {2 + self.spatial_dims} (spatial_dims {self.spatial_dims}), got {tuple(x.shape)}"
+            )
+        if labels is not None and not self.num_classes:
+            raise ValueError("labels given to an unconditional MonaiUNet (num_classes=0)")
+        if self.num_classes and labels is None:
+            labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        sides = x.shape[2:]
+        m = 2 ** (self.levels - 1)
+        pads = [(-s) % m for s in sides]
+        if any(pads):
+            x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        out = self.net(x, t.long() if not t.is_floating_point() else t, class_labels=labels)
+        return out[(slice(None), slice(None), *(slice(0, s) for s in sides))]
