@@ -354,13 +354,16 @@ class StageMemory:
     batch_per_gpu: int
     checkpointing: bool
 
+    def total_with(self, checkpointing: bool) -> float:
+        """GiB the stage needs with checkpointing on or off (states + the activations it keeps;
+        the plain activations where the network has no checkpointing)."""
+        ckpt = self.activations_checkpointed
+        return self.states + (ckpt if checkpointing and ckpt else self.activations)
+
     @property
     def total(self) -> float:
-        """GiB the stage needs as configured (states + the activations it will keep)."""
-        act = (
-            self.activations_checkpointed if self.checkpointing and self.activations_checkpointed else self.activations
-        )
-        return self.states + act
+        """GiB the stage needs as configured."""
+        return self.total_with(self.checkpointing)
 
 
 def stage_memory(stage: str, cfg: Mapping[str, Any], gpus: int = 1, **flags: Any) -> StageMemory | None:

@@ -116,7 +116,7 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
             mem = stage_memory(args.stage, cfg, gpus, **flags)
             other = None
             if mem is not None and mem.activations_checkpointed is not None:
-                other = mem.states + (mem.activations if mem.checkpointing else mem.activations_checkpointed)
+                other = mem.total_with(not mem.checkpointing)
             rows.append(
                 PlanRow(
                     job=sub["name"],

@@ -46,6 +46,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def _check_rank(x: torch.Tensor, spatial_dims: int) -> None:
+    """Raise ValueError unless x is (B, C, *S) with ``spatial_dims`` sides."""
+    if x.dim() != 2 + spatial_dims:
+        raise ValueError(f"expected x of rank {2 + spatial_dims} (spatial_dims {spatial_dims}), got {tuple(x.shape)}")
+
+
+def _pad_sides(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Size]:
+    """(x zero-padded at the end of every side up to a multiple of ``multiple``, the original sides)."""
+    sides = x.shape[2:]
+    pads = [(-s) % multiple for s in sides]
+    if any(pads):
+        x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
+    return x, sides
+
+
+def _crop_sides(h: torch.Tensor, sides) -> torch.Tensor:
+    """``h`` cut back to ``sides`` (undoes :func:`_pad_sides`)."""
+    return h[(slice(None), slice(None), *(slice(0, s) for s in sides))]
+
+
 def _groups(channels: int) -> int:
     for g in (32, 16, 8, 4, 2, 1):
         if channels % g == 0 and channels // g >= 2 or g == 1:
@@ -205,15 +225,8 @@ class UNet(nn.Module):
             ValueError: labels for an unconditional network, or labels out of [0, num_classes];
                 x of another rank than 2 + spatial_dims.
         """
-        if x.dim() != 2 + self.spatial_dims:
-            raise ValueError(
-                f"expected x of rank {2 + self.spatial_dims} (spatial_dims {self.spatial_dims}), got {tuple(x.shape)}"
-            )
-        sides = x.shape[2:]
-        m = 2 ** (self.levels - 1)
-        pads = [(-s) % m for s in sides]
-        if any(pads):
-            x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
+        _check_rank(x, self.spatial_dims)
+        x, sides = _pad_sides(x, 2 ** (self.levels - 1))
         temb = self.temb(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
             if labels is None:
@@ -251,7 +264,7 @@ class UNet(nn.Module):
             else:
                 h = block[1](block[0](h))
         h = self.conv_out(F.silu(self.norm_out(h)))
-        return h[(slice(None), slice(None), *(slice(0, s) for s in sides))]
+        return _crop_sides(h, sides)
 
 
 class MonaiUNet(nn.Module):
@@ -317,20 +330,13 @@ class MonaiUNet(nn.Module):
         Raises:
             ValueError: labels for an unconditional network, or x of another rank.
         """
-        if x.dim() != 2 + self.spatial_dims:
-            raise ValueError(
-                f"expected x of rank {2 + self.spatial_dims} (spatial_dims {self.spatial_dims}), got {tuple(x.shape)}"
-            )
+        _check_rank(x, self.spatial_dims)
         if labels is not None and not self.num_classes:
             raise ValueError("labels given to an unconditional MonaiUNet (num_classes=0)")
         if self.num_classes and labels is None:
             labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        sides = x.shape[2:]
-        m = 2 ** (self.levels - 1)
-        pads = [(-s) % m for s in sides]
-        if any(pads):
-            x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
+        x, sides = _pad_sides(x, 2 ** (self.levels - 1))
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         out = self.net(x, t.long() if not t.is_floating_point() else t, class_labels=labels)
-        return out[(slice(None), slice(None), *(slice(0, s) for s in sides))]
+        return _crop_sides(out, sides)
