@@ -68,7 +68,9 @@ def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
     """(job name, final state) of a job from the accounting database (which lags a little).
 
     A test SLURM started again on the same machine keeps its accounting database but counts job
-    ids from the start, so an id can name jobs of earlier runs too: the newest record is taken."""
+    ids from the start, so an id can name jobs of earlier runs too: the newest record is taken.
+    slurmdbd may first record a short job under the placeholder name ``allocation`` (seen on CI:
+    job 39 read back as ``allocation``, later as ``tiny-sample_pixelcnn``), so that is waited out too."""
     import time
 
     deadline = time.monotonic() + wait_s
@@ -81,7 +83,8 @@ def sacct(job_id: str, wait_s: float = 30) -> tuple[str, str]:
         ).stdout
         _, name, state = max(line.split("|") for line in out.strip().splitlines())
         state = state.split()[0]
-        if state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.monotonic() > deadline:
+        settled = state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") and name != "allocation"
+        if settled or time.monotonic() > deadline:
             return name, state
         time.sleep(1)
 
