@@ -376,7 +376,7 @@ def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
     30 s clock, so the signal comes 5-35 s into each run, hence several requeues; the work must
     outlast 35 s at any step rate a CI machine reaches, or the first run ends before the signal.)"""
     run = fresh_diffusion_run(slurm_run[0], tmp_path / "tiny")
-    job = train_diffusion_under_limit(run, tmp_path, gpus=1, timeout_min=1, steps=LIMIT_STEPS, wait_s=1500)
+    job = train_diffusion_under_limit(run, tmp_path, gpus=1, timeout_min=1, steps=LIMIT_STEPS)
     assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
     assert (run / "diffusion" / "model.pt").is_file()
 
@@ -390,7 +390,7 @@ def fresh_diffusion_run(finished: Path, run: Path) -> Path:
 
 
 def train_diffusion_under_limit(
-    run: Path, tmp_path: Path, gpus: int, timeout_min: int, steps: int, wait_s: float = 600
+    run: Path, tmp_path: Path, gpus: int, timeout_min: int, steps: int, wait_s: float = 1500
 ) -> str:
     """Submit ``steps`` steps of train_diffusion on ``gpus`` tasks under a ``timeout_min`` limit
     (SIGUSR2 25 s before it, up to 40 requeues) and wait; the job id of a run that succeeded."""
@@ -447,7 +447,7 @@ def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(slurm_
     runs = {}
     for name, timeout in (("uninterrupted", 10), ("requeued", 1)):
         run = fresh_diffusion_run(slurm_run[0], tmp_path / name / "tiny")
-        job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=timeout, steps=LIMIT_STEPS, wait_s=1500)
+        job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=timeout, steps=LIMIT_STEPS)
         runs[name] = (run, job)
     run, job = runs["requeued"]
     assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
