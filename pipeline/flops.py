@@ -34,11 +34,36 @@ __all__ = [
     "stage_memory",
     "images_in_split",
     "estimate_seconds",
+    "training_workload",
     "A100_PEAK_TFLOPS",
+    "GPU_PEAK_BF16_TFLOPS",
+    "peak_bf16_tflops",
 ]
 
 #: NVIDIA A100 datasheet, dense (no sparsity), TFLOP/s.
 A100_PEAK_TFLOPS = {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
+#: dense bf16 tensor-core peaks (TFLOP/s) of the GPUs a first run may meet, from NVIDIA's
+#: datasheets, by a substring of ``torch.cuda.get_device_name`` (first match wins)
+GPU_PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A40", 150.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of a GPU named ``device_name``; None for one not in
+    :data:`GPU_PEAK_BF16_TFLOPS`."""
+    for key, peak in GPU_PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return peak
+    return None
+
 
 #: classes of the conditional models and the judge (the digits; the class embedding's size does
 #: not change the counts measurably)
@@ -203,6 +228,22 @@ def _networks(stage: str, full: Mapping[str, Any], flags: Mapping[str, Any]):
         net = build_model("unet", model_args("unet", sec, in_channels=img[0]))
         return geo, (net, _noisy(img[0], pixel_size(img[1:]), sec), _eps_loss, sec)
     return geo, None
+
+
+def training_workload(stage: str, cfg: Mapping[str, Any], **flags: Any):
+    """What the FLOP counter runs for a training stage, to run it for real (``benchmarks/
+    gpu_acceptance.py`` measures the same network at the same batch the plan prices):
+    ``(network, make_batch(b) -> inputs, loss_of(network, *inputs) -> scalar, section)``, built
+    on the current default device (``with torch.device("cuda"):``), random inputs of the stage's
+    shapes.
+
+    Raises:
+        KeyError: not a training stage.
+    """
+    _, training = _networks(stage, _full(cfg), flags)
+    if training is None:
+        raise KeyError(f"{stage!r} is not a training stage")
+    return training
 
 
 def _judges(full: Mapping[str, Any]) -> tuple[str, ...]:
@@ -373,10 +414,10 @@ def stage_memory(stage: str, cfg: Mapping[str, Any], gpus: int = 1, **flags: Any
 
     Activations are every tensor autograd saves for backward (counted once, parameters
     excluded: they are in ``states``), at 2 bytes an element under ``cfg["bf16"]`` and 4
-    without; it leaves out the allocator's slack, cuDNN workspaces and the CUDA context (about
-    0.5 to 1 GiB), which is why the plan warns at 90 % of the GPU's memory. With
-    checkpointing, region inputs are saved and each region is recomputed alone (Chen et al.
-    2016): saved_outside + sum(inputs) + max(region activations).
+    without (4 for the judges, which train in float32); it leaves out the allocator's slack,
+    cuDNN workspaces and the CUDA context (about 0.5 to 1 GiB), which is why the plan warns at
+    90 % of the GPU's memory. With checkpointing, region inputs are saved and each region is
+    recomputed alone (Chen et al. 2016): saved_outside + sum(inputs) + max(region activations).
 
     Raises:
         KeyError: unknown stage (via :func:`stage_cost`'s stage names).
@@ -392,7 +433,8 @@ def stage_memory(stage: str, cfg: Mapping[str, Any], gpus: int = 1, **flags: Any
             raise KeyError(f"unknown stage {stage!r}")
         net, make_batch, loss_of, sec = training
         per_gpu = max(1, -(-int(sec["batch_size"]) // max(1, gpus)))
-        bytes_per = 2 if full.get("bf16") else 4
+        # the judges train in float32 whatever bf16 says (pipeline.precision)
+        bytes_per = 2 if full.get("bf16") and stage not in ("train_classifier", "train_encoder") else 4
         params = sum(p.numel() for p in net.parameters())
         # an EMA copy of the weights (not the VQ-VAE: its ema_decay is the codebook's) and the
         # autoguidance snapshot, when the stage keeps them: 4 bytes a parameter each

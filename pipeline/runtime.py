@@ -34,6 +34,10 @@ __all__ = [
     "log",
     "setup_logging",
     "resolve_device",
+    "gpu_allocation",
+    "nvidia_driver",
+    "torch_build",
+    "no_cuda_message",
     "claim_gpu",
     "seed_everything",
     "autocast",
@@ -161,34 +165,150 @@ def claim_gpu(lock_dir: str | os.PathLike, count: int, wait_s: float = 600.0) ->
         time.sleep(1.0)
 
 
+#: the variables by which SLURM tells a job step its GPUs (SLURM_JOB_GPUS and SLURM_GPUS_ON_NODE
+#: for --gres/--gpus* jobs; CUDA_VISIBLE_DEVICES, set by SLURM's GRES plugin, counts only inside a job)
+_GPU_VARS = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def gpu_allocation(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The GPU variables of the SLURM job this process runs in, when the job was given GPUs:
+    ``{name: value}`` of ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``, ``SLURM_GPUS_ON_NODE`` (not "0")
+    and, inside a job (``SLURM_JOB_ID`` set), a non-empty ``CUDA_VISIBLE_DEVICES``. Empty outside
+    SLURM and in jobs without GPUs."""
+    env = os.environ if environ is None else environ
+    found = {k: env[k] for k in _GPU_VARS if env.get(k, "").strip()}
+    if found.get("SLURM_GPUS_ON_NODE", "").strip() == "0":
+        del found["SLURM_GPUS_ON_NODE"]
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if (found or env.get("SLURM_JOB_ID")) and visible not in ("", "-1", "NoDevFiles"):
+        found["CUDA_VISIBLE_DEVICES"] = visible
+    return found
+
+
+def nvidia_driver() -> dict[str, Any]:
+    """The NVIDIA driver of this machine, read without torch: through NVML (``libnvidia-ml.so.1``,
+    the library ``nvidia-smi`` uses), else ``nvidia-smi``, else ``/proc/driver/nvidia/version``.
+
+    Returns:
+        ``{"version": "580.65.06" or None, "cuda": (13, 0) or None (the newest CUDA the driver
+        supports), "source": "nvml" | "nvidia-smi" | "/proc" | None}``; all None where no driver
+        is found (a CPU node, or a container without the driver's files).
+    """
+    import ctypes
+    import re
+    import shutil
+    import subprocess
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() == 0:
+            try:
+                buf = ctypes.create_string_buffer(96)
+                version = buf.value.decode() if nvml.nvmlSystemGetDriverVersion(buf, 96) == 0 else None
+                cuda = ctypes.c_int()
+                ok = nvml.nvmlSystemGetCudaDriverVersion_v2(ctypes.byref(cuda)) == 0
+                return {
+                    "version": version,
+                    "cuda": (cuda.value // 1000, cuda.value % 1000 // 10) if ok else None,
+                    "source": "nvml",
+                }
+            finally:
+                nvml.nvmlShutdown()
+    except (OSError, AttributeError):
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            text = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        ver = re.search(r"Driver Version:\s*([\d.]+)", text)
+        cuda = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", text)
+        if ver:
+            return {
+                "version": ver.group(1),
+                "cuda": (int(cuda.group(1)), int(cuda.group(2))) if cuda else None,
+                "source": "nvidia-smi",
+            }
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        ver = re.search(r"Kernel Module\s+([\d.]+)", text)
+        if ver:
+            return {"version": ver.group(1), "cuda": None, "source": "/proc"}
+    except OSError:
+        pass
+    return {"version": None, "cuda": None, "source": None}
+
+
+def torch_build() -> str:
+    """``torch 2.13.0+cpu (CPU-only build)`` or ``torch 2.13.0 (CUDA 13.0 build)``: torch's
+    version and the CUDA it was built for (``torch.version.cuda``)."""
+    import torch
+
+    cuda = torch.version.cuda
+    return f"torch {torch.__version__} ({f'CUDA {cuda} build' if cuda else 'CPU-only build'})"
+
+
+def no_cuda_message(name: str, allocation: Mapping[str, str]) -> str:
+    """The one line a stage fails with when it wants CUDA (``device: cuda``, or ``auto`` in a job
+    given GPUs) and torch sees none: what was asked, torch's version and CUDA build, the driver
+    version where it can be read, and the fix."""
+    driver = nvidia_driver()
+    where = (
+        f"this SLURM job was given GPUs ({', '.join(f'{k}={v}' for k, v in allocation.items())})"
+        if allocation
+        else f"config key 'device' is {name!r}"
+    )
+    if driver["version"]:
+        cuda = f", CUDA {driver['cuda'][0]}.{driver['cuda'][1]}" if driver["cuda"] else ""
+        drv = f"NVIDIA driver {driver['version']}{cuda}"
+    else:
+        drv = "no NVIDIA driver found"
+    import torch
+
+    if not torch.version.cuda:
+        fix = "install a CUDA build of torch (docs/cluster.md, 'Which torch')"
+    elif driver["version"]:
+        fix = "install a torch built for a CUDA the driver supports (docs/cluster.md, 'Which torch')"
+    else:
+        fix = "run on a GPU node (a job with --gpus) or check the node's driver"
+    return (
+        f"{where} but no CUDA GPU is visible to {torch_build()}; {drv}. Fix: {fix}; "
+        "`python -m pipeline doctor` checks it; or set device: cpu to run on the CPU on purpose"
+    )
+
+
 def resolve_device(name: str):
-    """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` (error if no GPU).
+    """The torch device of config key ``device``: ``cpu``; ``cuda`` (error if torch sees no GPU);
+    ``auto``: CUDA if torch sees a GPU, else the CPU -- except inside a SLURM job that was given
+    GPUs (:func:`gpu_allocation`), where a torch that cannot use them is an error, not a silent
+    fall-back to hours of CPU training inside a GPU allocation.
 
     The CUDA index: ``$LOCAL_RANK`` under DDP; else, with ``$VQLP_GPU_LOCKS`` set (the
     one-allocation mode) and several GPUs visible, the one :func:`claim_gpu` takes; else 0.
 
     Raises:
-        DeviceError: ``device: cuda`` on a machine where ``torch.cuda.is_available()`` is false.
+        DeviceError: ``cuda``, or ``auto`` in a GPU job, where ``torch.cuda.is_available()`` is
+            false; one line from :func:`no_cuda_message` (torch build, driver, fix).
+        ValueError: another name.
     """
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                "config key 'device' is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False); use "
-                "device: auto or cpu"
-            )
-        count = max(torch.cuda.device_count(), 1)
-        if "LOCAL_RANK" in os.environ or dist_info()[1] > 1:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
-        if os.environ.get("VQLP_GPU_LOCKS") and count > 1:
-            return torch.device("cuda", claim_gpu(os.environ["VQLP_GPU_LOCKS"], count))
-        return torch.device("cuda", 0)
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"config key 'device': expected auto, cpu or cuda, got {name!r}")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"config key 'device': expected auto, cpu or cuda, got {name!r}")
+    if not torch.cuda.is_available():
+        allocation = gpu_allocation()
+        if name == "cuda" or allocation:
+            raise DeviceError(no_cuda_message(name, allocation))
+        return torch.device("cpu")
+    count = max(torch.cuda.device_count(), 1)
+    if "LOCAL_RANK" in os.environ or dist_info()[1] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+    if os.environ.get("VQLP_GPU_LOCKS") and count > 1:
+        return torch.device("cuda", claim_gpu(os.environ["VQLP_GPU_LOCKS"], count))
+    return torch.device("cuda", 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -201,12 +321,14 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device, bf16: bool):
-    """bf16 autocast on CUDA when ``bf16`` is true; a no-op context otherwise."""
-    import torch
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``bf16`` is true; a no-op context otherwise.
 
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    bf16 is real on CPUs too (``torch.autocast("cpu", dtype=torch.bfloat16)``), so ``bf16: true``
+    means the same numerics on a laptop as on an A100, and the tests run the GPU presets' path.
+    The regions that stay float32 inside it are listed in :mod:`pipeline.precision`."""
+    from pipeline.precision import bf16_autocast
+
+    return bf16_autocast(device, bf16)
 
 
 class Progress:
@@ -334,7 +456,12 @@ def stage_record(
         "wall_time_s": round(wall, 3),
         "world_size": world,
         "host": socket.gethostname(),
-        "where": {**where_it_ran(), "tf32": precision["tf32"], "cudnn_benchmark": precision["cudnn_benchmark"]},
+        "where": {
+            **where_it_ran(),
+            "bf16": bool(cfg.get("bf16")),
+            "tf32": precision["tf32"],
+            "cudnn_benchmark": precision["cudnn_benchmark"],
+        },
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if rank == 0:

@@ -26,6 +26,7 @@ from pipeline.io import RunPaths, StageInputError, save_grid_png, sha256_file
 from pipeline.models import build_model
 from pipeline.models import model_args as build_args
 from pipeline.runtime import (
+    autocast,
     dist_info,
     log,
     resolve_device,
@@ -572,7 +573,7 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
             n_data=len(train_x),
             out_dir=out,
             device=device,
-            bf16=cfg["bf16"],
+            bf16=False,  # the judge is a measuring instrument: float32 whatever bf16 says (pipeline/precision.py)
         )
         test_acc = classifier_accuracy(model, test_x, test_y)
         train_acc = classifier_accuracy(model, train_x, train_y)
@@ -664,7 +665,7 @@ def train_encoder(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None 
             n_data=len(train_x),
             out_dir=out,
             device=device,
-            bf16=cfg["bf16"],
+            bf16=False,  # the label-free judge: float32 too
         )
         g = torch.Generator().manual_seed(int(sec["seed"]) + 1)
         state = torch.random.get_rng_state()
@@ -694,9 +695,11 @@ def _steps_for_budget(
     lr: float,
     budget_s: float,
     probe_steps: int = 10,
+    bf16: bool = False,
 ) -> tuple[int, float]:
     """Optimizer steps of ``model`` that fit in ``budget_s`` seconds, measured on a throwaway copy
-    (its own RNG, so the real run's RNG is untouched). Returns (steps >= 1, seconds per step)."""
+    (its own RNG, so the real run's RNG is untouched) under the run's precision (``bf16``).
+    Returns (steps >= 1, seconds per step)."""
     import copy
 
     probe = copy.deepcopy(model).train()
@@ -709,7 +712,8 @@ def _steps_for_budget(
         idx = torch.randint(0, len(x), (b,), device=x.device, generator=g)
         t = torch.randint(0, diffusion.num_timesteps, (b,), device=x.device, generator=g)
         noise = torch.randn((b, *x.shape[1:]), device=x.device, generator=g)
-        loss = diffusion.training_losses(probe, x[idx], t, noise).mean()
+        with autocast(x.device, bf16):
+            loss = diffusion.training_losses(probe, x[idx], t, noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -772,7 +776,7 @@ def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int
                 sec["steps"] = resumed_steps
             else:
                 sec["steps"], per_step = _steps_for_budget(
-                    model, diffusion, train_p, int(sec["batch_size"]), float(sec["lr"]), budget
+                    model, diffusion, train_p, int(sec["batch_size"]), float(sec["lr"]), budget, bf16=cfg["bf16"]
                 )
                 log.info(
                     "train_pixel_diffusion: %.3f s/step measured; %d steps fit in the latent model's %.1f training "

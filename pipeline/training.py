@@ -298,7 +298,15 @@ class TrainLoop:
             self.save_checkpoint(done)
 
     def _log_row(self, done: int) -> None:
+        """Append the window's means to the log rows. Under DDP each rank has summed the loss of
+        its own shard; the sums are all-reduced first, so a row holds the global batch's mean
+        loss (what one process would log), not rank 0's half."""
         lr = self.scheduler.get_last_lr()[0]
+        if self.world > 1 and self.window:
+            keys = list(self.window)  # the same order on every rank: insertion order of the same code
+            sums = torch.tensor([self.window[k] for k in keys], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(sums)
+            self.window = {k: float(v) / self.world for k, v in zip(keys, sums.tolist())}
         row = {"step": done, "lr": lr, **{k: v / self.window_n for k, v in self.window.items()}}
         self.rows.append(row)
         if self.rank == 0:

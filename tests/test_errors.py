@@ -168,10 +168,37 @@ def test_checkpoint_that_is_not_ours(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_gpu():
-    with pytest.raises(DeviceError, match=r"config key 'device' is 'cuda' but no CUDA GPU is visible"):
+    with pytest.raises(DeviceError, match=r"config key 'device' is 'cuda' but no CUDA GPU is visible to torch "):
         resolve_device("cuda")
     proc = run_cli("train_vqvae", "--run", "/nonexistent/run", "--set", "device=cuda")
     assert proc.returncode == 1 and "error: train_vqvae: config key 'device' is 'cuda'" in proc.stderr
+    assert "CPU-only build" in proc.stderr and "Fix: install a CUDA build of torch" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0"},
+        {"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "1"},
+        {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0,1"},
+    ],
+)
+def test_a_gpu_job_without_usable_cuda_fails_instead_of_training_on_the_cpu(monkeypatch, env):
+    for key in ("SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(DeviceError) as err:
+        resolve_device("auto")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("this SLURM job was given GPUs (")
+    assert f"torch {torch.__version__} (CPU-only build)" in line and "no NVIDIA driver found" in line
+    assert "Fix: install a CUDA build of torch" in line and "set device: cpu" in line
+    assert resolve_device("cpu").type == "cpu"  # device: cpu said explicitly still runs
+    monkeypatch.delenv("SLURM_JOB_ID")
+    if set(env) == {"SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES"}:  # outside a job, CUDA_VISIBLE_DEVICES is no allocation
+        assert resolve_device("auto").type == "cpu"
 
 
 def test_missing_input_file_is_named(tmp_path):

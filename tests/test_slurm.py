@@ -521,3 +521,52 @@ def test_run_allocation_runs_the_chain_in_one_job(tmp_path):
         ["sacct", "-n", "-X", "-P", "-S", "now-1hours", "-o", "JobName"], capture_output=True, text=True
     ).stdout.split()
     assert not any(n.startswith("alloc-") for n in runs_of_name)
+
+
+# --- issue #21: the preflight inside a job, and no silent CPU in a GPU job --------------------
+def test_doctor_runs_inside_a_job_with_gpus(tmp_path):
+    """``python -m pipeline doctor`` inside a job given a (fake) GPU: SLURM and the account
+    answer; torch sees no GPU, which is a warning with device: cpu said explicitly and a failure
+    with device: auto."""
+    import sys
+
+    def job(device: str) -> tuple[subprocess.CompletedProcess, str]:
+        out = tmp_path / f"doctor-{device}.out"
+        doctor = f"{sys.executable} -m pipeline doctor --profile cluster/local --set slurm.account={ACCOUNT}"
+        cmd = ["sbatch", "-A", ACCOUNT, "-p", "gpu", "--gpus-per-node=1", "-c", "1", "--mem=1G", "--wait"]
+        cmd += ["-D", str(ROOT), "-o", str(out), "--wrap", f"{doctor} --set device={device}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return proc, out.read_text()
+
+    proc, text = job("cpu")
+    assert proc.returncode == 0, text
+    assert re.search(r"^warn gpus +this job was given GPUs \(SLURM_JOB_GPUS=", text, re.M), text
+    assert re.search(r"^ok   slurm ", text, re.M) and re.search(rf"^ok   account +{ACCOUNT}: user ", text, re.M)
+    assert re.search(r"^ok   device +device: cpu -> CPU \(said explicitly\)", text, re.M), text
+    proc, text = job("auto")
+    assert proc.returncode != 0
+    assert re.search(r"^fail device +device: auto: this SLURM job was given GPUs .* Fix: ", text, re.M), text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a node where torch sees no GPU")
+def test_a_stage_in_a_gpu_job_that_sees_no_cuda_fails_within_seconds(tmp_path, tiny_cfg):
+    """A stage submitted with a GPU (cluster/local/slurm.yaml: gpus_per_node 1) and device: auto
+    on this CPU-only node stops before it reads data, with the one line that says why, instead of
+    training on the CPU until its time limit."""
+    import time
+
+    from pipeline.config import deep_merge
+    from pipeline.dispatch import DispatchError, submit_stage
+
+    cfg = deep_merge(tiny_cfg, {"device": "auto"})
+    t0 = time.monotonic()
+    with pytest.raises(DispatchError) as err:
+        # the run folder has no dataset.h5: a stage that got past the device would fail on it instead
+        submit_stage("train_vqvae", cfg, str(tmp_path / "run"), ROOT / "cluster" / "local" / "slurm.yaml", ACCOUNT)
+    took = time.monotonic() - t0
+    message = str(err.value)
+    assert "ended in state FAILED" in message
+    assert "this SLURM job was given GPUs (SLURM_JOB_GPUS=" in message, message[-3000:]
+    assert f"torch {torch.__version__} (CPU-only build)" in message and "Fix: install a CUDA build" in message
+    assert "dataset.h5" not in message.split("--- submitit ---")[0]  # it stopped before reading any data
+    assert took < 90, took  # job start-up and Python imports; the stage itself never started

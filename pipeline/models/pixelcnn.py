@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pipeline.models.vqvae import checkpointed
+from pipeline.precision import run_float32
 
 __all__ = ["MaskedConv2d", "MaskedConv3d", "GatedMaskedLayer", "GatedPixelCNN"]
 
@@ -236,11 +237,18 @@ class GatedPixelCNN(nn.Module):
             v, h = x, x
             for layer in self.layers:
                 v, h = checkpointed(layer, v, h, cond, enabled=ck)
-            return self.head(h)
+            return self.logits(h)
         v, h, d = x, x, x
         for layer in self.layers:
             v, h, d = checkpointed(layer, v, h, cond, d, enabled=ck)
-        return self.head(h)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head: features (B, hidden, *S) -> logits float32 (B, K, *S). Its last 1x1
+        convolution runs in float32 under bf16 autocast (:func:`pipeline.precision.run_float32`):
+        these are the logits of the categorical sampling layer, and a bf16 output layer moves
+        their distribution measurably (docs/cluster.md, "bf16 and what stays float32")."""
+        return run_float32(self.head[-1], self.head[:-1](h))
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Checkpoint every gated layer (:func:`pipeline.models.vqvae.checkpointed`): training keeps

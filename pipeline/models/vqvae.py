@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.precision import float32, full
+
 __all__ = [
     "VQOutput",
     "VectorQuantizerEMA",
@@ -141,10 +143,13 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest codebook vector (squared L2) for each row of ``flat`` (N, D)."""
-        emb = self.embedding
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None, :]
-        return dist.argmin(1)
+        """Index int64 (N,) of the nearest codebook vector (squared L2) for each row of ``flat``
+        (N, D). Always computed in float32, autocast or not: in bf16 the expansion
+        ``|x|^2 - 2 x.e + |e|^2`` loses the gaps between codes (:mod:`pipeline.precision`)."""
+        with float32(flat):
+            flat, emb = full(flat), self.embedding
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None, :]
+            return dist.argmin(1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook vectors of ``codes`` (B, *S) int -> float (B, D, *S), S = (H, W) or (d, h, w)."""
@@ -184,6 +189,10 @@ class VectorQuantizerEMA(nn.Module):
     def forward(self, z_e: torch.Tensor) -> VQOutput:
         """Quantize ``z_e`` (B, D, H, W) or (B, D, d, h, w) float; see :class:`VQOutput`.
 
+        The nearest-code search, the EMA statistics, the commitment loss and the perplexity run
+        in float32 whatever the surrounding autocast (:mod:`pipeline.precision`); a bf16 ``z_e``
+        is compared as it is (cast to float32), and ``quantized`` comes back in float32.
+
         Raises:
             ValueError: if the channel dimension is not D, or the rank is not 4 or 5.
         """
@@ -192,15 +201,19 @@ class VectorQuantizerEMA(nn.Module):
                 f"expected (B, {self.embedding_dim}, H, W) or (B, {self.embedding_dim}, d, h, w), got "
                 f"{tuple(z_e.shape)}"
             )
+        with float32(z_e):
+            return self._quantize(full(z_e))
+
+    def _quantize(self, z_e: torch.Tensor) -> VQOutput:
         b, d, *grid = z_e.shape
-        flat = _channels_last(z_e).reshape(-1, d).float()
+        flat = _channels_last(z_e).reshape(-1, d)
         codes = self.nearest(flat.detach())
         # Look up with the codebook the codes were chosen from, then update it (as Sonnet's
         # VectorQuantizerEMA): the EMA step and any restart take effect from the next batch.
         quantized = F.embedding(codes, self.embedding.clone()).view(b, *grid, d).movedim(-1, 1)
         if self.training and not flat.is_meta:  # meta tensors (pipeline.flops counts on them) have no values
             self._ema_update(flat.detach(), codes)
-        commitment = self.commitment_cost * F.mse_loss(z_e.float(), quantized.detach())
+        commitment = self.commitment_cost * F.mse_loss(z_e, quantized.detach())
         quantized_st = z_e + (quantized - z_e).detach()  # straight-through estimator
         # code counts by scatter_add, not bincount: same integers, and it runs on meta tensors
         counts = flat.new_zeros(self.num_embeddings).scatter_add_(0, codes, flat.new_ones(codes.shape))
