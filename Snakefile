@@ -1,5 +1,5 @@
 # vq-latent-pipeline: prepare_data -> train_vqvae -> extract_latents -> train_pixelcnn + train_diffusion
-#                     -> sample (one job per sample set) -> evaluate (judged by train_classifier / train_encoder) -> timings
+#                     -> sample (one job per sample set) -> evaluate (judged by train_classifier / train_simclr) -> timings
 #                     (+ train_pixel_diffusion, the pixel-space baseline, when a pixeldiff_* set is listed)
 #
 #   snakemake --report results/default/report.html   # Snakemake's report: grids, curves, tables
@@ -19,7 +19,13 @@ import sys
 from snakemake.utils import min_version, validate
 
 sys.path.insert(0, workflow.basedir)
-from pipeline.config import coerce_strings, stage_view, variant_config  # pyyaml only: the Snakefile never imports torch
+from pipeline.config import (  # pyyaml only: the Snakefile never imports torch
+    ConfigError,
+    check_renamed,
+    coerce_strings,
+    stage_view,
+    variant_config,
+)
 from pipeline.dispatch import shell_args  # submitit and yaml, no torch
 from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for  # no torch
 from pipeline.sources import judges  # numpy only
@@ -49,6 +55,10 @@ if _site and _site not in [str(p) for p in workflow.config_settings.configfiles]
 
 # `--config 'diffusion={steps: 21}'` arrives as strings; read them as the schema's types.
 config.update(coerce_strings(config))
+try:
+    check_renamed(config)  # an old key: one line naming the new one
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
 validate(config, os.path.join(workflow.basedir, "pipeline", "configs", "schema.yaml"))
 
 # `python -m pipeline plan` reads the resolved config of its dry run from here.
@@ -58,10 +68,10 @@ if _plan_config:
         json.dump(config, _f)
 
 RUN = f"results/{config['run']}"
-SAMPLE_SETS = config["sample"]["models"]
+SAMPLE_SETS = config["sample"]["sets"]
 # The evaluate stage's judges: the digit classifier (labelled data) and/or the label-free encoder.
 JUDGES = judges(config)
-JUDGE_MODELS = [f"{RUN}/{'classifier' if j == 'classifier' else 'encoder'}/model.pt" for j in JUDGES]
+JUDGE_MODELS = [f"{RUN}/{'classifier' if j == 'classifier' else 'simclr'}/model.pt" for j in JUDGES]
 MODEL_FOLDERS = sorted({parse_sample_set(m).model_folder for m in SAMPLE_SETS})  # pixelcnn, diffusion_cond, ...
 STUDIES = studies_for(SAMPLE_SETS)
 # envs/cpu.yaml here; the Big Red 200 profile sets envs/cuda.yaml

@@ -10,7 +10,7 @@ runs the training stage(s) the overrides touch, the ``sample`` stage for every s
 ``evaluate`` stage, and prints one TSV row per set: name, FD / floor, FD, class entropy,
 duplicates, memorised, label accuracy, training seconds of the prior, the overrides, then
 the label-free coverage and the noise check ("-" where a judge does not apply: 3D volumes and
-unlabelled data have no classifier, so the label-free encoder/ is linked and judges). Every
+unlabelled data have no classifier, so the label-free simclr/ is linked and judges). Every
 number comes from the stages themselves (``report/metrics.json``); nothing is computed here.
 """
 
@@ -61,16 +61,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "ablation.log"
     sections = {o.split("=", 1)[0].split(".")[0] for o in a.overrides}
-    for folder in ("data", "vqvae", "classifier", "encoder") + (() if "latents" in sections else ("latents",)):
+    for folder in ("data", "vqvae", "classifier", "simclr") + (() if "latents" in sections else ("latents",)):
         link = out / folder
-        if (base / folder).exists() and not link.exists():  # encoder/: the label-free judge (3D, own data)
+        if (base / folder).exists() and not link.exists():  # simclr/: the label-free judge (3D, own data)
             os.symlink(base / folder, link)
     common = (
         ["--run", str(out), "--threads", str(a.threads)]
         + sum((["--configfile", c] for c in a.configfile), [])
         + sum((["--set", o] for o in a.overrides), [])
     )
-    common += ["--set", "sample.models=[" + ",".join(a.sets) + "]"]
+    common += ["--set", "sample.sets=[" + ",".join(a.sets) + "]"]
     py = [sys.executable, "-m", "pipeline"]
     if "latents" in sections and not (out / "latents" / "latents.h5").exists():
         run(py + ["extract_latents"] + common, log)
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
                 [
                     a.name,
                     s,
-                    f"{r['fd_ratio']:.2f}",
-                    f"{r['fd_train']:.3f}",
+                    f"{r['headline_fd_ratio']:.2f}",
+                    f"{r['headline_fd']:.3f}",
                     f3("class_entropy"),
                     f3("duplicates"),
                     f3("memorised"),

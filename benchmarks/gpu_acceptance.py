@@ -59,10 +59,10 @@ TINY_CHAIN = {
     "vqvae": {"hidden_channels": 32, "steps": 600, "log_every": 100, "checkpoint_every": 300},
     "pixelcnn": {"steps": 100, "log_every": 20, "checkpoint_every": 50},
     "diffusion": {"steps": 100, "log_every": 20, "checkpoint_every": 50},
-    "sample": {"models": ["pixelcnn", "diffusion_dpmsde"]},
+    "sample": {"sets": ["pixelcnn", "diffusion_dpmsde"]},
 }
 TRAINING_STAGES = ("train_vqvae", "train_classifier", "train_pixelcnn", "train_diffusion")
-JUDGES = ("train_classifier", "train_encoder")  # trained in float32 whatever bf16 says
+JUDGES = ("train_classifier", "train_simclr")  # trained in float32 whatever bf16 says
 SAMPLERS = (
     "pixelcnn",
     "pixelcnn_ag1.5",
@@ -114,9 +114,9 @@ def tiny_chain(device: torch.device, out: Path) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         for stage in ("prepare_data", "train_vqvae", "extract_latents", "train_pixelcnn", "train_diffusion"):
             get_stage(stage)(cfg, str(run), threads=2)
-        get_stage("sample")(cfg, str(run), sample_sets=list(cfg["sample"]["models"]), threads=2)
+        get_stage("sample")(cfg, str(run), sample_sets=list(cfg["sample"]["sets"]), threads=2)
         vq = json.loads((run / "vqvae" / "metrics.json").read_text())
-        samples = [np.load(run / "samples" / f"{s}.npy") for s in cfg["sample"]["models"]]
+        samples = [np.load(run / "samples" / f"{s}.npy") for s in cfg["sample"]["sets"]]
         runs[name] = {
             "seconds": round(time.perf_counter() - t0, 1),
             "recon_mse": vq["test_recon_mse"],
@@ -239,12 +239,12 @@ def measure_sampler(name: str, cfg: dict, device: torch.device) -> dict:
         if spec.prior == "pixelcnn":
             args = model_args("pixelcnn", cfg["pixelcnn"], in_channels=k)
             net = build_model("pixelcnn", args).to(device).eval()
-            weak = build_model("pixelcnn", args).to(device).eval() if spec.autoguidance else None
+            guide = build_model("pixelcnn", args).to(device).eval() if spec.autoguidance else None
             with autocast(device, bf16):
                 codes = sample_pixelcnn(
-                    net, n, grid, generator=g, device=device, guide_model=weak, autoguidance=spec.autoguidance or 1.0
+                    net, n, grid, generator=g, device=device, guide=guide, autoguidance=spec.autoguidance or 1.0
                 )
-            evals = math.prod(grid) * (2 if weak is not None else 1)
+            evals = math.prod(grid) * (2 if guide is not None else 1)
         else:
             sec_d = cfg["diffusion"]
             kind = UNET_KINDS[sec_d.get("network", "own")]

@@ -1,9 +1,9 @@
 """Validation of the label-free judge on MNIST, where both judges exist.
 
-    python benchmarks/label_free_judge.py --run results/judgeval [--threads 2] [--set encoder.steps=900]
+    python benchmarks/label_free_judge.py --run results/judgeval [--threads 2] [--set simclr.steps=900]
 
 On a finished run (labelled data, trained classifier, sample sets drawn), this trains the
-label-free encoder (``python -m pipeline train_encoder``, skipped if ``encoder/model.pt`` exists)
+label-free encoder (``python -m pipeline train_simclr``, skipped if ``simclr/model.pt`` exists)
 and runs the evaluate stage with ``evaluate.judge=both``, so every set and reference row is
 judged by the digit classifier and by the SimCLR features alike (``report/metrics.json``). It
 prints, per row, FD / floor under each judge and the label-free precision, recall, density and
@@ -12,7 +12,7 @@ columns over all sample sets, and over the sets plus the reference rows (blurred
 It exits 1 if rho over the sets is below ``--min-rho`` (0.9, the bar of issue #13). Every number comes from the stages.
 
 The run used in docs/own-data.md is the default config with ten sample sets of spread quality
-(``sample.models`` listed there).
+(``sample.sets`` listed there).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-rho", type=float, default=0.9)
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. encoder.steps=900"
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. simclr.steps=900"
     )
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         common += ["--configfile", f]
     for o in a.overrides:
         common += ["--set", o]
-    if not (run / "encoder" / "model.pt").is_file():
-        subprocess.run([*base, "train_encoder", *common], check=True, cwd=ROOT)
+    if not (run / "simclr" / "model.pt").is_file():
+        subprocess.run([*base, "train_simclr", *common], check=True, cwd=ROOT)
     subprocess.run([*base, "evaluate", *common, "--set", "evaluate.judge=both"], check=True, cwd=ROOT)
     m = json.loads((run / "report" / "metrics.json").read_text())
     from scipy.stats import spearmanr
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     rho_all = spearmanr([r["fd_ratio"] for r in rows.values()], [r["features_fd_ratio"] for r in rows.values()])[0]
     print(f"Spearman rho over {len(sets)} sample sets: {rho_sets:.3f}")
     print(f"Spearman rho over {len(rows)} sets + reference rows: {rho_all:.3f}")
-    print(f"encoder test view retrieval: {m['evaluation'].get('encoder_test_view_retrieval')}")
+    print(f"encoder test view retrieval: {m['evaluation'].get('simclr_test_view_retrieval')}")
     ok = rho_sets >= a.min_rho
     print("PASS" if ok else f"FAIL: rho {rho_sets:.3f} < {a.min_rho}")
     return 0 if ok else 1

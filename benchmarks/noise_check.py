@@ -9,7 +9,7 @@
 The study's 3D latent diffusion converged in loss and sampled pure noise. On a finished 3D run
 this judges, with the pipeline's own evaluate stage, sets that span that failure:
 
-* the run's own sets (``sample.models``: the trained priors and the 8-step, untrained
+* the run's own sets (``sample.sets``: the trained priors and the 8-step, untrained
   ``diffusion_dpmsde_b0.01``);
 * the same diffusion model trained for a fraction f of its steps (``--budgets``; trained and
   sampled with ``python -m pipeline train_diffusion --budget f`` and ``sample`` if missing);
@@ -112,7 +112,7 @@ def judge_variant(cfg: dict, run: Path, images: np.ndarray, threads: int) -> dic
         (scratch / "samples").mkdir()
         np.save(scratch / "samples" / "diffusion_dpmsde.npy", images)
         write_json(scratch / "samples" / "diffusion_dpmsde.json", {"num_samples": len(images)})
-        sub = {**cfg, "sample": {**cfg["sample"], "models": ["diffusion_dpmsde"]}}
+        sub = {**cfg, "sample": {**cfg["sample"], "sets": ["diffusion_dpmsde"]}}
         evaluate(sub, scratch, threads=threads)
         return json.loads((scratch / "report" / "metrics.json").read_text())["sets"]["diffusion_dpmsde"]
 
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
         if not (run / "samples" / f"{name}.npy").is_file():
             subprocess.run([*base, "sample", *common, "--sample-set", name], check=True, cwd=ROOT)
         budget_sets.append(name)
-    models = list(dict.fromkeys([*cfg["sample"]["models"], *budget_sets]))
-    cmd = [*base, "evaluate", *common, "--set", f"sample.models={json.dumps(models)}"]
+    models = list(dict.fromkeys([*cfg["sample"]["sets"], *budget_sets]))
+    cmd = [*base, "evaluate", *common, "--set", f"sample.sets={json.dumps(models)}"]
     subprocess.run(cmd, check=True, cwd=ROOT)
     m = json.loads((run / "report" / "metrics.json").read_text())
     rows = [
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     for name, what, r in rows:
         st = "–" if r["structure"] is None else f"{r['structure']:.3f}"
         print(
-            f"{name}\t{what}\t{looked_at.get(name, '–')}\t{r['fd_ratio']:.2f}\t{r[cov]:.3f}\t{st}\t"
+            f"{name}\t{what}\t{looked_at.get(name, '–')}\t{r['headline_fd_ratio']:.2f}\t{r[cov]:.3f}\t{st}\t"
             f"{r['noise_check']}\t{r.get('ms_ssim_nearest_train', float('nan')):.3f}"
         )
     scored = [(name, looked_at[name], r) for name, _, r in rows if name in looked_at]

@@ -164,7 +164,7 @@ def load_model(
         raise CheckpointError(f"{path}: {exc}") from None
     if weights == "guide":
         if state.get("guide") is None:
-            raise CheckpointError(f"{path}: has no autoguidance snapshot; train it with guide_snapshot > 0")
+            raise CheckpointError(f"{path}: has no autoguidance guide; train it with guide_fraction > 0")
         sd = state["guide"]
     else:
         sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]

@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sample-set",
-        "--model",  # the old name, kept as an alias
         dest="sample_set",
         action="append",
         default=None,

@@ -40,6 +40,8 @@ __all__ = [
     "stage_view",
     "CONDITIONAL_KEYS",
     "variant_config",
+    "RENAMED_KEYS",
+    "check_renamed",
 ]
 
 CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
@@ -187,23 +189,52 @@ def coerce_strings(cfg: Any, schema: Mapping | None = None, _root: Mapping | Non
     return cfg
 
 
+#: config keys that were renamed (dotted old key -> new key): a config that still has the old
+#: key fails with one line naming the new one, instead of "unknown key"
+RENAMED_KEYS = {
+    "sample.models": "sample.sets",
+    "pixelcnn.guide_snapshot": "pixelcnn.guide_fraction",
+    "diffusion.guide_snapshot": "diffusion.guide_fraction",
+    "encoder": "simclr",
+}
+
+
+def check_renamed(cfg: Mapping) -> None:
+    """Refuse a renamed key (:data:`RENAMED_KEYS`).
+
+    Raises:
+        ConfigError: ``config key 'sample.models' was renamed to 'sample.sets'; ...``.
+    """
+    for old, new in RENAMED_KEYS.items():
+        node: object = cfg
+        for part in old.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:
+            raise ConfigError(f"config key {old!r} was renamed to {new!r}; rename it in your config file or --set")
+
+
+_MISSING = object()
+
+
 def validate(cfg: Mapping, schema: Mapping | None = None) -> None:
     """Check ``cfg`` against the schema.
 
     Raises:
-        ConfigError: naming the first unknown key (with the closest valid key) or the first
-            key whose value has the wrong type or range, with what was expected.
+        ConfigError: naming a renamed key and its new name, the first unknown key (with the
+            closest valid key) or the first key whose value has the wrong type or range, with
+            what was expected.
     """
     import jsonschema
 
     schema = load_schema() if schema is None else schema
+    check_renamed(cfg)
     _check_unknown(cfg, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.path) or "<top level>"
-        if list(err.path)[:2] == ["sample", "models"] and err.validator == "pattern":
+        if list(err.path)[:2] == ["sample", "sets"] and err.validator == "pattern":
             from pipeline.sets import parse_sample_set
 
             try:
@@ -281,17 +312,17 @@ def variant_config(cfg: Mapping, section: str, conditional: bool = False, budget
         ConfigError: budget <= 0.
     """
     out = copy.deepcopy(dict(cfg))
-    sec = dict(out[section])
-    cond_steps = sec.pop("conditional_steps", None)
-    dropout = sec.pop("label_dropout", None)
+    values = dict(out[section])
+    cond_steps = values.pop("conditional_steps", None)
+    dropout = values.pop("label_dropout", None)
     if conditional:
-        sec["steps"] = int(cond_steps if cond_steps is not None else sec["steps"])
-        sec["label_dropout"] = float(dropout or 0.0)
+        values["steps"] = int(cond_steps if cond_steps is not None else values["steps"])
+        values["label_dropout"] = float(dropout or 0.0)
     if budget is not None and float(budget) != 1.0:
         if not float(budget) > 0:
             raise ConfigError(f"training budget must be > 0, got {budget}")
-        sec["steps"] = max(1, int(round(int(sec["steps"]) * float(budget))))
-    out[section] = sec
+        values["steps"] = max(1, int(round(int(values["steps"]) * float(budget))))
+    out[section] = values
     return out
 
 

@@ -314,7 +314,7 @@ class GaussianDiffusion(nn.Module):
             eps = self.predict_noise_from_start(x, t, x0)
         return x0, eps
 
-    def eps_model(
+    def epsilon_predictor(
         self, model: Callable[..., torch.Tensor], clip: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The network as an epsilon-predictor at real-valued timesteps, for diffusers' schedulers.
@@ -484,7 +484,7 @@ def scheduler_sample_loop(
 
     The standard diffusers loop (``set_timesteps``; x_T ~ N(0, init_noise_sigma^2 I); per step
     ``scale_model_input``, the network, ``step``) with the network wrapped by
-    :meth:`GaussianDiffusion.eps_model` (any parametrisation, optional x0 clipping). The
+    :meth:`GaussianDiffusion.epsilon_predictor` (any parametrisation, optional x0 clipping). The
     scheduler is built from this schedule's betas, so its alphas_cumprod equal ours.
 
     Args:
@@ -502,7 +502,7 @@ def scheduler_sample_loop(
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
     scheduler = diffusion.diffusers_scheduler(sampler)
     scheduler.set_timesteps(steps, device=device)
-    eps = diffusion.eps_model(model, clip)
+    eps = diffusion.epsilon_predictor(model, clip)
     x = torch.randn(shape, generator=generator, device=device) * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         inp = scheduler.scale_model_input(x, t)
@@ -532,17 +532,17 @@ def guidance_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> 
 
 
 def autoguidance(
-    model: Callable[..., torch.Tensor], weak: Callable[..., torch.Tensor], weight: float
+    model: Callable[..., torch.Tensor], guide: Callable[..., torch.Tensor], weight: float
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself",
-    eq. 2): D_w(x; t) = D_weak(x; t) + w (D(x; t) - D_weak(x; t)), w >= 1 pushing samples away
-    from where a weaker version of the same model (here: its snapshot after a fraction of the
-    training) errs. Applied to the network outputs: every parametrisation (epsilon, v, x0) is
-    affine in the output at fixed (x_t, t), so this equals guiding the denoised x0.
+    eq. 2): D_w(x; t) = D_guide(x; t) + w (D(x; t) - D_guide(x; t)), w >= 1 pushing samples away
+    from where the guide, a weaker version of the same model (here: its snapshot after a fraction
+    of the training), errs. Applied to the network outputs: every parametrisation (epsilon, v,
+    x0) is affine in the output at fixed (x_t, t), so this equals guiding the denoised x0.
 
     Args:
-        model, weak: networks ``f(x_t, t)`` of the same parametrisation.
-        weight: w (1 = the model alone, 0 = the weak model alone).
+        model, guide: networks ``f(x_t, t)`` of the same parametrisation.
+        weight: w (1 = the model alone, 0 = the guide alone).
 
     Returns:
         ``f(x_t, t)`` -> float (B, ...) guided output.
@@ -554,7 +554,7 @@ def autoguidance(
         raise ValueError(f"autoguidance weight must be >= 0, got {weight}")
 
     def out(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guidance_combine(model(x, t).float(), weak(x, t).float(), weight)
+        return guidance_combine(model(x, t).float(), guide(x, t).float(), weight)
 
     return out
 

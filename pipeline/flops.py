@@ -73,9 +73,6 @@ _CLASSES = 10
 #: (nifti: NFBS's 125 volumes, 110 / 15, when data.path cannot be read yet: the plan before the download)
 _SOURCE_SIZES = {"mnist5k": (4500, 500), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "nifti": (110, 15)}
 
-#: sources without labels: the label-free encoder judges them (evaluate.judge auto)
-_UNLABELLED = ("nifti", "photos", "npy")
-
 
 @dataclass(frozen=True)
 class StageCost:
@@ -197,36 +194,36 @@ def _networks(stage: str, full: Mapping[str, Any], flags: Mapping[str, Any]):
         net = build_model("vqvae", model_args("vqvae", vq, in_channels=img[0], spatial_dims=sd))
         return geo, (net, lambda b: (torch.rand(b, *img),), _vqvae_loss, vq)
     if stage == "train_classifier":
-        sec = full["classifier"]
-        net = build_model("classifier", model_args("classifier", sec, num_classes=_CLASSES, image_shape=img))
+        section = full["classifier"]
+        net = build_model("classifier", model_args("classifier", section, num_classes=_CLASSES, image_shape=img))
         batch = lambda b: (torch.rand(b, *img), torch.randint(0, 10, (b,)))  # noqa: E731
-        return geo, (net, batch, lambda m, x, y: F.cross_entropy(m(x), y), sec)
-    if stage == "train_encoder":
+        return geo, (net, batch, lambda m, x, y: F.cross_entropy(m(x), y), section)
+    if stage == "train_simclr":
         from pipeline.models.encoder import nt_xent
 
-        sec = full["encoder"]
-        net = build_model("encoder", model_args("encoder", sec, image_shape=img))
+        section = full["simclr"]
+        net = build_model("simclr", model_args("simclr", section, image_shape=img))
         batch = lambda b: (torch.rand(b, *img), torch.rand(b, *img))  # noqa: E731
-        return geo, (net, batch, lambda m, a, b: nt_xent(m(a), m(b)), sec)
+        return geo, (net, batch, lambda m, a, b: nt_xent(m(a), m(b)), section)
     if stage in ("train_pixelcnn", "train_diffusion"):
         prior = stage.removeprefix("train_")
         conditional = bool(flags.get("conditional"))
-        sec = variant_config(full, prior, conditional=conditional, budget=flags.get("budget"))[prior]
+        section = variant_config(full, prior, conditional=conditional, budget=flags.get("budget"))[prior]
         n_cls = _CLASSES if conditional else 0
         if prior == "pixelcnn":
             net = build_model(
-                "pixelcnn", model_args("pixelcnn", sec, in_channels=k, num_classes=n_cls, spatial_dims=sd)
+                "pixelcnn", model_args("pixelcnn", section, in_channels=k, num_classes=n_cls, spatial_dims=sd)
             )
             codes = lambda b: (torch.randint(0, k, (b, *grid)),)  # noqa: E731
-            return geo, (net, codes, lambda m, c: F.cross_entropy(m(c), c), sec)
-        kind = UNET_KINDS[sec.get("network", "own")]
-        net = build_model(kind, model_args(kind, sec, in_channels=d, num_classes=n_cls, spatial_dims=sd))
-        return geo, (net, _noisy(d, grid, sec), _eps_loss, sec)
+            return geo, (net, codes, lambda m, c: F.cross_entropy(m(c), c), section)
+        kind = UNET_KINDS[section.get("network", "own")]
+        net = build_model(kind, model_args(kind, section, in_channels=d, num_classes=n_cls, spatial_dims=sd))
+        return geo, (net, _noisy(d, grid, section), _eps_loss, section)
     if stage == "train_pixel_diffusion":
-        sec = dict(full["pixel_diffusion"])
-        sec["steps"] = int(sec["steps"] or full["diffusion"]["steps"])  # null: about the latent model's
-        net = build_model("unet", model_args("unet", sec, in_channels=img[0]))
-        return geo, (net, _noisy(img[0], pixel_size(img[1:]), sec), _eps_loss, sec)
+        section = dict(full["pixel_diffusion"])
+        section["steps"] = int(section["steps"] or full["diffusion"]["steps"])  # null: about the latent model's
+        net = build_model("unet", model_args("unet", section, in_channels=img[0]))
+        return geo, (net, _noisy(img[0], pixel_size(img[1:]), section), _eps_loss, section)
     return geo, None
 
 
@@ -244,15 +241,6 @@ def training_workload(stage: str, cfg: Mapping[str, Any], **flags: Any):
     if training is None:
         raise KeyError(f"{stage!r} is not a training stage")
     return training
-
-
-def _judges(full: Mapping[str, Any]) -> tuple[str, ...]:
-    """The evaluate stage's judges as :func:`pipeline.evaluate.stage_judges` will choose them,
-    guessed before the data exist (labelled unless the source is one of :data:`_UNLABELLED`)."""
-    j = full["evaluate"].get("judge", "auto")
-    if j == "auto":
-        return ("features",) if full["data"]["source"] in _UNLABELLED else ("classifier",)
-    return ("classifier", "features") if j == "both" else (j,)
 
 
 def stage_cost(stage: str, cfg: Mapping[str, Any], *, sample_sets: list[str] | None = None, **flags: Any) -> StageCost:
@@ -314,14 +302,14 @@ def _stage_cost(stage: str, full: dict, sample_sets, flags) -> StageCost:
         batches = -(-n // 500)
         return StageCost(per * n, batches, f"{n} images x {per / 1e6:.1f} MFLOP (encoder)")
     if stage == "sample":
-        sec = full["sample"]
+        section = full["sample"]
         sets = list(sample_sets or ["pixelcnn"])
         decoder = vqvae()
         dec = _forward_flops(lambda c: decoder.decode_codes(c), torch.randint(0, k, (1, *grid)))
         total, calls, parts = 0.0, 0, []
         for name in sets:
             spec = parse_sample_set(name)
-            n = int(sec["num_samples"])
+            n = int(section["num_samples"])
             guided = 2 if (spec.conditional or spec.autoguidance is not None) else 1
             n_cls = _CLASSES if spec.conditional else 0
             if spec.prior == "pixelcnn":
@@ -344,27 +332,29 @@ def _stage_cost(stage: str, full: dict, sample_sets, flags) -> StageCost:
                 fwd = _forward_flops(lambda z, net=net: net(z, torch.zeros(1, dtype=torch.long)), torch.randn(shape))
                 if spec.method == "ddpm":
                     steps = int(sec_d["timesteps"])
-                    if sec.get("ddpm_num_samples"):
-                        n = int(sec["ddpm_num_samples"])
+                    if section.get("ddpm_num_samples"):
+                        n = int(section["ddpm_num_samples"])
                 else:
-                    default = sec["ddim_steps"] if spec.method == "ddim" else sec["solver_steps"]
+                    default = section["ddim_steps"] if spec.method == "ddim" else section["solver_steps"]
                     steps = int(spec.steps if spec.steps is not None else default)
                 evals = steps * _evals_per_step(spec.method)
                 per_sample = fwd * evals * guided + (0 if pixel else dec)
                 seq = evals
-            batches = -(-n // int(sec["batch_size"]))
+            batches = -(-n // int(section["batch_size"]))
             total += per_sample * n
             calls += batches * seq * guided
             parts.append(f"{name} {n} x {per_sample / 1e9:.2f} GFLOP")
         return StageCost(total, calls, "; ".join(parts))
     if stage == "evaluate":
-        sets = len(full["sample"]["models"]) + 4  # the sample sets and the reference rows
+        sets = len(full["sample"]["sets"]) + 4  # the sample sets and the reference rows
         n = int(full["sample"]["num_samples"]) * sets + sum(images_in_split(full["data"]))
         per, names = 0.0, []
-        for judge in _judges(full):
-            kind, sec = ("classifier", full["classifier"]) if judge == "classifier" else ("encoder", full["encoder"])
+        from pipeline.sources import judges
+
+        for judge in judges(full):
+            kind, section = ("classifier", full["classifier"]) if judge == "classifier" else ("simclr", full["simclr"])
             extra = {"num_classes": _CLASSES} if kind == "classifier" else {}
-            net = build_model(kind, model_args(kind, sec, image_shape=img, **extra)).eval()
+            net = build_model(kind, model_args(kind, section, image_shape=img, **extra)).eval()
             fn = net if kind == "classifier" else net.features
             per += _forward_flops(lambda x, fn=fn: fn(x), torch.rand(1, *img))
             names.append(kind)
@@ -431,14 +421,14 @@ def stage_memory(stage: str, cfg: Mapping[str, Any], gpus: int = 1, **flags: Any
         _, training = _networks(stage, full, flags)
         if training is None:
             raise KeyError(f"unknown stage {stage!r}")
-        net, make_batch, loss_of, sec = training
-        per_gpu = max(1, -(-int(sec["batch_size"]) // max(1, gpus)))
+        net, make_batch, loss_of, section = training
+        per_gpu = max(1, -(-int(section["batch_size"]) // max(1, gpus)))
         # the judges train in float32 whatever bf16 says (pipeline.precision)
-        bytes_per = 2 if full.get("bf16") and stage not in ("train_classifier", "train_encoder") else 4
+        bytes_per = 2 if full.get("bf16") and stage not in ("train_classifier", "train_simclr") else 4
         params = sum(p.numel() for p in net.parameters())
         # an EMA copy of the weights (not the VQ-VAE: its ema_decay is the codebook's) and the
         # autoguidance snapshot, when the stage keeps them: 4 bytes a parameter each
-        ema = 4 * (bool(sec.get("ema_decay")) and stage != "train_vqvae") + 4 * bool(sec.get("guide_snapshot"))
+        ema = 4 * (bool(section.get("ema_decay")) and stage != "train_vqvae") + 4 * bool(section.get("guide_fraction"))
         regions = net.checkpoint_regions() if hasattr(net, "checkpoint_regions") else []
         saved, inside, inputs = _saved_elements(net, make_batch(per_gpu), loss_of, regions)
     gib = 2.0**30
@@ -451,7 +441,7 @@ def stage_memory(stage: str, cfg: Mapping[str, Any], gpus: int = 1, **flags: Any
         activations=saved * bytes_per / gib,
         activations_checkpointed=ckpt,
         batch_per_gpu=per_gpu,
-        checkpointing=bool(sec.get("gradient_checkpointing")),
+        checkpointing=bool(section.get("gradient_checkpointing")),
     )
 
 

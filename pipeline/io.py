@@ -71,9 +71,9 @@ class RunPaths:
         return self.root / "classifier" / "model.pt"
 
     @property
-    def encoder_model(self) -> Path:
-        """The label-free judge (train_encoder)."""
-        return self.root / "encoder" / "model.pt"
+    def simclr_model(self) -> Path:
+        """The label-free judge (train_simclr)."""
+        return self.root / "simclr" / "model.pt"
 
     @property
     def pixel_diffusion_model(self) -> Path:

@@ -46,8 +46,10 @@ __all__ = [
     "LatentsError",
     "LatentsInfo",
     "LatentSplit",
+    "LatentScaling",
     "read_info",
     "read_split",
+    "encode_batch",
     "extract_latents",
 ]
 
@@ -112,6 +114,83 @@ class LatentSplit:
     latents: np.ndarray
     encodings: np.ndarray
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class LatentScaling:
+    """The map between the VQ-VAE's latents and the space the latent diffusion model works in:
+    per channel, z_scaled = (z - mean) / std, unit variance per channel (Rombach et al. 2022,
+    sec. 4.3.2 and appendix G, rescale their latents to unit variance the same way), and the
+    per-channel range of the scaled train latents, to which a sampler clips its predicted x_0.
+    Made once by the training stage (:meth:`fit`), saved with the prior (:meth:`state`) and read
+    by the sampler (:meth:`from_state`): the one definition both sides use.
+
+    Attributes:
+        kind: "latents" (the quantized codebook vectors) or "encodings" (the encoder's z_e).
+        mean, std: float64 (D,) numpy, from ``latents.h5``'s attributes.
+        low, high: float32 (D,) tensors (CPU), the min and max of the scaled train latents.
+    """
+
+    kind: str
+    mean: np.ndarray
+    std: np.ndarray
+    low: object = None
+    high: object = None
+
+    @staticmethod
+    def _per_channel(v, device, spatial: int):
+        import torch
+
+        return torch.as_tensor(v).float().to(device).view(1, -1, *([1] * spatial))
+
+    @classmethod
+    def fit(cls, info: LatentsInfo, kind: str, train) -> tuple[LatentScaling, object]:
+        """The scaling of ``kind`` for the train latents ``train`` (float32 (N, D, *grid)
+        tensor): (the scaling with the scaled train latents' range, the scaled train latents)."""
+        mean, std = info.scaling(kind)
+        scaling = cls(kind, mean, std)
+        scaled = scaling.scale(train)
+        dims = (0, *range(2, scaled.dim()))
+        return cls(kind, mean, std, scaled.amin(dim=dims).cpu(), scaled.amax(dim=dims).cpu()), scaled
+
+    def scale(self, z):
+        """Latents float (N, D, *grid) tensor -> the diffusion model's space, same shape."""
+        spatial = z.dim() - 2
+        return (z - self._per_channel(self.mean, z.device, spatial)) / self._per_channel(self.std, z.device, spatial)
+
+    def unscale(self, x):
+        """The diffusion model's space (N, D, *grid) -> latents, x * std + mean."""
+        spatial = x.dim() - 2
+        return x * self._per_channel(self.std, x.device, spatial) + self._per_channel(self.mean, x.device, spatial)
+
+    def clip_range(self, device, spatial: int) -> tuple:
+        """(low, high) float32 (1, D, 1, ...) on ``device``: the range the sampler clips x_0 to."""
+        return self._per_channel(self.low, device, spatial), self._per_channel(self.high, device, spatial)
+
+    def state(self) -> dict:
+        """What ``model.pt`` stores (keys ``latent``, ``latent_mean``, ``latent_std`` float64
+        tensors, ``latent_min``, ``latent_max`` float32 tensors)."""
+        import torch
+
+        return {
+            "latent": "quantized" if self.kind == "latents" else "encoder",
+            "latent_mean": torch.tensor(self.mean),
+            "latent_std": torch.tensor(self.std),
+            "latent_min": self.low,
+            "latent_max": self.high,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> LatentScaling:
+        """The scaling saved in a prior's ``model.pt`` (:meth:`state`)."""
+        kind = "encodings" if state.get("latent", "quantized") == "encoder" else "latents"
+        return cls(
+            kind,
+            state["latent_mean"].double().numpy(),
+            state["latent_std"].double().numpy(),
+            state["latent_min"].float(),
+            state["latent_max"].float(),
+        )
 
 
 def _open(path: Path):
@@ -260,19 +339,103 @@ def _augmented_train(
         yield c * n, random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1)
 
 
+def encode_batch(vqvae, x, device) -> dict[str, np.ndarray]:
+    """Images float (B, C, *S) in [0, 1] -> {"codes": int16 (B, *grid), "latents": float32 (B, D,
+    *grid) (the codebook vectors of the codes), "encodings": float32 (B, D, *grid) (z_e)}, in
+    float32 (never under autocast: the codes are the float32 encoder's)."""
+    import torch
+
+    with torch.no_grad():
+        z_e = vqvae.encode(x.to(device))
+        codes = vqvae.quantizer.snap(z_e)
+        lat = vqvae.quantizer.lookup(codes)
+    return {
+        "codes": codes.cpu().numpy().astype(np.int16),
+        "latents": lat.cpu().numpy().astype(np.float32),
+        "encodings": z_e.float().cpu().numpy(),
+    }
+
+
+class _TrainStatistics:
+    """What the train split's latents add up to: code counts (K,) and, per channel, the sums
+    of the latents and encodings and of their squares (float64), for the scaling attributes."""
+
+    def __init__(self, k: int, d: int):
+        self.used = np.zeros(k, dtype=np.int64)
+        self.sums = {kind: [np.zeros(d, np.float64), np.zeros(d, np.float64)] for kind in ("latents", "encodings")}
+        self.count = 0
+
+    def add(self, enc: Mapping[str, np.ndarray]) -> None:
+        self.used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=len(self.used))
+        axes = (0, *range(2, enc["latents"].ndim))  # all but the channel
+        for kind in ("latents", "encodings"):
+            self.sums[kind][0] += enc[kind].sum(axis=axes, dtype=np.float64)
+            self.sums[kind][1] += (enc[kind].astype(np.float64) ** 2).sum(axis=axes)
+        self.count += len(enc["codes"]) * int(np.prod(enc["codes"].shape[1:]))
+
+    def write(self, attrs) -> None:
+        """The per-channel mean and std float64 (D,) of the latents and encodings as attributes."""
+        for kind, attr in (("latents", "latent"), ("encodings", "encoding")):
+            mean = self.sums[kind][0] / max(self.count, 1)
+            std = np.sqrt(np.maximum(self.sums[kind][1] / max(self.count, 1) - mean**2, 1e-12))
+            attrs[f"{attr}_mean"] = mean
+            attrs[f"{attr}_std"] = std
+
+
+def _create_split(out, split: str, n: int, d: int, grid: tuple) -> dict:
+    """The datasets of one split in the open ``latents.h5`` ``out`` (chunked, gzip)."""
+    g = out.create_group(split)
+    chunk = max(1, min(n, 256))
+    return {
+        name: g.create_dataset(
+            name,
+            shape=(n, *_shape(tail, d, grid)),
+            dtype=dtype,
+            chunks=(chunk, *_shape(tail, d, grid)),
+            compression="gzip",
+        )
+        for name, (dtype, tail) in SCHEMA.items()
+    }
+
+
+def _write_rows(dsets: Mapping, row0: int, enc: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
+    m = len(enc["codes"])
+    for name, arr in enc.items():
+        dsets[name][row0 : row0 + m] = arr
+    dsets["labels"][row0 : row0 + m] = labels
+
+
+def _write_augmented(out, encode, train, copies: int, augment: Mapping, bs: int, d: int, grid: tuple) -> dict:
+    """The ``train_aug`` split: the codes of ``copies`` seeded augmented copies of every train
+    image; its metrics (rows, codes in use)."""
+    n = len(train.labels)
+    dsets = _create_split(out, AUG_SPLIT, copies * n, d, grid)
+    used = np.zeros(out.attrs["K"], dtype=np.int64)
+    copies_of = _augmented_train(
+        train.images, copies, augment["degrees"], augment["shift"], augment["scale"], augment["seed"], train.max_value
+    )
+    for row0, xa in copies_of:
+        for start in range(0, n, bs):
+            enc = encode(xa[start : start + bs])
+            _write_rows(dsets, row0 + start, enc, train.labels[start : start + len(enc["codes"])])
+            used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=len(used))
+    return {f"num_{AUG_SPLIT}": copies * n, "codes_in_use_train_aug": int((used > 0).sum())}
+
+
 def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 3: encode every image of ``dataset.h5`` with the trained VQ-VAE into ``latents.h5``.
 
     Reads ``latents`` (batch_size, augment_copies, augment_degrees, augment_shift,
-    augment_scale, seed). Images are read, encoded and written batch by batch; with
-    ``augment_copies`` > 0 the ``train_aug`` split holds the codes of that many augmented copies
-    of every train image.
+    augment_scale, seed). Images are read, encoded (:func:`encode_batch`) and written batch by
+    batch; with ``augment_copies`` > 0 the ``train_aug`` split holds the codes of that many
+    augmented copies of every train image.
 
     Returns:
         metrics dict (N per split, codes in use, wall time).
 
     Raises:
         pipeline.io.DiskFullError: not enough free space for the file (checked before writing).
+        pipeline.io.StageInputError: ``augment_copies`` > 0 for volumes.
     """
     import h5py
     import torch
@@ -280,18 +443,19 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     from pipeline.checkpoint import load_model
     from pipeline.data import read_dataset, read_num_classes
     from pipeline.data import read_info as read_image_info
+    from pipeline.io import StageInputError
     from pipeline.runtime import log, resolve_device, stage_record
 
     paths = RunPaths(run_dir)
-    sec = cfg["latents"]
-    bs = int(sec["batch_size"])
-    copies = int(sec.get("augment_copies", 0))
+    section = cfg["latents"]
+    bs = int(section["batch_size"])
+    copies = int(section.get("augment_copies", 0))
     augment = {
         "copies": copies,
-        "degrees": float(sec.get("augment_degrees", 0.0)),
-        "shift": float(sec.get("augment_shift", 0.0)),
-        "scale": float(sec.get("augment_scale", 0.0)),
-        "seed": int(sec.get("seed", 0)),
+        "degrees": float(section.get("augment_degrees", 0.0)),
+        "shift": float(section.get("augment_shift", 0.0)),
+        "scale": float(section.get("augment_scale", 0.0)),
+        "seed": int(section.get("seed", 0)),
     }
     with stage_record("extract_latents", cfg, paths.latents.parent, threads=threads) as metrics:
         device = resolve_device(cfg["device"])
@@ -300,110 +464,36 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         k, d = vqvae.num_embeddings, vqvae.embedding_dim
         vq_sha = sha256_file(paths.vqvae_model)
         _check_free_space(paths.latents, paths.dataset, d, copies, getattr(vqvae, "downsample", 4))
-        used = np.zeros(k, dtype=np.int64)
-        sums = {
-            kind: [np.zeros(d, dtype=np.float64), np.zeros(d, dtype=np.float64)] for kind in ("latents", "encodings")
-        }
-        count = 0
+        stats = _TrainStatistics(k, d)
+        sides = read_image_info(paths.dataset).shape[1:]  # (H, W) or (D, H, W)
+        grid = tuple(int(s) // getattr(vqvae, "downsample", 4) for s in sides)
+        if copies and len(grid) == 3:
+            raise StageInputError("latents.augment_copies > 0 is for 2D images; set it to 0 for volumes")
+        if len(grid) == 3:  # about 4M voxels per batch of volumes
+            bs = min(bs, max(1, 2**22 // int(np.prod(sides))))
 
         def encode(x: torch.Tensor) -> dict[str, np.ndarray]:
-            with torch.no_grad():
-                z_e = vqvae.encode(x.to(device))
-                codes = vqvae.quantizer.snap(z_e)
-                lat = vqvae.quantizer.lookup(codes)
-            return {
-                "codes": codes.cpu().numpy().astype(np.int16),
-                "latents": lat.cpu().numpy().astype(np.float32),
-                "encodings": z_e.float().cpu().numpy(),
-            }
+            return encode_batch(vqvae, x, device)
 
         with atomic_path(paths.latents, suffix=".h5") as tmp, h5py.File(tmp, "w") as out:
-            out.attrs["schema_version"] = SCHEMA_VERSION
-            out.attrs["K"] = k
-            out.attrs["D"] = d
-            out.attrs["num_classes"] = read_num_classes(paths.dataset)
-            sides = read_image_info(paths.dataset).shape[1:]  # (H, W) or (D, H, W)
-            f = getattr(vqvae, "downsample", 4)
-            grid = tuple(int(s) // f for s in sides)
-            if copies and len(grid) == 3:
-                from pipeline.io import StageInputError
-
-                raise StageInputError("latents.augment_copies > 0 is for 2D images; set it to 0 for volumes")
-            if len(grid) == 3:  # about 4M voxels per batch of volumes
-                bs = min(bs, max(1, 2**22 // int(np.prod(sides))))
-            out.attrs["grid"] = list(grid)
-            out.attrs["vqvae_sha256"] = vq_sha
-            out.attrs["augment"] = json.dumps(augment, sort_keys=True)
-
-            def create(split: str, n: int) -> dict:
-                g = out.create_group(split)
-                chunk = max(1, min(n, 256))
-                return {
-                    name: g.create_dataset(
-                        name,
-                        shape=(n, *_shape(tail, d, grid)),
-                        dtype=dtype,
-                        chunks=(chunk, *_shape(tail, d, grid)),
-                        compression="gzip",
-                    )
-                    for name, (dtype, tail) in SCHEMA.items()
-                }
-
-            train_images = None
+            out.attrs.update(schema_version=SCHEMA_VERSION, K=k, D=d, num_classes=read_num_classes(paths.dataset))
+            out.attrs.update(grid=list(grid), vqvae_sha256=vq_sha, augment=json.dumps(augment, sort_keys=True))
             for split in SPLITS:
                 data = read_dataset(paths.dataset, split)
-                n = len(data.labels)
-                dsets = create(split, n)
-                for start in range(0, n, bs):
+                dsets = _create_split(out, split, len(data.labels), d, grid)
+                for start in range(0, len(data.labels), bs):
                     x = torch.from_numpy(data.images[start : start + bs].astype(np.float32)).div_(float(data.max_value))
                     enc = encode(x)
-                    m = len(enc["codes"])
-                    for name, arr in enc.items():
-                        dsets[name][start : start + m] = arr
-                    dsets["labels"][start : start + m] = data.labels[start : start + m]
+                    _write_rows(dsets, start, enc, data.labels[start : start + len(enc["codes"])])
                     if split == "train":
-                        used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=k)
-                        axes = (0, *range(2, enc["latents"].ndim))  # all but the channel
-                        for kind in ("latents", "encodings"):
-                            sums[kind][0] += enc[kind].sum(axis=axes, dtype=np.float64)
-                            sums[kind][1] += (enc[kind].astype(np.float64) ** 2).sum(axis=axes)
-                        count += m * int(np.prod(enc["codes"].shape[1:]))
+                        stats.add(enc)
                 if split == "train":
-                    train_images, train_labels, max_value = data.images, data.labels, data.max_value
-                metrics[f"num_{split}"] = n
-                log.info("extract_latents: %s %d images encoded", split, n)
+                    train = data
+                metrics[f"num_{split}"] = len(data.labels)
+                log.info("extract_latents: %s %d images encoded", split, len(data.labels))
             if copies:
-                n = len(train_labels)
-                dsets = create(AUG_SPLIT, copies * n)
-                aug_used = np.zeros(k, dtype=np.int64)
-                for row0, xa in _augmented_train(
-                    train_images,
-                    copies,
-                    augment["degrees"],
-                    augment["shift"],
-                    augment["scale"],
-                    augment["seed"],
-                    max_value,
-                ):
-                    for start in range(0, n, bs):
-                        enc = encode(xa[start : start + bs])
-                        m = len(enc["codes"])
-                        for name, arr in enc.items():
-                            dsets[name][row0 + start : row0 + start + m] = arr
-                        dsets["labels"][row0 + start : row0 + start + m] = train_labels[start : start + m]
-                        aug_used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=k)
-                metrics[f"num_{AUG_SPLIT}"] = copies * n
-                metrics["codes_in_use_train_aug"] = int((aug_used > 0).sum())
-                log.info(
-                    "extract_latents: %s %d augmented copies encoded (%d per train image)",
-                    AUG_SPLIT,
-                    copies * n,
-                    copies,
-                )
-            for kind, attr in (("latents", "latent"), ("encodings", "encoding")):
-                mean = sums[kind][0] / max(count, 1)
-                std = np.sqrt(np.maximum(sums[kind][1] / max(count, 1) - mean**2, 1e-12))
-                out.attrs[f"{attr}_mean"] = mean
-                out.attrs[f"{attr}_std"] = std
-        metrics.update(codes_in_use_train=int((used > 0).sum()), K=k, D=d, vqvae_sha256=vq_sha, augment=augment)
+                metrics.update(_write_augmented(out, encode, train, copies, augment, bs, d, grid))
+                log.info("extract_latents: %s augmented copies encoded (%d per train image)", AUG_SPLIT, copies)
+            stats.write(out.attrs)
+        metrics.update(codes_in_use_train=int((stats.used > 0).sum()), K=k, D=d, vqvae_sha256=vq_sha, augment=augment)
     return metrics

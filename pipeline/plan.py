@@ -167,7 +167,7 @@ _SECTIONS = {
     "train_pixelcnn": "pixelcnn",
     "train_diffusion": "diffusion",
     "train_pixel_diffusion": "pixel_diffusion",
-    "train_encoder": "encoder",
+    "train_simclr": "simclr",
     "train_classifier": "classifier",
 }
 #: the plan warns when a stage's estimate passes this fraction of the GPU's memory (the estimate

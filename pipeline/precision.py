@@ -10,8 +10,8 @@ results are *decisions* or *statistics* do not, and run inside :func:`float32` r
 
 * the VQ-VAE's nearest-code search and its codebook EMA statistics
   (:class:`pipeline.models.vqvae.VectorQuantizerEMA`): the distance expansion
-  ``|x|^2 - 2 x.e + |e|^2`` loses the small differences between codes in bf16's mantissa, and
-  a quarter of the codes flipped (docs/cluster.md, "bf16");
+  ``|x|^2 - 2 x.e + |e|^2`` loses the small differences between codes in bf16's mantissa
+  (measured: docs/cluster.md, "bf16 and what stays float32");
 * the layer that writes the VQ-VAE encoder's z_e (the vectors the quantizer compares), the
   PixelCNN's output layer (the logits of the categorical sampling layer) and the U-Nets' output
   layer (the prediction the sampler integrates);

@@ -1,38 +1,31 @@
 """Stage 6: draw a *sample set* from the PixelCNN prior, the latent diffusion model or the
 pixel-space diffusion baseline.
 
-A sample set is named by what it draws (:func:`parse_sample_set`, the grammar is
-:data:`SAMPLE_SET_PATTERN`)::
+A sample set is named by what it draws; the grammar is written once, in :mod:`pipeline.sets`
+(:data:`pipeline.sets.SAMPLE_SET_PATTERN`, parsed by :func:`pipeline.sets.parse_sample_set`;
+docs/reference.md lists it). The samplers:
 
-    pixelcnn[_greedy | _t<tau>][_g<s>]
-    diffusion_ddpm[_raw][_g<s>]      diffusion_ddim[_s<S>][_raw][_g<s>]
-    pixeldiff_ddpm[_raw]             pixeldiff_ddim[_s<S>][_raw]
+* ``pixelcnn``: ancestral sampling in raster order through the **categorical sampling layer**:
+  code c_ij ~ Categorical(softmax(logits_ij / tau)) (the step that makes a PixelCNN a
+  generative model; van den Oord et al. 2016); ``_greedy`` takes the argmax instead and, being
+  deterministic, gives the same grid for every seed: the collapse the seed study saw.
+* ``diffusion_ddpm``: DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2);
+  ``diffusion_ddim``: DDIM with S steps (Song et al. 2021, eq. 12; eta = ``sample.ddim_eta``);
+  ``diffusion_dpmpp`` / ``_dpmsde`` / ``_euler`` / ``_heun`` / ``_eulera``: diffusers' schedulers
+  (DPM-Solver++(2M), Lu et al. 2022; its SDE variant; Karras et al. 2022's Euler and Heun;
+  ancestral Euler) with S steps.
+* ``_ag<w>``: autoguidance (Karras et al. 2024): the prediction D is replaced by
+  D_guide + w (D - D_guide), the guide being the same model's early weights (``guide_fraction``);
+  for the PixelCNN the logits are combined the same way. ``_g<s>``: class-conditional with
+  classifier-free guidance scale s (label i % C for sample i); ``_b<f>``: the prior trained at f
+  times its steps; ``_raw``: the raw instead of the EMA weights; ``pixeldiff_*``: the baseline.
 
-* ``pixelcnn``: ancestral sampling in raster order through the **categorical sampling
-  layer**: code c_ij ~ Categorical(softmax(logits_ij / tau)) (the step that makes a PixelCNN a
-  generative model; van den Oord et al. 2016); ``_t<tau>`` sets tau (default
-  ``sample.temperature``). ``_greedy`` takes argmax instead and, being deterministic, gives the
-  same grid for every seed: the collapse the seed study saw.
-* ``diffusion_ddpm``: DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2).
-* ``diffusion_ddim``: DDIM with S steps (Song et al. 2021, eq. 12; eta = ``sample.ddim_eta``);
-  ``_s<S>`` sets S (default ``sample.ddim_steps``).
-* ``diffusion_dpmpp`` / ``_dpmsde`` / ``_euler`` / ``_heun`` / ``_eulera``: diffusers' schedulers
-  (DPM-Solver++(2M), Lu et al. 2022; its SDE variant; Karras et al. 2022's Euler and Heun; ancestral
-  Euler) with S steps (default ``sample.solver_steps``).
-* ``_raw``: the raw instead of the EMA weights. ``pixeldiff_*``: the pixel-space baseline.
-* ``_ag<w>``: unconditional with autoguidance (Karras et al. 2024): the network's prediction D
-  is replaced by D_bad + w (D - D_bad), D_bad being the same model's early snapshot
-  (``guide_snapshot``); for the PixelCNN the logits are combined the same way.
-* ``_g<s>``: class-conditional, requested label i % C for sample i (C classes in the data), with classifier-free
-  guidance scale s (diffusers' convention: s = 1 is the conditional model, no guidance; Ho &
-  Salimans' w = s - 1); PixelCNN logits are guided the same way. Without ``_g`` a conditional
-  model is sampled with the null label, i.e. unconditionally.
-
-Latent diffusion samples are unscaled (x * std + mean), snapped to the nearest codebook vectors
-and decoded by the VQ-VAE decoder. Each set writes ``samples/<set>.npy`` (float32 (N, C, H, W)
-in [0, 1]; N = ``sample.num_samples``, or ``sample.ddpm_num_samples`` for DDPM sets),
-``samples/<set>.png`` (a 10x10 grid of the first 100; one row per class for conditional sets)
-and ``samples/<set>.json`` (settings, sampling seconds and seconds per 1000 images).
+Latent diffusion samples are unscaled (:class:`pipeline.latents.LatentScaling`), snapped to the
+nearest codebook vectors and decoded by the VQ-VAE decoder. Each set writes ``samples/<set>.npy``
+(float32 (N, C, H, W) in [0, 1]; N = ``sample.num_samples``, or ``sample.ddpm_num_samples`` for
+DDPM sets), ``samples/<set>.png`` (a 10x10 grid of the first 100; one row per class for
+conditional sets) and ``samples/<set>.json`` (settings, sampling seconds and seconds per 1000
+images).
 """
 
 from __future__ import annotations
@@ -41,10 +34,12 @@ import itertools
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.diffusion import autoguidance, classifier_free_guidance
 from pipeline.io import RunPaths, StageInputError, atomic_path, save_grid_png, sha256_file
 from pipeline.runtime import Progress, autocast, log, resolve_device, stage_record
 from pipeline.sets import SAMPLE_SET_PATTERN, SampleSpec, parse_sample_set, requested_labels
@@ -58,6 +53,12 @@ __all__ = [
     "sample_diffusion_latents",
     "sample",
     "sample_one",
+    "Models",
+    "load_models",
+    "draw_pixelcnn",
+    "draw_diffusion",
+    "write_set",
+    "set_record",
 ]
 
 
@@ -78,7 +79,7 @@ def sample_pixelcnn(
     device: torch.device | str = "cpu",
     labels: torch.Tensor | None = None,
     guidance: float = 1.0,
-    guide_model: torch.nn.Module | None = None,
+    guide: torch.nn.Module | None = None,
     autoguidance: float = 1.0,
 ) -> torch.Tensor:
     """Ancestral sampling of code grids in raster order.
@@ -93,9 +94,9 @@ def sample_pixelcnn(
         labels: int (num,) classes for a conditional model (None: null label / unconditional).
         guidance: classifier-free guidance scale s on the logits, l_u + s (l_c - l_u)
             (:func:`pipeline.diffusion.guidance_combine`); 1 = plain conditional.
-        guide_model: a weaker PixelCNN (the early snapshot) for autoguidance: the logits become
-            l_bad + w (l - l_bad) (Karras et al. 2024 eq. 2 applied to the logits).
-        autoguidance: w of autoguidance (1 = none; needs ``guide_model``).
+        guide: the guide for autoguidance, a weaker PixelCNN (the early snapshot): the logits
+            become l_guide + w (l - l_guide) (Karras et al. 2024 eq. 2 applied to the logits).
+        autoguidance: w of autoguidance (1 = none; needs ``guide``).
 
     Returns:
         int64 (num, *shape) codes in [0, K).
@@ -109,8 +110,8 @@ def sample_pixelcnn(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if labels is None and guidance != 1.0:
         raise ValueError("classifier-free guidance needs labels")
-    if autoguidance != 1.0 and guide_model is None:
-        raise ValueError("autoguidance needs guide_model (the snapshot weights)")
+    if autoguidance != 1.0 and guide is None:
+        raise ValueError("autoguidance needs the guide (the early snapshot's weights)")
     codes = torch.zeros(num, *shape, dtype=torch.long, device=device)
     guided = labels is not None and guidance != 1.0
     if guided:
@@ -127,7 +128,7 @@ def sample_pixelcnn(
         else:
             logits = model(ctx, labels)[at].float()
         if autoguidance != 1.0:
-            logits = guidance_combine(logits, guide_model(ctx, labels)[at].float(), autoguidance)
+            logits = guidance_combine(logits, guide(ctx, labels)[at].float(), autoguidance)
         if greedy:
             codes[(slice(None), *pos)] = logits.argmax(dim=1)
         else:
@@ -217,12 +218,215 @@ def sample(
     return sample_one(cfg, run_dir, sample_set, threads)
 
 
+@dataclass
+class Models:
+    """What a sample set draws with: the VQ-VAE (None for the pixel-space baseline) and the
+    prior's network, its ``model.pt`` dict, the guide (the early snapshot autoguidance guides
+    away from, or None), and the prior's number of classes (0: unconditional)."""
+
+    vqvae: torch.nn.Module | None
+    prior: torch.nn.Module
+    state: dict
+    guide: torch.nn.Module | None
+    num_classes: int
+
+    @property
+    def trained(self) -> dict:
+        """The prior's training metrics, as saved in its ``model.pt``."""
+        return self.state.get("metrics") or {}
+
+
+def load_models(paths: RunPaths, spec: SampleSpec, device) -> Models:
+    """Load and check what ``spec`` draws with.
+
+    Raises:
+        pipeline.checkpoint.CheckpointError: a model file that is not ours, does not fit, or was
+            trained on latents of another ``vqvae/model.pt``.
+        pipeline.io.StageInputError: a conditional set of an unconditional prior.
+    """
+    from pipeline.checkpoint import CheckpointError, load_model
+
+    vqvae = None
+    if spec.prior != "pixeldiff":
+        vqvae, _ = load_model(paths.vqvae_model, device=device)
+    prior_path = paths.root / spec.model_folder / "model.pt"
+    prior, state = load_model(prior_path, device=device, weights=spec.weights)
+    stage = "train_pixelcnn" if spec.prior == "pixelcnn" else "train_diffusion"
+    if vqvae is not None and state.get("vqvae_sha256") not in (None, sha256_file(paths.vqvae_model)):
+        raise CheckpointError(f"{prior_path} was trained on latents of another vqvae/model.pt; re-run {stage}")
+    guide = load_model(prior_path, device=device, weights="guide")[0] if spec.autoguidance is not None else None
+    num_classes = int(getattr(prior, "num_classes", 0))
+    if spec.conditional and not num_classes:
+        raise StageInputError(
+            f"sample set {spec.name!r} is class-conditional but {prior_path} is not; "
+            f"train it with python -m pipeline {stage} --conditional"
+        )
+    return Models(vqvae, prior, state, guide, num_classes)
+
+
+def draw_pixelcnn(models: Models, spec: SampleSpec, cfg: Mapping, n: int, labels, generator, device) -> tuple:
+    """Images float32 (n, C, H, W) in [0, 1] (CPU) of a PixelCNN set, drawn in batches of
+    ``sample.batch_size`` and decoded by the VQ-VAE; and the record's sampler keys."""
+    section = cfg["sample"]
+    tau = float(spec.temperature if spec.temperature is not None else section["temperature"])
+    greedy = spec.method == "greedy"
+    images = []
+    for start in range(0, n, int(section["batch_size"])):
+        m = min(int(section["batch_size"]), n - start)
+        with autocast(device, cfg["bf16"]):
+            codes = sample_pixelcnn(
+                models.prior,
+                m,
+                shape=tuple(models.state.get("grid") or (7, 7)),
+                temperature=tau,
+                greedy=greedy,
+                generator=generator,
+                device=device,
+                labels=labels[start : start + m] if labels is not None else None,
+                guidance=spec.guidance if spec.conditional else 1.0,
+                guide=models.guide,
+                autoguidance=spec.autoguidance if spec.autoguidance is not None else 1.0,
+            )
+        with torch.no_grad():
+            images.append(models.vqvae.decode_codes(codes).float().cpu())
+        log.info("sample %s: %d/%d", spec.name, start + m, n)
+    return torch.cat(images), {
+        "prior": "pixelcnn",
+        "method": spec.method,
+        "temperature": None if greedy else tau,
+        "greedy": greedy,
+    }
+
+
+def _network(models: Models, spec: SampleSpec, labels, cfg: Mapping, device):
+    """The network a diffusion sampler calls, f(x_t, t) under the run's precision: the prior,
+    guided by its labels (classifier-free guidance) or by its guide (autoguidance)."""
+    if spec.conditional:
+        guided = classifier_free_guidance(models.prior, labels, spec.guidance, models.num_classes)
+    elif models.guide is not None:
+        guided = autoguidance(models.prior, models.guide, float(spec.autoguidance))
+    else:
+        guided = models.prior
+
+    def network(x, t):
+        with autocast(device, cfg["bf16"]):
+            return guided(x, t)
+
+    return network
+
+
+def draw_diffusion(models: Models, spec: SampleSpec, cfg: Mapping, n: int, labels, generator, device) -> tuple:
+    """Images float32 (n, C, H, W) in [0, 1] (CPU) of a latent or pixel-space diffusion set:
+    latents are drawn in batches, unscaled (:class:`pipeline.latents.LatentScaling`), snapped to
+    the nearest codebook vectors and decoded; pixel-space samples are cropped. And the record's
+    sampler keys."""
+    from pipeline.diffusion import GaussianDiffusion, pixel_size, pixel_space_to_images
+    from pipeline.latents import LatentScaling
+
+    section = cfg["sample"]
+    diffusion = GaussianDiffusion(**models.state["diffusion"]).to(device)
+    default_steps = section["ddim_steps"] if spec.method == "ddim" else section["solver_steps"]
+    steps = int(spec.steps if spec.steps is not None else default_steps)
+    if spec.prior == "diffusion":
+        scaling = LatentScaling.from_state(models.state)
+        channels, shape = models.vqvae.embedding_dim, tuple(models.state.get("grid") or (7, 7))
+        clip = scaling.clip_range(device, len(shape)) if section["clip_denoised"] else None
+    else:
+        image_shape = tuple(models.state.get("image_shape") or (1, 28, 28))
+        channels, shape = image_shape[0], pixel_size(image_shape[1:])
+        one = torch.tensor(1.0, device=device)
+        clip = (-one, one) if section["clip_denoised"] else None
+    images, bs = [], int(section["batch_size"])
+    for start in range(0, n, bs):
+        m = min(bs, n - start)
+        network = _network(models, spec, labels[start : start + m] if labels is not None else None, cfg, device)
+        z = sample_diffusion_latents(
+            network,
+            diffusion,
+            m,
+            channels,
+            spec.method,
+            steps,
+            float(section["ddim_eta"]),
+            generator,
+            device,
+            shape=shape,
+            progress_name=f"sample {spec.name} batch {start // bs + 1}",
+            clip=clip,
+        )
+        with torch.no_grad():
+            if spec.prior == "diffusion":
+                codes = models.vqvae.quantizer.snap(scaling.unscale(z))
+                images.append(models.vqvae.decode_codes(codes).float().cpu())
+            else:
+                images.append(pixel_space_to_images(z, image_shape[1:]).float().cpu())
+        log.info("sample %s: %d/%d", spec.name, start + m, n)
+    keys = {
+        "prior": spec.prior,
+        "method": spec.method,
+        "weights": spec.weights,
+        "clip_denoised": bool(section["clip_denoised"]),
+        "schedule": diffusion.schedule,
+        "timesteps": diffusion.num_timesteps,
+        "prediction": diffusion.prediction,
+        "steps": diffusion.num_timesteps if spec.method == "ddpm" else steps,
+        "eta": float(section["ddim_eta"]) if spec.method == "ddim" else None,
+    }
+    return torch.cat(images), keys
+
+
+def write_set(paths: RunPaths, spec: SampleSpec, arr: np.ndarray, num_classes: int) -> None:
+    """Write ``samples/<set>.npy`` and its grid ``.png`` (10x10, one row per class for a
+    conditional set of 100 or more); for volumes a three-plane grid of the first 8 and the first
+    4 as NIfTI (``samples/<set>/sample_<i>.nii.gz``, the dataset's reference affine). Atomic."""
+    _save_npy(paths.samples(spec.name, "npy"), arr)
+    if arr.ndim == 5:
+        from pipeline.data import read_info
+        from pipeline.volumes import save_three_plane_grid, write_nifti
+
+        affine = read_info(paths.dataset).reference_affine
+        save_three_plane_grid(paths.samples(spec.name, "png"), arr[:8], nrow=2, scale=3)
+        for i in range(min(4, len(arr))):
+            write_nifti(paths.root / "samples" / spec.name / f"sample_{i:03d}.nii.gz", arr[i], affine)
+        return
+    n = len(arr)
+    if spec.conditional and n >= 100:
+        grid = _rows_per_class(arr, requested_labels(n, num_classes))
+    else:
+        grid = arr[:100]
+    save_grid_png(paths.samples(spec.name, "png"), grid, nrow=10, scale=2)
+
+
+def set_record(spec: SampleSpec, models: Models, n: int, seed: int, seconds: float) -> dict:
+    """The keys of ``samples/<set>.json`` besides the sampler's (what was drawn, from what, how fast)."""
+    trained = models.trained
+    return {
+        "set": spec.name,
+        "num_samples": n,
+        "seed": seed,
+        "conditional": spec.conditional,
+        "guidance_scale": spec.guidance,
+        "autoguidance": spec.autoguidance,
+        "guide_step": trained.get("guide_step") if spec.autoguidance is not None else None,
+        "labels": f"i % {models.num_classes} for sample i" if spec.conditional else None,
+        "num_classes": models.num_classes or None,
+        "sampling_seconds": round(seconds, 3),
+        "seconds_per_1000": round(1000 * seconds / n, 3),
+        "samples_per_s": round(n / max(seconds, 1e-9), 2),
+        "prior_folder": spec.model_folder,
+        "prior_budget": trained.get("budget", 1.0),
+        "prior_steps": trained.get("steps"),
+        "prior_train_seconds": trained.get("train_seconds"),
+    }
+
+
 def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, threads: int | None = None) -> dict:
     """Draw one sample set ``sample_set`` (a name of the grammar above) and write its ``.npy``,
-    grid ``.png`` and record ``.json``.
+    grid ``.png`` and record ``.json``: load and check the models (:func:`load_models`), draw
+    (:func:`draw_pixelcnn` or :func:`draw_diffusion`), write (:func:`write_set`), record.
 
     Reads ``sample`` (seed, num_samples, ddpm_num_samples, batch_size, temperature, ddim_steps,
-    ddim_eta, clip_denoised).
+    solver_steps, ddim_eta, clip_denoised) and the top-level ``device`` and ``bf16``.
 
     Raises:
         pipeline.io.StageInputError: a name outside the grammar, or a conditional set of an
@@ -230,171 +434,29 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
         pipeline.checkpoint.CheckpointError: a model file that is not ours, does not fit, or was
             trained on latents of another ``vqvae/model.pt``.
     """
-    from pipeline.checkpoint import CheckpointError, load_model
-    from pipeline.diffusion import GaussianDiffusion, autoguidance, classifier_free_guidance, pixel_space_to_images
-
     try:
         spec = parse_sample_set(sample_set)
     except ValueError as exc:
         raise StageInputError(str(exc)) from None
     paths = RunPaths(run_dir)
-    sec = cfg["sample"]
-    out_npy = paths.samples(sample_set, "npy")
-    with stage_record("sample", cfg, out_npy.parent, metrics_name=f"{sample_set}.json", threads=threads) as metrics:
+    section = cfg["sample"]
+    out = paths.samples(sample_set, "npy").parent
+    with stage_record("sample", cfg, out, metrics_name=f"{sample_set}.json", threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        n, bs = int(sec["num_samples"]), int(sec["batch_size"])
-        if spec.method == "ddpm" and sec.get("ddpm_num_samples"):
-            n = int(sec["ddpm_num_samples"])
-        g = torch.Generator(device=device).manual_seed(int(sec["seed"]))
-        if spec.prior != "pixeldiff":
-            vqvae, _ = load_model(paths.vqvae_model, device=device)
-            vq_sha = sha256_file(paths.vqvae_model)
-        prior_path = paths.root / spec.model_folder / "model.pt"
-        net, state = load_model(prior_path, device=device, weights=spec.weights)
-        trained = state.get("metrics") or {}
-        weak = load_model(prior_path, device=device, weights="guide")[0] if spec.autoguidance is not None else None
-        if spec.prior != "pixeldiff" and state.get("vqvae_sha256") not in (None, vq_sha):
-            stage = "train_pixelcnn" if spec.prior == "pixelcnn" else "train_diffusion"
-            raise CheckpointError(f"{prior_path} was trained on latents of another vqvae/model.pt; re-run {stage}")
-        num_classes = int(getattr(net, "num_classes", 0))
-        if spec.conditional and not num_classes:
-            stage = "train_pixelcnn" if spec.prior == "pixelcnn" else "train_diffusion"
-            raise StageInputError(
-                f"sample set {sample_set!r} is class-conditional but {prior_path} is not; "
-                f"train it with python -m pipeline {stage} --conditional"
-            )
-        labels_all = torch.from_numpy(requested_labels(n, num_classes)).to(device) if spec.conditional else None
+        n = int(section["num_samples"])
+        if spec.method == "ddpm" and section.get("ddpm_num_samples"):
+            n = int(section["ddpm_num_samples"])
+        generator = torch.Generator(device=device).manual_seed(int(section["seed"]))
+        models = load_models(paths, spec, device)
+        labels = None
+        if spec.conditional:
+            labels = torch.from_numpy(requested_labels(n, models.num_classes)).to(device)
         t0 = time.perf_counter()
-        images = []
-        if spec.prior == "pixelcnn":
-            tau = float(spec.temperature if spec.temperature is not None else sec["temperature"])
-            greedy = spec.method == "greedy"
-            for start in range(0, n, bs):
-                m = min(bs, n - start)
-                y = labels_all[start : start + m] if spec.conditional else None
-                with autocast(device, cfg["bf16"]):
-                    codes = sample_pixelcnn(
-                        net,
-                        m,
-                        shape=tuple(state.get("grid") or (7, 7)),
-                        temperature=tau,
-                        greedy=greedy,
-                        generator=g,
-                        device=device,
-                        labels=y,
-                        guidance=spec.guidance if spec.conditional else 1.0,
-                        guide_model=weak,
-                        autoguidance=spec.autoguidance if spec.autoguidance is not None else 1.0,
-                    )
-                with torch.no_grad():
-                    images.append(vqvae.decode_codes(codes).float().cpu())
-                log.info("sample %s: %d/%d", sample_set, start + m, n)
-            metrics.update(prior="pixelcnn", method=spec.method, temperature=None if greedy else tau, greedy=greedy)
-        else:
-            diffusion = GaussianDiffusion(**state["diffusion"]).to(device)
-            default_steps = sec["ddim_steps"] if spec.method == "ddim" else sec["solver_steps"]
-            steps = int(spec.steps if spec.steps is not None else default_steps)
-            if spec.prior == "diffusion":
-                channels, shape = vqvae.embedding_dim, tuple(state["grid"]) if "grid" in state else (7, 7)
-                per_channel = (1, -1, *([1] * len(shape)))  # (1, D, 1, 1), or (1, D, 1, 1, 1) for volumes
-                mean = state["latent_mean"].float().to(device).view(per_channel)
-                std = state["latent_std"].float().to(device).view(per_channel)
-                # x_0 is clipped to the per-channel range of the scaled train latents (stored with the model)
-                clip = (
-                    (
-                        state["latent_min"].float().to(device).view(per_channel),
-                        state["latent_max"].float().to(device).view(per_channel),
-                    )
-                    if sec["clip_denoised"]
-                    else None
-                )
-            else:
-                from pipeline.diffusion import pixel_size
-
-                image_shape = tuple(state.get("image_shape") or (1, 28, 28))
-                channels, shape = image_shape[0], pixel_size(image_shape[1:])
-                clip = (
-                    (torch.tensor(-1.0, device=device), torch.tensor(1.0, device=device))
-                    if sec["clip_denoised"]
-                    else None
-                )
-            for start in range(0, n, bs):
-                m = min(bs, n - start)
-                if spec.conditional:
-                    guided = classifier_free_guidance(net, labels_all[start : start + m], spec.guidance, num_classes)
-                elif weak is not None:
-                    guided = autoguidance(net, weak, float(spec.autoguidance))
-                else:
-                    guided = net
-
-                def eps_model(x, t, guided=guided):
-                    with autocast(device, cfg["bf16"]):
-                        return guided(x, t)
-
-                z = sample_diffusion_latents(
-                    eps_model,
-                    diffusion,
-                    m,
-                    channels,
-                    spec.method,
-                    steps,
-                    float(sec["ddim_eta"]),
-                    g,
-                    device,
-                    shape=shape,
-                    progress_name=f"sample {sample_set} batch {start // bs + 1}",
-                    clip=clip,
-                )
-                with torch.no_grad():
-                    if spec.prior == "diffusion":
-                        codes = vqvae.quantizer.snap(z * std + mean)
-                        images.append(vqvae.decode_codes(codes).float().cpu())
-                    else:
-                        images.append(pixel_space_to_images(z, image_shape[1:]).float().cpu())
-                log.info("sample %s: %d/%d", sample_set, start + m, n)
-            metrics.update(
-                prior=spec.prior,
-                method=spec.method,
-                weights=spec.weights,
-                clip_denoised=bool(sec["clip_denoised"]),
-                schedule=diffusion.schedule,
-                timesteps=diffusion.num_timesteps,
-                prediction=diffusion.prediction,
-                steps=diffusion.num_timesteps if spec.method == "ddpm" else steps,
-                eta=float(sec["ddim_eta"]) if spec.method == "ddim" else None,
-            )
-        arr = torch.cat(images).numpy().astype(np.float32)
+        draw = draw_pixelcnn if spec.prior == "pixelcnn" else draw_diffusion
+        images, sampler = draw(models, spec, cfg, n, labels, generator, device)
+        arr = images.numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
-        _save_npy(out_npy, arr)
-        if arr.ndim == 5:  # volumes: three-plane grid of the first 8, the first 4 as NIfTI
-            from pipeline.data import read_info
-            from pipeline.volumes import save_three_plane_grid, write_nifti
-
-            affine = read_info(paths.dataset).reference_affine
-            save_three_plane_grid(paths.samples(sample_set, "png"), arr[:8], nrow=2, scale=3)
-            for i in range(min(4, n)):
-                write_nifti(paths.root / "samples" / sample_set / f"sample_{i:03d}.nii.gz", arr[i], affine)
-        else:
-            grid = (
-                _rows_per_class(arr, requested_labels(n, num_classes)) if spec.conditional and n >= 100 else arr[:100]
-            )
-            save_grid_png(paths.samples(sample_set, "png"), grid, nrow=10, scale=2)
-        metrics.update(
-            model=sample_set,  # the record key stays "model" (samples/<set>.json)
-            num_samples=n,
-            seed=int(sec["seed"]),
-            conditional=spec.conditional,
-            guidance_scale=spec.guidance,
-            autoguidance=spec.autoguidance,
-            guide_step=trained.get("guide_step") if spec.autoguidance is not None else None,
-            labels=f"i % {num_classes} for sample i" if spec.conditional else None,
-            num_classes=num_classes or None,
-            sampling_seconds=round(seconds, 3),
-            seconds_per_1000=round(1000 * seconds / n, 3),
-            samples_per_s=round(n / max(seconds, 1e-9), 2),
-            prior_folder=spec.model_folder,
-            prior_budget=trained.get("budget", 1.0),
-            prior_steps=trained.get("steps"),
-            prior_train_seconds=trained.get("train_seconds"),
-        )
+        write_set(paths, spec, arr, models.num_classes)
+        metrics.update(sampler)
+        metrics.update(set_record(spec, models, n, int(section["seed"]), seconds))
     return metrics

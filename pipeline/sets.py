@@ -13,7 +13,7 @@ of EMA weights; ``_g<s>`` class-conditional with classifier-free guidance scale 
 convention, s = 1: conditional, no guidance); ``_ag<w>`` unconditional with **autoguidance**
 (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", eq. 2): the
 prediction D_bad + w (D - D_bad), where D_bad is the same model's snapshot after a fraction
-``guide_snapshot`` of its training (w = 1: no guidance); ``_b<f>`` drawn from a prior trained at f times
+``guide_fraction`` of its training (w = 1: no guidance); ``_b<f>`` drawn from a prior trained at f times
 the configured ``steps`` (the training budget of the quality-vs-compute study; the model lives in
 ``<prior>_b<f>/``, f = 1 is the default model); ``pixeldiff`` the pixel-space baseline.
 """

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import DataError, sha256_file
+from pipeline.io import DataError, StageInputError, sha256_file
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -779,11 +779,23 @@ def expected_count(dcfg: Mapping) -> int | None:
     return None
 
 
-def judges(cfg: Mapping) -> tuple[str, ...]:
-    """The evaluate stage's judges from ``evaluate.judge``: ("classifier",), ("features",) or
-    both; ``auto`` = the classifier when the data has labels (:func:`has_labels`), else the
-    label-free features."""
+def judges(cfg: Mapping, num_classes: int | None = None) -> tuple[str, ...]:
+    """The evaluate stage's judges: the one rule that the Snakefile (which judges to train), the
+    evaluate stage (which judges to run) and the FLOP plan (which to price) all ask.
+
+    ``evaluate.judge``: ``classifier``, ``features`` (the label-free SimCLR encoder), ``both``
+    (("classifier", "features"): the classifier leads), or ``auto``: the classifier when the data
+    has labels, else the label-free features. Whether it has labels: ``num_classes`` >= 2 when the
+    dataset exists (``dataset.h5``'s number of classes), else :func:`has_labels` from the config.
+
+    Raises:
+        pipeline.io.StageInputError: the classifier asked for on a dataset of fewer than 2 classes
+            (only with ``num_classes``: before the data exist nothing can be known).
+    """
     j = cfg["evaluate"].get("judge", "auto")
-    if j == "auto":
-        return ("classifier",) if has_labels(cfg["data"]) else ("features",)
-    return ("classifier", "features") if j == "both" else (j,)
+    labelled = has_labels(cfg["data"]) if num_classes is None else num_classes >= 2
+    names = {"auto": ("classifier",) if labelled else ("features",), "both": ("classifier", "features")}
+    out = names.get(j, (j,))
+    if num_classes is not None and "classifier" in out and num_classes < 2:
+        raise StageInputError(f"evaluate.judge {j!r} needs labelled data, but the dataset has {num_classes} classes")
+    return out

@@ -47,7 +47,7 @@ TABLE: tuple[Stage, ...] = (
     Stage("train_vqvae", "pipeline.train:train_vqvae", ("vqvae",), "vqvae", "metrics.json", True),
     Stage("extract_latents", "pipeline.latents:extract_latents", ("latents",), "latents", "metrics.json", True),
     Stage("train_classifier", "pipeline.train:train_classifier", ("classifier",), "classifier", "metrics.json", True),
-    Stage("train_encoder", "pipeline.train:train_encoder", ("encoder",), "encoder", "metrics.json", True),
+    Stage("train_simclr", "pipeline.train:train_simclr", ("simclr",), "simclr", "metrics.json", True),
     Stage("train_pixelcnn", "pipeline.train:train_pixelcnn", ("pixelcnn",), "pixelcnn", "metrics.json", True),
     Stage("train_diffusion", "pipeline.train:train_diffusion", ("diffusion",), "diffusion", "metrics.json", True),
     Stage(
@@ -59,7 +59,7 @@ TABLE: tuple[Stage, ...] = (
         True,
     ),
     Stage("sample", "pipeline.sample:sample", ("sample",), "samples", "<set>.json", True),
-    # the sample sets to judge are sample.models
+    # the sample sets to judge are sample.sets
     Stage("evaluate", "pipeline.evaluate:evaluate", ("evaluate", "sample"), "report", "record.json", True),
 )
 

@@ -1,11 +1,13 @@
-"""The training stages: VQ-VAE, classifier (the judge), PixelCNN prior, latent diffusion and the
-pixel-space diffusion baseline, each ``fn(cfg, run_dir, threads=None, ...)`` (``pipeline.stages``).
+"""The training stages: VQ-VAE, classifier (the judge), SimCLR encoder (the label-free judge),
+PixelCNN prior, latent diffusion and the pixel-space diffusion baseline, each
+``fn(cfg, run_dir, threads=None, ...)`` (``pipeline.stages``).
 
-Each stage reads its inputs, builds its model through ``pipeline.models.build_model`` from
-``model_args`` (the constructor kwargs, stored in ``model.pt`` as ``args``), trains it with
-:class:`pipeline.training.TrainLoop` (step-counted, EMA, DDP, exact resume from
-``<stage>/checkpoint.pt``), measures it and writes ``model.pt``, ``metrics.json`` and
-``train_log.csv``; :func:`pipeline.checkpoint.load_model` rebuilds the model from the file.
+Each stage is a :class:`pipeline.training.TrainingStage`: it says what it reads, which network
+it builds (through ``pipeline.models.build_model`` from ``model_args``, stored in ``model.pt``
+as ``args``), how a batch becomes a loss and what it measures afterwards; the scaffold does the
+rest (stage record, device, seed, :class:`pipeline.training.TrainLoop` with EMA, DDP and exact
+resume from ``<stage>/checkpoint.pt``, ``model.pt``, ``metrics.json``, ``train_log.csv``).
+:func:`pipeline.checkpoint.load_model` rebuilds the model from the file.
 """
 
 from __future__ import annotations
@@ -14,33 +16,25 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint as ckpt_io
 from pipeline.augment import gaussian_blur, random_affine
 from pipeline.diffusion import images_to_pixel_space
 from pipeline.io import RunPaths, StageInputError, save_grid_png, sha256_file
-from pipeline.models import build_model
 from pipeline.models import model_args as build_args
-from pipeline.runtime import (
-    autocast,
-    dist_info,
-    log,
-    resolve_device,
-    seed_everything,
-    stage_record,
-)
-from pipeline.training import drop_labels, finish_training, snapshot_step, train_loop
+from pipeline.runtime import autocast, dist_info, log
+from pipeline.training import TrainingStage, TrainResult, checkpoint_steps, drop_labels, guide_step
 
 __all__ = [
     "train_vqvae",
     "train_pixelcnn",
     "train_diffusion",
     "train_classifier",
-    "train_encoder",
+    "train_simclr",
     "contrastive_views",
     "train_pixel_diffusion",
     "evaluate_vqvae",
@@ -82,6 +76,14 @@ def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarr
     return data.unit().to(device), data.labels
 
 
+def _both_splits(paths: RunPaths, device) -> tuple:
+    """(train images, train labels, test images, test labels) of ``dataset.h5`` on ``device``:
+    images float (N, C, *S) in [0, 1], labels int64 (N,)."""
+    train_x, train_y = _images(paths, "train", device)
+    test_x, test_y = _images(paths, "test", device)
+    return train_x, torch.from_numpy(train_y).to(device), test_x, torch.from_numpy(test_y).to(device)
+
+
 def _write_volume_reconstructions(model, test_x: torch.Tensor, affines, out, metrics: dict) -> None:
     """3D: SSIM/PSNR of the test reconstructions, their three-plane grid (each input beside its
     reconstruction) and the first two as NIfTI (input and reconstruction, each volume's affine
@@ -102,82 +104,71 @@ def _write_volume_reconstructions(model, test_x: torch.Tensor, affines, out, met
         write_nifti(out / "reconstructions" / f"test_{i:03d}_reconstruction.nii.gz", xh[i], aff)
 
 
+class VQVAEStage(TrainingStage):
+    """Stage 2: the VQ-VAE on ``dataset.h5``'s train split. Measures the test and train
+    reconstruction MSE, perplexity and codes in use; writes ``reconstructions.png`` (or, for
+    volumes, SSIM/PSNR, a three-plane grid and NIfTI reconstructions)."""
+
+    name, kind, section_name = "train_vqvae", "vqvae", "vqvae"
+
+    def read(self, device):
+        from pipeline.data import check_divisible, read_dataset
+
+        self.train_x, _ = _images(self.paths, "train", device)
+        self.test = read_dataset(self.paths.dataset, "test")  # its affines too, for the volumes' NIfTI reconstructions
+        self.test_x = self.test.unit().to(device)
+        self.spatial_dims = self.train_x.ndim - 2  # 3 for NIfTI volumes (N, 1, D, H, W)
+        check_divisible(self.train_x.shape[2:], self.cfg, str(self.paths.dataset))
+        return len(self.train_x)
+
+    def model_args(self):
+        return build_args("vqvae", self.section, in_channels=int(self.train_x.shape[1]), spatial_dims=self.spatial_dims)
+
+    def compute_loss(self, net, idx, shard):
+        x = shard(self.train_x[idx])
+        xh, vq = net(x)
+        recon = F.mse_loss(xh.float(), x)
+        return recon + vq.commitment_loss, {
+            "recon_mse": recon.detach(),
+            "commitment": vq.commitment_loss.detach(),
+            "perplexity": vq.perplexity,
+        }
+
+    def measure(self, model, result):
+        test_m = evaluate_vqvae(model, self.test_x)
+        train_m = evaluate_vqvae(model, self.train_x)
+        metrics = {
+            "test_recon_mse": test_m["recon_mse"],
+            "test_perplexity": test_m["perplexity"],
+            "test_codes_in_use": test_m["codes_in_use"],
+            "train_recon_mse": train_m["recon_mse"],
+            "train_codes_in_use": train_m["codes_in_use"],
+            "num_embeddings": self.section["num_embeddings"],
+            "codebook_restarts": int(model.quantizer.restarts),
+        }
+        if self.spatial_dims == 3:
+            if dist_info()[0] == 0:
+                _write_volume_reconstructions(model, self.test_x, self.test.extra.get("affines"), self.out, metrics)
+            return metrics
+        with torch.no_grad():
+            originals = self.test_x[:20]
+            recons = model(originals)[0].float()
+        grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
+        if dist_info()[0] == 0:
+            save_grid_png(self.out / "reconstructions.png", grid, nrow=10, scale=3)
+        return metrics
+
+    summary_format = (
+        "train_vqvae: test MSE {test_recon_mse:.5f}, perplexity {test_perplexity:.1f}, "
+        "{test_codes_in_use}/{num_embeddings} codes in use"
+    )
+
+
 def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 2: train the VQ-VAE on ``dataset.h5``'s train split; write ``vqvae/model.pt``,
     ``metrics.json`` (test recon MSE, perplexity, codes in use), ``reconstructions.png``
-    (test originals above their reconstructions) and ``train_log.csv``."""
-    paths = RunPaths(run_dir)
-    sec = cfg["vqvae"]
-    out = paths.vqvae_model.parent
-    with stage_record("train_vqvae", cfg, out, threads=threads) as metrics:
-        device = resolve_device(cfg["device"])
-        from pipeline.data import check_divisible, read_dataset
-
-        train_x, _ = _images(paths, "train", device)
-        test = read_dataset(paths.dataset, "test")  # its affines too, for the volumes' NIfTI reconstructions
-        test_x = test.unit().to(device)
-
-        spatial_dims = train_x.ndim - 2  # 3 for NIfTI volumes (N, 1, D, H, W)
-        check_divisible(train_x.shape[2:], cfg, str(paths.dataset))
-        model_args = build_args("vqvae", sec, in_channels=int(train_x.shape[1]), spatial_dims=spatial_dims)
-        seed_everything(int(sec["seed"]))
-        model = build_model("vqvae", model_args).to(device)
-        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
-
-        def compute_loss(net, idx, shard):
-            x = shard(train_x[idx])
-            xh, vq = net(x)
-            recon = F.mse_loss(xh.float(), x)
-            return recon + vq.commitment_loss, {
-                "recon_mse": recon.detach(),
-                "commitment": vq.commitment_loss.detach(),
-                "perplexity": vq.perplexity,
-            }
-
-        res = train_loop(
-            stage="train_vqvae",
-            model=model,
-            kind="vqvae",
-            model_args=model_args,
-            section=sec,
-            compute_loss=compute_loss,
-            n_data=len(train_x),
-            out_dir=out,
-            device=device,
-            bf16=cfg["bf16"],
-        )
-        test_m = evaluate_vqvae(model, test_x)
-        train_m = evaluate_vqvae(model, train_x)
-        metrics.update(
-            test_recon_mse=test_m["recon_mse"],
-            test_perplexity=test_m["perplexity"],
-            test_codes_in_use=test_m["codes_in_use"],
-            train_recon_mse=train_m["recon_mse"],
-            train_codes_in_use=train_m["codes_in_use"],
-            num_embeddings=sec["num_embeddings"],
-            codebook_restarts=int(model.quantizer.restarts),
-            steps=sec["steps"],
-            train_seconds=round(res.elapsed_s, 2),
-        )
-        if spatial_dims == 3:
-            if dist_info()[0] == 0:
-                _write_volume_reconstructions(model, test_x, test.extra.get("affines"), out, metrics)
-        else:
-            with torch.no_grad():
-                originals = test_x[:20]
-                recons = model(originals)[0].float()
-            grid = torch.cat([originals[:10], recons[:10], originals[10:20], recons[10:20]]).cpu().numpy()
-            if dist_info()[0] == 0:
-                save_grid_png(out / "reconstructions.png", grid, nrow=10, scale=3)
-        finish_training(paths.vqvae_model, "vqvae", model_args, model, res, metrics)
-        log.info(
-            "train_vqvae: test MSE %.5f, perplexity %.1f, %d/%d codes in use",
-            test_m["recon_mse"],
-            test_m["perplexity"],
-            test_m["codes_in_use"],
-            sec["num_embeddings"],
-        )
-    return metrics
+    (test originals above their reconstructions) and ``train_log.csv``. Reads ``vqvae``."""
+    return VQVAEStage(cfg, run_dir, threads).run()
 
 
 def _read_latents(paths: RunPaths, augmented: bool = False):
@@ -206,113 +197,127 @@ def _read_latents(paths: RunPaths, augmented: bool = False):
     return vq_sha, train, test, info
 
 
+class PriorStage(TrainingStage):
+    """A prior trained on ``latents.h5`` (PixelCNN or latent diffusion), unconditional or its
+    class-conditional variant, at a training budget: the config it reads is
+    :func:`pipeline.config.variant_config`'s and its folder :func:`pipeline.sets.prior_folder`'s."""
+
+    def __init__(self, cfg, run_dir, threads=None, budget: float | None = None, conditional: bool = False):
+        from pipeline.config import variant_config
+        from pipeline.sets import prior_folder
+
+        super().__init__(
+            variant_config(cfg, self.section_name, conditional=conditional, budget=budget), run_dir, threads
+        )
+        self.budget, self.conditional = budget, conditional
+        self.out = self.paths.root / prior_folder(self.section_name, budget, conditional)
+
+    def read_latents(self, device):
+        """Both splits of ``latents.h5`` and the labels on ``device``; the number of classes a
+        conditional variant uses (its null label is that number).
+
+        Raises:
+            pipeline.io.StageInputError: the conditional variant on unlabelled data.
+        """
+        self.vq_sha, self.train, self.test, self.info = _read_latents(
+            self.paths, augmented=bool(self.section.get("augmented", False))
+        )
+        self.train_y = torch.from_numpy(self.train.labels).to(device)
+        self.test_y = torch.from_numpy(self.test.labels).to(device)
+        self.n_cls = self.info.num_classes if self.conditional else 0  # label n_cls is the null label
+        if self.conditional and not self.n_cls:
+            raise StageInputError(f"{self.paths.latents}: the data has no labels; a class-conditional prior needs them")
+        self.p_drop = float(self.section.get("label_dropout", 0.0))
+
+    def guide_step(self):
+        return guide_step(self.section)
+
+    def prior_metrics(self, result: TrainResult) -> dict:
+        return {
+            "conditional": bool(self.n_cls),
+            "vqvae_sha256": self.vq_sha,
+            "budget": 1.0 if self.budget is None else float(self.budget),
+            "guide_step": guide_step(self.section),
+        }
+
+
 # --- stage 4: PixelCNN prior --------------------------------------------------------------------
-def train_pixelcnn(
-    cfg: Mapping,
-    run_dir: str | os.PathLike,
-    threads: int | None = None,
-    budget: float | None = None,
-    conditional: bool = False,
-) -> dict:
+class PixelCNNStage(PriorStage):
+    """Stage 4: the gated PixelCNN on the train codes; measures the test NLL (nats and bits per
+    code; for the conditional variant also given the true label)."""
+
+    name, kind, section_name = "train_pixelcnn", "pixelcnn", "pixelcnn"
+
+    def read(self, device):
+        self.read_latents(device)
+        self.train_c = torch.from_numpy(self.train.codes.astype(np.int64)).to(device)
+        self.test_c = torch.from_numpy(self.test.codes.astype(np.int64)).to(device)
+        return len(self.train_c)
+
+    def model_args(self):
+        grid = len(self.info.grid)
+        return build_args(
+            "pixelcnn", self.section, in_channels=self.info.num_embeddings, num_classes=self.n_cls, spatial_dims=grid
+        )
+
+    def compute_loss(self, net, idx, shard):
+        c = shard(self.train_c[idx])
+        if not self.n_cls:
+            return F.cross_entropy(net(c).float(), c), {}
+        y = shard(drop_labels(self.train_y[idx], self.p_drop, self.n_cls))
+        return F.cross_entropy(net(c, y).float(), c), {}
+
+    def ema_decay(self):
+        return float(self.section["ema_decay"]) if self.section.get("ema_decay") else None
+
+    @torch.no_grad()
+    def test_nll(self, judged, labels: torch.Tensor | None) -> float:
+        """Mean NLL (nats per code) of the test codes under ``judged`` (given ``labels``)."""
+        judged.eval()
+        total, c = 0.0, self.test_c
+        for s in range(0, len(c), 500):
+            y = None if labels is None else labels[s : s + 500]
+            total += float(F.cross_entropy(judged(c[s : s + 500], y).float(), c[s : s + 500], reduction="sum"))
+        return total / c.numel()
+
+    def measure(self, model, result):
+        judged = result.ema.module if result.ema is not None else model  # the weights that are sampled
+        uncond = self.test_nll(judged, None)
+        metrics = {"test_nll_nats_per_code": uncond, "test_nll_bits_per_code": uncond / math.log(2)}
+        if self.n_cls:
+            cond = self.test_nll(judged, self.test_y)
+            metrics.update(
+                test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2)
+            )
+        metrics.update(train_final_loss=result.final_loss, num_train_grids=len(self.train_c))
+        return {**metrics, **self.prior_metrics(result)}
+
+    def checkpoint_extra(self, result):
+        return {"vqvae_sha256": self.vq_sha, "grid": list(self.info.grid)}
+
+    def summary(self, m):
+        cond = f", conditional {m['test_nll_conditional_nats_per_code']:.4f}" if self.n_cls else ""
+        nats = m["test_nll_nats_per_code"]
+        return f"{self.out.name}: test NLL {nats:.4f} nats/code ({nats / math.log(2):.4f} bits/code){cond}"
+
+
+def train_pixelcnn(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None, **variant: Any) -> dict:
     """Stage 4: train the gated PixelCNN on the train codes of ``latents.h5``; write
     ``<folder>/model.pt``, ``metrics.json`` (test NLL in nats and bits per code; for the
     conditional variant also the class-conditional NLL) and ``train_log.csv``.
 
     Args:
+        variant: ``budget`` and ``conditional`` (:class:`PriorStage`).
         budget: train for this factor times ``steps`` (the quality-vs-compute study), into
             ``pixelcnn[_cond]_b<f>/``.
-        conditional: the class-conditional variant ``pixelcnn_cond/``: p(c | y) with a null label
-            10 substituted with probability ``label_dropout`` (so classifier-free guidance can mix
-            the two), ``conditional_steps`` steps; ``test_nll_*`` is then the NLL under the null
-            label and ``test_nll_conditional_*`` under the true label. Without it the prior is
-            unconditional and never sees a label (the study's subject).
+        conditional: the class-conditional variant ``pixelcnn_cond/``: p(c | y) with the null label
+            (the number of classes) substituted with probability ``label_dropout`` (so
+            classifier-free guidance can mix the two), ``conditional_steps`` steps;
+            ``test_nll_*`` is then the NLL under the null label and ``test_nll_conditional_*``
+            under the true label. Without it the prior is unconditional and never sees a label
+            (the study's subject).
     """
-    from pipeline.config import variant_config
-    from pipeline.sets import prior_folder
-
-    paths = RunPaths(run_dir)
-    cfg = variant_config(cfg, "pixelcnn", conditional=conditional, budget=budget)
-    sec = cfg["pixelcnn"]
-    out = paths.root / prior_folder("pixelcnn", budget, conditional)
-    with stage_record("train_pixelcnn", cfg, out, threads=threads) as metrics:
-        device = resolve_device(cfg["device"])
-        vq_sha, train, test, info = _read_latents(paths, augmented=bool(sec.get("augmented", False)))
-        train_c = torch.from_numpy(train.codes.astype(np.int64)).to(device)
-        test_c = torch.from_numpy(test.codes.astype(np.int64)).to(device)
-        train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
-        n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
-        if conditional and not n_cls:
-            raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
-        model_args = build_args(
-            "pixelcnn", sec, in_channels=info.num_embeddings, num_classes=n_cls, spatial_dims=len(info.grid)
-        )
-        p_drop = float(sec.get("label_dropout", 0.0))
-        seed_everything(int(sec["seed"]))
-        model = build_model("pixelcnn", model_args).to(device)
-        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
-
-        def compute_loss(net, idx, shard):
-            c = shard(train_c[idx])
-            if not n_cls:
-                return F.cross_entropy(net(c).float(), c), {}
-            y = shard(drop_labels(train_y[idx], p_drop, n_cls))
-            return F.cross_entropy(net(c, y).float(), c), {}
-
-        res = train_loop(
-            stage="train_pixelcnn",
-            model=model,
-            kind="pixelcnn",
-            model_args=model_args,
-            section=sec,
-            compute_loss=compute_loss,
-            n_data=len(train_c),
-            out_dir=out,
-            device=device,
-            bf16=cfg["bf16"],
-            ema_decay=float(sec["ema_decay"]) if sec.get("ema_decay") else None,
-            snapshot_step=snapshot_step(sec),
-        )
-
-        judged = res.ema.module if res.ema is not None else model  # the weights that are sampled
-
-        @torch.no_grad()
-        def nll(labels: torch.Tensor | None) -> float:
-            judged.eval()
-            total = 0.0
-            for s in range(0, len(test_c), 500):
-                y = None if labels is None else labels[s : s + 500]
-                total += float(
-                    F.cross_entropy(judged(test_c[s : s + 500], y).float(), test_c[s : s + 500], reduction="sum")
-                )
-            return total / test_c.numel()
-
-        uncond = nll(None)
-        metrics.update(test_nll_nats_per_code=uncond, test_nll_bits_per_code=uncond / math.log(2))
-        if n_cls:
-            cond = nll(test_y)
-            metrics.update(
-                test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2)
-            )
-        metrics.update(
-            conditional=bool(n_cls),
-            train_final_loss=res.final_loss,
-            steps=sec["steps"],
-            num_train_grids=len(train_c),
-            train_seconds=round(res.elapsed_s, 2),
-            vqvae_sha256=vq_sha,
-        )
-        metrics["budget"] = 1.0 if budget is None else float(budget)
-        metrics["guide_step"] = snapshot_step(sec)
-        finish_training(
-            out / "model.pt", "pixelcnn", model_args, model, res, metrics, vqvae_sha256=vq_sha, grid=list(info.grid)
-        )
-        log.info(
-            f"{out.name}: test NLL %.4f nats/code (%.4f bits/code)%s",
-            uncond,
-            uncond / math.log(2),
-            f", conditional {metrics['test_nll_conditional_nats_per_code']:.4f}" if n_cls else "",
-        )
-    return metrics
+    return PixelCNNStage(cfg, run_dir, threads, **variant).run()
 
 
 # --- stage 5: latent diffusion ------------------------------------------------------------------
@@ -335,186 +340,127 @@ def _test_loss(
     return total / len(x)
 
 
-def _train_denoiser(
-    stage: str,
-    model: torch.nn.Module,
-    model_args: Mapping,
-    sec: Mapping,
-    diffusion,
-    x: torch.Tensor,
-    out,
-    device: torch.device,
-    bf16: bool,
-    labels: torch.Tensor | None = None,
-    p_drop: float = 0.0,
-    n_cls: int = 0,
-    snapshot: int | None = None,
-    kind: str = "unet",
-):
-    """Train the U-Net ``model`` (factory kind ``kind``) as a denoiser of ``x`` float (N, C, H, W)
-    (the scaled latents or the pixel-space images) under ``diffusion``'s objective (DDPM eq. 14 with the configured
-    prediction and weighting): per step t ~ U{0..T-1} and noise ~ N(0, I) are drawn for the
-    global batch and sharded; with ``n_cls``, labels int (N,) are dropped to the null label with
-    probability ``p_drop`` (classifier-free guidance training). Returns the
-    :class:`pipeline.training.TrainResult` of :func:`pipeline.training.train_loop`."""
-    T = diffusion.num_timesteps
-
-    def compute_loss(net, idx, shard):
-        t = torch.randint(0, T, (len(idx),), device=device)
-        noise = torch.randn((len(idx), *x.shape[1:]), device=device)
-        y = shard(drop_labels(labels[idx], p_drop, n_cls)) if n_cls else None
-        return diffusion.training_losses(net, shard(x[idx]), shard(t), shard(noise), labels=y).mean(), {}
-
-    return train_loop(
-        stage=stage,
-        model=model,
-        kind=kind,
-        model_args=model_args,
-        section=sec,
-        compute_loss=compute_loss,
-        n_data=len(x),
-        out_dir=out,
-        device=device,
-        bf16=bf16,
-        ema_decay=float(sec["ema_decay"]),
-        snapshot_step=snapshot,
-    )
-
-
-def _make_diffusion(sec: Mapping):
+def _make_diffusion(section: Mapping):
     """The ``GaussianDiffusion`` of a diffusion config section (schedule, timesteps, prediction,
     loss_weighting, min_snr_gamma)."""
     from pipeline.diffusion import GaussianDiffusion
 
     return GaussianDiffusion(
-        sec["schedule"],
-        int(sec["timesteps"]),
-        prediction=sec.get("prediction", "epsilon"),
-        loss_weighting=sec.get("loss_weighting", "none"),
-        min_snr_gamma=float(sec.get("min_snr_gamma", 5.0)),
+        section["schedule"],
+        int(section["timesteps"]),
+        prediction=section.get("prediction", "epsilon"),
+        loss_weighting=section.get("loss_weighting", "none"),
+        min_snr_gamma=float(section.get("min_snr_gamma", 5.0)),
     )
 
 
-def train_diffusion(
-    cfg: Mapping,
-    run_dir: str | os.PathLike,
-    threads: int | None = None,
-    budget: float | None = None,
-    conditional: bool = False,
-) -> dict:
+class DenoiserMixin:
+    """A U-Net trained as a denoiser of ``self.x`` float (N, C, *S) (scaled latents or pixel-space
+    images) under ``self.diffusion``'s objective (DDPM eq. 14 with the configured prediction and
+    weighting): per step t ~ U{0..T-1} and noise ~ N(0, I) are drawn for the global batch and
+    sharded; with ``self.n_cls`` labels ``self.labels`` int (N,) are dropped to the null label with
+    probability ``self.p_drop`` (classifier-free guidance training)."""
+
+    n_cls, p_drop, labels = 0, 0.0, None
+
+    def before_training(self, model, device):
+        self.device = device
+        self.diffusion = _make_diffusion(self.section).to(device)
+
+    def compute_loss(self, net, idx, shard):
+        n, device = len(idx), self.device
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), device=device)
+        noise = torch.randn((n, *self.x.shape[1:]), device=device)
+        y = shard(drop_labels(self.labels[idx], self.p_drop, self.n_cls)) if self.n_cls else None
+        return self.diffusion.training_losses(net, shard(self.x[idx]), shard(t), shard(noise), labels=y).mean(), {}
+
+    def ema_decay(self):
+        return float(self.section["ema_decay"])
+
+
+class DiffusionStage(DenoiserMixin, PriorStage):
+    """Stage 5: latent diffusion on the train latents scaled to unit variance per channel
+    (:class:`pipeline.latents.LatentScaling`); measures the test epsilon-MSE of the EMA and raw
+    weights (and of the true labels for the conditional variant)."""
+
+    name, kind, section_name = "train_diffusion", "unet", "diffusion"
+
+    def read(self, device):
+        from pipeline.latents import LatentScaling
+        from pipeline.models import UNET_KINDS
+
+        self.read_latents(device)
+        kind = "encodings" if self.section.get("latent", "quantized") == "encoder" else "latents"
+        train = torch.from_numpy(getattr(self.train, kind)).to(device)
+        self.scaling, self.x = LatentScaling.fit(self.info, kind, train)
+        self.test_z = self.scaling.scale(torch.from_numpy(getattr(self.test, kind)).to(device))
+        self.labels = self.train_y
+        self.kind = UNET_KINDS[self.section.get("network", "own")]  # the project's U-Net or MONAI's
+        return len(self.x)
+
+    def model_args(self):
+        return build_args(
+            self.kind,
+            self.section,
+            in_channels=self.info.embedding_dim,
+            num_classes=self.n_cls,
+            spatial_dims=len(self.info.grid),
+        )
+
+    def measure(self, model, result):
+        seed = int(self.section["seed"]) + 1
+        losses = {
+            "ema": _test_loss(self.diffusion, result.ema.module, self.test_z, seed),
+            "raw": _test_loss(self.diffusion, model, self.test_z, seed),
+        }
+        if self.n_cls:
+            losses["conditional_ema"] = _test_loss(self.diffusion, result.ema.module, self.test_z, seed, self.test_y)
+        self.losses = losses
+        metrics = {
+            "final_train_loss": result.final_loss,
+            "test_loss_ema": losses["ema"],
+            "test_loss_raw": losses["raw"],
+            "schedule": self.section["schedule"],
+            "timesteps": self.diffusion.num_timesteps,
+            "prediction": self.diffusion.prediction,
+            "loss_weighting": self.diffusion.loss_weighting,
+            "latent": self.section.get("latent", "quantized"),
+            "num_train_latents": len(self.x),
+        }
+        if self.n_cls:
+            metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
+        return {**metrics, **self.prior_metrics(result)}
+
+    def checkpoint_extra(self, result):
+        return {
+            "diffusion": self.diffusion.config(),
+            **self.scaling.state(),
+            "vqvae_sha256": self.vq_sha,
+            "grid": list(self.info.grid),
+        }
+
+    summary_format = (
+        "{folder}: final train loss {final_train_loss:.4f}, test loss EMA {test_loss_ema:.4f} / raw {test_loss_raw:.4f}"
+    )
+
+
+def train_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None, **variant: Any) -> dict:
     """Stage 5: train a latent diffusion model (``prediction`` and ``loss_weighting`` of the
     config: epsilon/v/x0, min-SNR) on the train latents scaled to unit variance per channel;
-    write ``<folder>/model.pt`` (raw and EMA weights, the autoguidance snapshot, the schedule and
+    write ``<folder>/model.pt`` (raw and EMA weights, the autoguidance guide, the schedule and
     the scaling), ``metrics.json`` (final train loss, test epsilon-MSE of the EMA and raw weights)
     and ``train_log.csv``.
 
     Args:
+        variant: ``budget`` and ``conditional`` (:class:`PriorStage`).
         budget: train for this factor times ``steps``, into ``diffusion[_cond]_b<f>/``.
         conditional: the class-conditional variant ``diffusion_cond/``: the U-Net takes labels,
-            null label 10 with probability ``label_dropout`` (classifier-free guidance training,
+            the null label with probability ``label_dropout`` (classifier-free guidance training,
             Ho & Salimans 2022), ``conditional_steps`` steps; its test losses are those of the
             null label, and ``test_loss_conditional_ema`` that of the true labels. Without it the
             model is unconditional and never sees a label (the study's subject).
     """
-    from pipeline.config import variant_config
-    from pipeline.sets import prior_folder
-
-    paths = RunPaths(run_dir)
-    cfg = variant_config(cfg, "diffusion", conditional=conditional, budget=budget)
-    sec = cfg["diffusion"]
-    out = paths.root / prior_folder("diffusion", budget, conditional)
-    with stage_record("train_diffusion", cfg, out, threads=threads) as metrics:
-        device = resolve_device(cfg["device"])
-        vq_sha, train, test, info = _read_latents(paths, augmented=bool(sec.get("augmented", False)))
-        kind = "encodings" if sec.get("latent", "quantized") == "encoder" else "latents"
-        mean_np, std_np = info.scaling(kind)
-        per_channel = (1, -1, *([1] * len(info.grid)))  # (1, D, 1, 1) or (1, D, 1, 1, 1) for volumes
-        mean = torch.tensor(mean_np, dtype=torch.float32, device=device).view(per_channel)
-        std = torch.tensor(std_np, dtype=torch.float32, device=device).view(per_channel)
-        train_z = (torch.from_numpy(getattr(train, kind)).to(device) - mean) / std
-        test_z = (torch.from_numpy(getattr(test, kind)).to(device) - mean) / std
-        n_cls = info.num_classes if conditional else 0  # from the dataset's labels; label n_cls is the null label
-        if conditional and not n_cls:
-            raise StageInputError(f"{paths.latents}: the data has no labels; a class-conditional prior needs them")
-        from pipeline.models import UNET_KINDS
-
-        unet_kind = UNET_KINDS[sec.get("network", "own")]  # the project's U-Net or MONAI's
-        model_args = build_args(
-            unet_kind, sec, in_channels=info.embedding_dim, num_classes=n_cls, spatial_dims=len(info.grid)
-        )
-        train_y, test_y = torch.from_numpy(train.labels).to(device), torch.from_numpy(test.labels).to(device)
-        p_drop = float(sec.get("label_dropout", 0.0))
-        seed_everything(int(sec["seed"]))
-        model = build_model(unet_kind, model_args).to(device)
-        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
-        diffusion = _make_diffusion(sec).to(device)
-        T = diffusion.num_timesteps
-        res = _train_denoiser(
-            "train_diffusion",
-            model,
-            model_args,
-            sec,
-            diffusion,
-            train_z,
-            out,
-            device,
-            cfg["bf16"],
-            labels=train_y,
-            p_drop=p_drop,
-            n_cls=n_cls,
-            snapshot=snapshot_step(sec),
-            kind=unet_kind,
-        )
-        ema = res.ema
-        seed = int(sec["seed"]) + 1
-        losses = {
-            "ema": _test_loss(diffusion, ema.module, test_z, seed),
-            "raw": _test_loss(diffusion, model, test_z, seed),
-        }
-        if n_cls:
-            losses["conditional_ema"] = _test_loss(diffusion, ema.module, test_z, seed, test_y)
-        metrics.update(
-            final_train_loss=res.final_loss,
-            test_loss_ema=losses["ema"],
-            test_loss_raw=losses["raw"],
-            conditional=bool(n_cls),
-            schedule=sec["schedule"],
-            timesteps=T,
-            prediction=diffusion.prediction,
-            loss_weighting=diffusion.loss_weighting,
-            latent=sec.get("latent", "quantized"),
-            num_train_latents=len(train_z),
-            steps=sec["steps"],
-            train_seconds=round(res.elapsed_s, 2),
-            vqvae_sha256=vq_sha,
-        )
-        if n_cls:
-            metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
-        metrics["budget"] = 1.0 if budget is None else float(budget)
-        metrics["guide_step"] = snapshot_step(sec)
-        finish_training(
-            out / "model.pt",
-            unet_kind,
-            model_args,
-            model,
-            res,
-            metrics,
-            diffusion=diffusion.config(),
-            latent=sec.get("latent", "quantized"),
-            latent_mean=torch.tensor(mean_np),
-            latent_std=torch.tensor(std_np),
-            latent_min=train_z.amin(dim=(0, *range(2, train_z.dim()))).cpu(),
-            latent_max=train_z.amax(dim=(0, *range(2, train_z.dim()))).cpu(),
-            vqvae_sha256=vq_sha,
-            grid=list(info.grid),
-        )
-        log.info(
-            f"{out.name}: final train loss %.4f, test loss EMA %.4f / raw %.4f",
-            res.final_loss,
-            losses["ema"],
-            losses["raw"],
-        )
-    return metrics
+    return DiffusionStage(cfg, run_dir, threads, **variant).run()
 
 
 # --- the judge: a digit classifier -------------------------------------------------------------
@@ -525,6 +471,47 @@ def classifier_accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((probs.argmax(1) == labels.cpu()).float().mean())
 
 
+class ClassifierStage(TrainingStage):
+    """The digit classifier that judges samples, with random rotation/translation; measures
+    train and test accuracy. Trains in float32 whatever ``bf16`` says (a measuring instrument)."""
+
+    name, kind, section_name, float32 = "train_classifier", "classifier", "classifier", True
+
+    def read(self, device):
+        from pipeline.data import read_num_classes
+
+        self.train_x, self.train_y, self.test_x, self.test_y = _both_splits(self.paths, device)
+        self.n_cls = read_num_classes(self.paths.dataset)
+        if self.n_cls < 2:
+            raise StageInputError(
+                f"{self.paths.dataset} has {self.n_cls} classes: the classifier judge needs labelled data; set "
+                "evaluate.judge: features (the label-free judge)"
+            )
+        return len(self.train_x)
+
+    def model_args(self):
+        return build_args("classifier", self.section, num_classes=self.n_cls, image_shape=tuple(self.train_x.shape[1:]))
+
+    def compute_loss(self, net, idx, shard):
+        section, x = self.section, self.train_x[idx]
+        if section["augment_degrees"] or section["augment_shift"]:  # global RNG: checkpointed, same on every rank
+            x = random_affine(x, float(section["augment_degrees"]), float(section["augment_shift"]))
+        logits = net(shard(x))
+        y = shard(self.train_y[idx])
+        return F.cross_entropy(logits.float(), y), {"accuracy": (logits.argmax(1) == y).float().mean()}
+
+    def measure(self, model, result):
+        return {
+            "test_accuracy": classifier_accuracy(model, self.test_x, self.test_y),
+            "train_accuracy": classifier_accuracy(model, self.train_x, self.train_y),
+            "num_test": len(self.test_x),
+        }
+
+    summary_format = (
+        "train_classifier: test accuracy {test_accuracy:.4f} ({num_test} images), train accuracy {train_accuracy:.4f}"
+    )
+
+
 def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Train the digit classifier that judges samples (``pipeline.evaluate``) on the run's train
     split, with random rotation/translation; write ``classifier/model.pt`` and ``metrics.json``
@@ -532,74 +519,18 @@ def train_classifier(cfg: Mapping, run_dir: str | os.PathLike, threads: int | No
 
     Reads ``classifier`` (seed, channels, feature_dim, dropout, augment_degrees, augment_shift,
     steps, batch_size, lr, log_every, checkpoint_every)."""
-    paths = RunPaths(run_dir)
-    sec = cfg["classifier"]
-    out = paths.classifier_model.parent
-    with stage_record("train_classifier", cfg, out, threads=threads) as metrics:
-        device = resolve_device(cfg["device"])
-        train_x, train_y = _images(paths, "train", device)
-        test_x, test_y = _images(paths, "test", device)
-        train_y, test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
-        from pipeline.data import read_num_classes
-
-        n_cls = read_num_classes(paths.dataset)
-        if n_cls < 2:
-            raise StageInputError(
-                f"{paths.dataset} has {n_cls} classes: the classifier judge needs labelled data; set "
-                "evaluate.judge: features (the label-free judge)"
-            )
-        model_args = build_args("classifier", sec, num_classes=n_cls, image_shape=tuple(train_x.shape[1:]))
-        seed_everything(int(sec["seed"]))
-        model = build_model("classifier", model_args).to(device)
-
-        def compute_loss(net, idx, shard):
-            x = train_x[idx]
-            if sec["augment_degrees"] or sec["augment_shift"]:
-                x = random_affine(
-                    x, float(sec["augment_degrees"]), float(sec["augment_shift"])
-                )  # global RNG: checkpointed, same on every rank
-            logits = net(shard(x))
-            y = shard(train_y[idx])
-            loss = F.cross_entropy(logits.float(), y)
-            return loss, {"accuracy": (logits.argmax(1) == y).float().mean()}
-
-        res = train_loop(
-            stage="train_classifier",
-            model=model,
-            kind="classifier",
-            model_args=model_args,
-            section=sec,
-            compute_loss=compute_loss,
-            n_data=len(train_x),
-            out_dir=out,
-            device=device,
-            bf16=False,  # the judge is a measuring instrument: float32 whatever bf16 says (pipeline/precision.py)
-        )
-        test_acc = classifier_accuracy(model, test_x, test_y)
-        train_acc = classifier_accuracy(model, train_x, train_y)
-        metrics.update(
-            test_accuracy=test_acc,
-            train_accuracy=train_acc,
-            num_test=len(test_x),
-            steps=sec["steps"],
-            train_seconds=round(res.elapsed_s, 2),
-        )
-        finish_training(paths.classifier_model, "classifier", model_args, model, res, metrics)
-        log.info(
-            "train_classifier: test accuracy %.4f (%d images), train accuracy %.4f", test_acc, len(test_x), train_acc
-        )
-    return metrics
+    return ClassifierStage(cfg, run_dir, threads).run()
 
 
 # --- the label-free judge: a SimCLR encoder ----------------------------------------------------
-def contrastive_views(x: torch.Tensor, sec: Mapping) -> torch.Tensor:
+def contrastive_views(x: torch.Tensor, section: Mapping) -> torch.Tensor:
     """One random view of each image for SimCLR (Chen et al. 2020 sec. 3; global torch RNG, so a
     resumed run repeats it): random rotation/translation/zoom, optional horizontal flip,
     brightness and contrast jitter, Gaussian noise, clamped to [0, 1].
 
     Args:
         x: float (B, C, H, W) in [0, 1], or volumes (B, C, D, H, W) (rotation in the H-W planes).
-        sec: the ``encoder`` section (augment_* keys).
+        sec: the ``simclr`` section (augment_* keys).
 
     Returns:
         float, the shape of x, in [0, 1].
@@ -607,83 +538,81 @@ def contrastive_views(x: torch.Tensor, sec: Mapping) -> torch.Tensor:
     b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     per_image = (b, *([1] * (x.dim() - 1)))
     v = random_affine(
-        x, float(sec["augment_degrees"]), float(sec["augment_shift"]) * min(h, w), max_scale=float(sec["augment_scale"])
+        x,
+        float(section["augment_degrees"]),
+        float(section["augment_shift"]) * min(h, w),
+        max_scale=float(section["augment_scale"]),
     )
-    if sec["augment_flip"]:
+    if section["augment_flip"]:
         flip = torch.rand(b, device=x.device) < 0.5
         v = torch.where(flip.view(per_image), v.flip(-1), v)
-    j = float(sec["augment_jitter"])
+    j = float(section["augment_jitter"])
     if j:
         contrast = 1 + (torch.rand(per_image, device=x.device) * 2 - 1) * j
         bright = (torch.rand(per_image, device=x.device) * 2 - 1) * j * 0.5
         mean = v.mean(dim=tuple(range(1, v.dim())), keepdim=True)
         v = (v - mean) * contrast + mean + bright
-    if float(sec.get("augment_blur", 0)):  # Gaussian blur of random strength (SimCLR appendix A)
-        sigma = float(torch.rand(())) * float(sec["augment_blur"]) * min(h, w) / 28
+    if float(section.get("augment_blur", 0)):  # Gaussian blur of random strength (SimCLR appendix A)
+        sigma = float(torch.rand(())) * float(section["augment_blur"]) * min(h, w) / 28
         if sigma > 0.1:
             v = gaussian_blur(v, sigma)
-    if float(sec["augment_noise"]):
-        v = v + torch.randn_like(v) * float(sec["augment_noise"])
+    if float(section["augment_noise"]):
+        v = v + torch.randn_like(v) * float(section["augment_noise"])
     return v.clamp(0, 1)
 
 
-def train_encoder(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
-    """Train the label-free judge: a :class:`pipeline.models.FeatureEncoder` by SimCLR's NT-Xent
-    loss (Chen et al. 2020, eq. 1) on two random views (:func:`contrastive_views`) of the train
-    images, never their labels. Writes ``encoder/model.pt``, ``metrics.json`` (final loss, the
-    top-1 retrieval accuracy of the test images' two views in [0, 1]) and ``train_log.csv``.
+class SimCLRStage(TrainingStage):
+    """The label-free judge: a :class:`pipeline.models.FeatureEncoder` trained by SimCLR's NT-Xent
+    loss (Chen et al. 2020, eq. 1) on two random views of the train images, never their labels;
+    measures the top-1 retrieval accuracy of the test images' two views. Trains in float32.
 
     Under DDP each rank contrasts the views of its own shard of the batch (its negatives are
     the shard's other images)."""
-    from pipeline.models.encoder import nt_xent
 
-    paths = RunPaths(run_dir)
-    sec = cfg["encoder"]
-    out = paths.encoder_model.parent
-    with stage_record("train_encoder", cfg, out, threads=threads) as metrics:
-        device = resolve_device(cfg["device"])
-        train_x, _ = _images(paths, "train", device)
-        test_x, _ = _images(paths, "test", device)
-        model_args = build_args("encoder", sec, image_shape=tuple(train_x.shape[1:]))
-        seed_everything(int(sec["seed"]))
-        model = build_model("encoder", model_args).to(device)
-        tau = float(sec["temperature"])
+    name, kind, section_name, float32 = "train_simclr", "simclr", "simclr", True
 
-        def compute_loss(net, idx, shard):
-            x = train_x[idx]
-            v1, v2 = contrastive_views(x, sec), contrastive_views(x, sec)  # global RNG: same on every rank
-            loss = nt_xent(net(shard(v1)), net(shard(v2)), tau)
-            return loss, {}
+    def read(self, device):
+        self.train_x, _, self.test_x, _ = _both_splits(self.paths, device)
+        return len(self.train_x)
 
-        res = train_loop(
-            stage="train_encoder",
-            model=model,
-            kind="encoder",
-            model_args=model_args,
-            section=sec,
-            compute_loss=compute_loss,
-            n_data=len(train_x),
-            out_dir=out,
-            device=device,
-            bf16=False,  # the label-free judge: float32 too
-        )
-        g = torch.Generator().manual_seed(int(sec["seed"]) + 1)
+    def model_args(self):
+        return build_args("simclr", self.section, image_shape=tuple(self.train_x.shape[1:]))
+
+    def compute_loss(self, net, idx, shard):
+        from pipeline.models.encoder import nt_xent
+
+        x = self.train_x[idx]
+        v1, v2 = (
+            contrastive_views(x, self.section),
+            contrastive_views(x, self.section),
+        )  # global RNG: same on every rank
+        return nt_xent(net(shard(v1)), net(shard(v2)), float(self.section["temperature"])), {}
+
+    def measure(self, model, result):
+        section = self.section
+        g = torch.Generator().manual_seed(int(section["seed"]) + 1)
         state = torch.random.get_rng_state()
         torch.random.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
-        n = min(len(test_x), 500)
-        h1 = F.normalize(model.embed(contrastive_views(test_x[:n], sec)), dim=1)
-        h2 = F.normalize(model.embed(contrastive_views(test_x[:n], sec)), dim=1)
+        n = min(len(self.test_x), 500)
+        h1 = F.normalize(model.embed(contrastive_views(self.test_x[:n], section)), dim=1)
+        h2 = F.normalize(model.embed(contrastive_views(self.test_x[:n], section)), dim=1)
         torch.random.set_rng_state(state)
+        self.n_retrieval = n
         retrieval = float(((h1 @ h2.t()).argmax(1) == torch.arange(n)).float().mean())
-        metrics.update(
-            final_train_loss=res.final_loss,
-            test_view_retrieval=retrieval,
-            steps=sec["steps"],
-            train_seconds=round(res.elapsed_s, 2),
+        return {"final_train_loss": result.final_loss, "test_view_retrieval": retrieval}
+
+    def summary(self, m):
+        return (
+            f"train_simclr: NT-Xent {m['final_train_loss']:.3f}, test view retrieval "
+            f"{m['test_view_retrieval']:.3f} ({self.n_retrieval} images)"
         )
-        finish_training(paths.encoder_model, "encoder", model_args, model, res, metrics)
-        log.info("train_encoder: NT-Xent %.3f, test view retrieval %.3f (%d images)", res.final_loss, retrieval, n)
-    return metrics
+
+
+def train_simclr(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Train the label-free judge (:class:`SimCLRStage`); write ``simclr/model.pt``,
+    ``metrics.json`` (final loss, the top-1 retrieval accuracy of the test images' two views in
+    [0, 1]) and ``train_log.csv``."""
+    return SimCLRStage(cfg, run_dir, threads).run()
 
 
 # --- baseline: diffusion in pixel space ---------------------------------------------------------
@@ -724,93 +653,81 @@ def _steps_for_budget(
     return max(1, int(budget_s / per_step)), per_step
 
 
-def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
-    """Baseline stage: the same U-Net family, noise schedule and objective as ``train_diffusion``, trained on
-    the train images themselves (in [-1, 1], padded to the next power of two: 28x28 -> 32x32) instead of the
-    VQ-VAE latents.
+class PixelDiffusionStage(DenoiserMixin, TrainingStage):
+    """The baseline: the same U-Net family, noise schedule and objective as ``train_diffusion``,
+    trained on the train images themselves (in [-1, 1], padded to the next power of two: 28x28 ->
+    32x32). With ``pixel_diffusion.steps: null`` the step count is chosen so that training takes
+    as long as ``train_diffusion``'s did (measured from a 10-step probe; a resumed run keeps the
+    count of its checkpoint, :func:`pipeline.training.checkpoint_steps`)."""
 
-    With ``pixel_diffusion.steps: null`` the step count is chosen so that training takes as long
-    as ``train_diffusion``'s training did (``diffusion/metrics.json`` ``train_seconds``),
-    measured from a 10-step probe: the equal-wall-time comparison of latent vs pixel space
-    (Rombach et al. 2022's argument). A resumed run keeps the step count of its checkpoint.
-    Writes ``pixel_diffusion/model.pt``, ``metrics.json`` (train images/s, seconds, final and
-    test loss) and ``train_log.csv``.
+    name, kind, section_name = "train_pixel_diffusion", "unet", "pixel_diffusion"
+    budget_s: float | None = None
+
+    def read(self, device):
+        self.train_x, _, self.test_x, _ = _both_splits(self.paths, device)
+        self.x, self.test_p = images_to_pixel_space(self.train_x), images_to_pixel_space(self.test_x)
+        return len(self.x)
+
+    def model_args(self):
+        return build_args("unet", self.section, in_channels=int(self.train_x.shape[1]))
+
+    def before_training(self, model, device):
+        from pipeline.io import read_json
+
+        super().before_training(model, device)
+        if self.section["steps"] is not None:
+            return
+        latent_metrics = self.paths.diffusion_model.parent / "metrics.json"
+        if not latent_metrics.is_file():
+            raise StageInputError(
+                f"pixel_diffusion.steps is null (match the latent model's training time) but {latent_metrics} does "
+                "not exist; run train_diffusion first or set pixel_diffusion.steps"
+            )
+        self.budget_s = float(read_json(latent_metrics)["train_seconds"])
+        steps = checkpoint_steps(self.out, self.section)
+        if steps is None:
+            steps, per_step = _steps_for_budget(
+                model,
+                self.diffusion,
+                self.x,
+                int(self.section["batch_size"]),
+                float(self.section["lr"]),
+                self.budget_s,
+                bf16=self.cfg["bf16"],
+            )
+            log.info(
+                "train_pixel_diffusion: %.3f s/step measured; %d steps fit in the latent model's %.1f training seconds",
+                per_step,
+                steps,
+                self.budget_s,
+            )
+        self.section["steps"] = steps
+        self.section["log_every"] = min(int(self.section["log_every"]), int(steps))
+
+    def measure(self, model, result):
+        return {
+            "final_train_loss": result.final_loss,
+            "test_loss_ema": _test_loss(self.diffusion, result.ema.module, self.test_p, int(self.section["seed"]) + 1),
+            "schedule": self.section["schedule"],
+            "timesteps": self.diffusion.num_timesteps,
+            "time_budget_s": self.budget_s,
+        }
+
+    def checkpoint_extra(self, result):
+        return {"diffusion": self.diffusion.config(), "space": "pixel", "image_shape": list(self.train_x.shape[1:])}
+
+    @property
+    def model_path(self):
+        return self.paths.pixel_diffusion_model
+
+    summary_format = "train_pixel_diffusion: {steps} steps in {train_seconds:.1f} s, test loss EMA {test_loss_ema:.4f}"
+
+
+def train_pixel_diffusion(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
+    """Baseline stage (:class:`PixelDiffusionStage`): writes ``pixel_diffusion/model.pt``,
+    ``metrics.json`` (train images/s, seconds, final and test loss) and ``train_log.csv``.
 
     Raises:
         pipeline.io.StageInputError: ``steps: null`` but ``diffusion/metrics.json`` does not exist.
     """
-    from pipeline.io import read_json
-
-    paths = RunPaths(run_dir)
-    sec = dict(cfg["pixel_diffusion"])
-    out = paths.pixel_diffusion_model.parent
-    with stage_record("train_pixel_diffusion", cfg, out, threads=threads) as metrics:
-        device = resolve_device(cfg["device"])
-        train_x, _ = _images(paths, "train", device)
-        test_x, _ = _images(paths, "test", device)
-        train_p, test_p = images_to_pixel_space(train_x), images_to_pixel_space(test_x)
-        model_args = build_args("unet", sec, in_channels=int(train_x.shape[1]))
-        seed_everything(int(sec["seed"]))
-        model = build_model("unet", model_args).to(device)
-        model.enable_gradient_checkpointing(bool(sec["gradient_checkpointing"]))  # memory for compute: docs/volumes.md
-        diffusion = _make_diffusion(sec).to(device)
-        T = diffusion.num_timesteps
-        budget = None
-        if sec["steps"] is None:
-            latent_metrics = paths.diffusion_model.parent / "metrics.json"
-            if not latent_metrics.is_file():
-                raise StageInputError(
-                    f"pixel_diffusion.steps is null (match the latent model's training time) but {latent_metrics} does "
-                    "not exist; run train_diffusion first or set pixel_diffusion.steps"
-                )
-            budget = float(read_json(latent_metrics)["train_seconds"])
-            ckpt = RunPaths.checkpoint(out)
-            resumed_steps = None
-            if ckpt.exists():
-                state = ckpt_io.load(ckpt, map_location="cpu")
-                if {k: v for k, v in state.get("section", {}).items() if k != "steps"} == {
-                    k: v for k, v in sec.items() if k != "steps"
-                }:
-                    resumed_steps = int(state["section"]["steps"])
-            if resumed_steps is not None:
-                sec["steps"] = resumed_steps
-            else:
-                sec["steps"], per_step = _steps_for_budget(
-                    model, diffusion, train_p, int(sec["batch_size"]), float(sec["lr"]), budget, bf16=cfg["bf16"]
-                )
-                log.info(
-                    "train_pixel_diffusion: %.3f s/step measured; %d steps fit in the latent model's %.1f training "
-                    "seconds",
-                    per_step,
-                    sec["steps"],
-                    budget,
-                )
-            sec["log_every"] = min(int(sec["log_every"]), int(sec["steps"]))
-
-        res = _train_denoiser(
-            "train_pixel_diffusion", model, model_args, sec, diffusion, train_p, out, device, cfg["bf16"]
-        )
-        test_loss = _test_loss(diffusion, res.ema.module, test_p, int(sec["seed"]) + 1)
-        steps = int(sec["steps"])
-        metrics.update(
-            final_train_loss=res.final_loss,
-            test_loss_ema=test_loss,
-            schedule=sec["schedule"],
-            timesteps=T,
-            steps=steps,
-            time_budget_s=budget,
-            train_seconds=round(res.elapsed_s, 2),
-        )
-        finish_training(
-            paths.pixel_diffusion_model,
-            "unet",
-            model_args,
-            model,
-            res,
-            metrics,
-            diffusion=diffusion.config(),
-            space="pixel",
-            image_shape=list(train_x.shape[1:]),
-        )
-        log.info("train_pixel_diffusion: %d steps in %.1f s, test loss EMA %.4f", steps, res.elapsed_s, test_loss)
-    return metrics
+    return PixelDiffusionStage(cfg, run_dir, threads).run()

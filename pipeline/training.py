@@ -46,7 +46,9 @@ __all__ = [
     "finish_stage",
     "finish_training",
     "drop_labels",
-    "snapshot_step",
+    "guide_step",
+    "checkpoint_steps",
+    "TrainingStage",
 ]
 
 
@@ -126,8 +128,8 @@ class TrainResult:
         elapsed_s: training seconds, including earlier interrupted runs.
         resumed_s: the part of ``elapsed_s`` from earlier runs (0 for a fresh start).
         final_loss: mean loss of the last log window (NaN without rows).
-        snapshot: the state dict taken at ``snapshot_step`` (the EMA weights when there is an
-            EMA), or None.
+        guide: the state dict taken at ``guide_step`` (the EMA weights when there is an EMA): the
+            guide of autoguidance, or None.
         steps, batch_size: the optimizer steps trained and the global batch.
     """
 
@@ -136,7 +138,7 @@ class TrainResult:
     elapsed_s: float = 0.0
     resumed_s: float = 0.0
     final_loss: float = float("nan")
-    snapshot: dict | None = None
+    guide: dict | None = None
     steps: int = 0
     batch_size: int = 0
 
@@ -162,8 +164,8 @@ class TrainLoop:
         ema_decay: keep an EMA of the weights with this decay (``torch.optim.swa_utils``).
         grad_clip: max global gradient norm (None: no clipping).
         warmup: linear LR warm-up steps (at most a tenth of the steps), then cosine decay to 10 %.
-        snapshot_step: after this many steps, keep a copy of the weights (the EMA weights when
-            there is an EMA): the "bad version of itself" that autoguidance guides away from
+        guide_step: after this many steps, keep a copy of the weights (the EMA weights when there
+            is an EMA): the guide, the "bad version of itself" that autoguidance guides away from
             (Karras et al. 2024). Kept in the resume checkpoint, so a resumed run has it too.
 
     Raises:
@@ -186,12 +188,12 @@ class TrainLoop:
         ema_decay: float | None = None,
         grad_clip: float | None = 1.0,
         warmup: int = 100,
-        snapshot_step: int | None = None,
+        guide_step: int | None = None,
     ):
         self.stage, self.model, self.kind, self.section = stage, model, kind, dict(section)
         self.model_args = dict(model_args)
         self.compute_loss, self.device, self.bf16, self.grad_clip = compute_loss, device, bf16, grad_clip
-        self.snapshot_step = snapshot_step
+        self.guide_step = guide_step
         self.steps = int(section["steps"])
         self.rank, self.world = dist_info()
         if int(section["batch_size"]) % self.world:
@@ -215,7 +217,7 @@ class TrainLoop:
         self.start, self.rows, self.elapsed_before = 0, [], 0.0
         self.window: dict[str, float] = {}
         self.window_n = 0
-        self.snapshot: dict | None = None
+        self.guide: dict | None = None
         self.net = model
         self._t0 = time.perf_counter()
 
@@ -236,7 +238,7 @@ class TrainLoop:
         ckpt_io.set_rng_state(state["rng"])
         self.start, self.rows, self.elapsed_before = int(state["step"]), list(state["rows"]), float(state["elapsed_s"])
         self.window, self.window_n = dict(state["window"]), int(state["window_n"])
-        self.snapshot = state.get("snapshot")
+        self.guide = state.get("guide")
         log.info("%s: resumed from %s at step %d/%d", self.stage, self.ckpt_path, self.start, self.steps)
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
@@ -265,14 +267,14 @@ class TrainLoop:
                 "rows": self.rows,
                 "window": dict(self.window),
                 "window_n": self.window_n,
-                "snapshot": self.snapshot,
+                "guide": self.guide,
                 "elapsed_s": self.elapsed(),
             },
         )
 
     def step(self, step: int) -> None:
         """One optimizer step (batch ``step`` of the data order), then the EMA, the log row, the
-        autoguidance snapshot and the periodic checkpoint when they are due."""
+        autoguidance guide and the periodic checkpoint when they are due."""
         idx = self.batcher(step).to(self.device)
         with autocast(self.device, self.bf16):
             loss, logs = self.compute_loss(self.net, idx, self._shard)
@@ -291,9 +293,9 @@ class TrainLoop:
         done = step + 1
         if done % self.log_every == 0 or done == self.steps:
             self._log_row(done)
-        if self.snapshot_step is not None and done == self.snapshot_step:
+        if self.guide_step is not None and done == self.guide_step:
             source = self.ema.module if self.ema is not None else self.model
-            self.snapshot = {k: v.detach().clone() for k, v in source.state_dict().items()}
+            self.guide = {k: v.detach().clone() for k, v in source.state_dict().items()}
         if done % self.ckpt_every == 0 and done < self.steps:
             self.save_checkpoint(done)
 
@@ -370,7 +372,7 @@ class TrainLoop:
             elapsed_s=self.elapsed(),
             resumed_s=self.elapsed_before,
             final_loss=self.rows[-1]["loss"] if self.rows else float("nan"),
-            snapshot=self.snapshot,
+            guide=self.guide,
             steps=self.steps,
             batch_size=int(self.section["batch_size"]),
         )
@@ -390,8 +392,8 @@ def save_model(
     guide: dict | None = None,
     **extra: Any,
 ) -> None:
-    """Write the final ``model.pt`` (raw weights, EMA weights if any, the autoguidance snapshot
-    ``guide`` if any, factory args, extras); rank 0 only under torch.distributed."""
+    """Write the final ``model.pt`` (raw weights, EMA weights if any, the autoguidance guide's
+    weights ``guide`` if any, factory args, extras); rank 0 only under torch.distributed."""
     if dist_info()[0] != 0:
         return
     ckpt_io.save(
@@ -418,13 +420,13 @@ def finish_training(
 ) -> None:
     """The common ending of every training stage: record ``resumed_wall_time_s`` and the
     throughput (``train_steps_per_s``, ``train_images_per_s``: global batch) in ``metrics``,
-    write ``model.pt`` at ``path`` (weights, EMA and autoguidance snapshot of ``result``, the
+    write ``model.pt`` at ``path`` (weights, EMA and autoguidance guide of ``result``, the
     metrics so far, ``extra``) and remove the resume checkpoint of its folder."""
     metrics["resumed_wall_time_s"] = result.resumed_s
     if result.elapsed_s > 0 and result.steps:
         metrics["train_steps_per_s"] = round(result.steps / result.elapsed_s, 3)
         metrics.setdefault("train_images_per_s", round(result.steps * result.batch_size / result.elapsed_s, 1))
-    save_model(path, kind, model_args, model, ema=result.ema, guide=result.snapshot, metrics=dict(metrics), **extra)
+    save_model(path, kind, model_args, model, ema=result.ema, guide=result.guide, metrics=dict(metrics), **extra)
     finish_stage(Path(path).parent)
 
 
@@ -438,10 +440,133 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def snapshot_step(sec: Mapping) -> int | None:
-    """The step at which the autoguidance snapshot is taken: ``guide_snapshot`` (a fraction of
-    ``steps``) times ``steps``, rounded, at least 1; None when ``guide_snapshot`` is 0 or absent."""
-    frac = float(sec.get("guide_snapshot") or 0.0)
+def guide_step(section: Mapping) -> int | None:
+    """The step at which the autoguidance guide is taken: ``guide_fraction`` (a fraction of
+    ``steps``) times ``steps``, rounded, at least 1; None when ``guide_fraction`` is 0 or absent."""
+    frac = float(section.get("guide_fraction") or 0.0)
     if frac <= 0:
         return None
-    return max(1, min(int(sec["steps"]), int(round(frac * int(sec["steps"])))))
+    return max(1, min(int(section["steps"]), int(round(frac * int(section["steps"])))))
+
+
+def checkpoint_steps(out_dir: Path, section: Mapping) -> int | None:
+    """The ``steps`` of the resume checkpoint in ``out_dir`` when it was made for ``section``
+    but for its ``steps`` (a stage that chooses its step count at run time, such as the
+    pixel-space baseline timed against the latent model, keeps the count it chose); None when
+    there is no such checkpoint."""
+    path = RunPaths.checkpoint(out_dir)
+    if not path.exists():
+        return None
+    state = ckpt_io.load(path, map_location="cpu")
+    saved = dict(state.get("section", {}))
+    if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in section.items() if k != "steps"}:
+        return None
+    return int(saved["steps"])
+
+
+class TrainingStage:
+    """The scaffold of every training stage: the prelude, the :class:`TrainLoop` and the
+    epilogue written once (improved-diffusion's ``TrainLoop`` owns the loop; this owns the stage
+    around it, as a Lightning module owns a model's data, loss and metrics).
+
+    A stage subclass says what it builds, what it reads and how a batch becomes a loss:
+
+    * ``name`` (the stage, as in the stage table), ``kind`` (the factory's model name) and
+      ``section_name`` (its config section); ``float32`` for the judges, which train in
+      float32 whatever ``bf16`` says (:mod:`pipeline.precision`);
+    * :meth:`read` (data onto the device; returns the number of training examples),
+      :meth:`model_args`, :meth:`compute_loss` (``TrainLoop``'s contract);
+    * optional: :meth:`before_training` (after the model is built), :meth:`ema_decay`,
+      :meth:`guide_step`, and after training :meth:`measure` (metrics),
+      :meth:`checkpoint_extra` (more entries of ``model.pt``) and :meth:`summary` (a log line).
+
+    :meth:`run`: stage record, device, :meth:`read`, seed, the model through the one factory,
+    gradient checkpointing when the section asks, :meth:`before_training`, the loop, the
+    stage's measurements, ``model.pt`` (:func:`finish_training`) and the log line.
+    """
+
+    name: str = ""
+    kind: str = ""
+    section_name: str = ""
+    float32: bool = False
+
+    def __init__(self, cfg: Mapping, run_dir, threads: int | None = None):
+        self.cfg, self.paths, self.threads = cfg, RunPaths(run_dir), threads
+        self.section = dict(cfg[self.section_name])
+        self.out = self.paths.root / self.section_name
+
+    # --- what a stage declares -----------------------------------------------------------------
+    def read(self, device: torch.device) -> int:
+        """Read the stage's data onto ``device``; the number of training examples."""
+        raise NotImplementedError
+
+    def model_args(self) -> dict:
+        """The factory's keyword arguments (stored in ``model.pt`` as ``args``)."""
+        raise NotImplementedError
+
+    def compute_loss(self, net, idx: torch.Tensor, shard) -> tuple[torch.Tensor, dict]:
+        """:class:`TrainLoop`'s ``compute_loss``: (scalar loss, dict of float tensors to log)."""
+        raise NotImplementedError
+
+    def before_training(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Called once the model is built, before the loop."""
+
+    def ema_decay(self) -> float | None:
+        return None
+
+    def guide_step(self) -> int | None:
+        return None
+
+    def measure(self, model: torch.nn.Module, result: TrainResult) -> dict:
+        """The stage's numbers after training (added to ``metrics.json``)."""
+        return {}
+
+    def checkpoint_extra(self, result: TrainResult) -> dict:
+        """More entries of ``model.pt`` (e.g. the diffusion schedule, the latent scaling)."""
+        return {}
+
+    #: the stage's closing log line, formatted with its metrics and ``folder`` (its folder's name)
+    summary_format = "{folder}: done"
+
+    def summary(self, metrics: Mapping) -> str:
+        """The stage's closing log line (:attr:`summary_format`)."""
+        return self.summary_format.format(folder=self.out.name, **metrics)
+
+    @property
+    def model_path(self) -> Path:
+        return self.out / "model.pt"
+
+    # --- the scaffold --------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train the stage and write its outputs; returns its metrics (``metrics.json``)."""
+        from pipeline.models import build_model
+        from pipeline.runtime import resolve_device, stage_record
+
+        with stage_record(self.name, self.cfg, self.out, threads=self.threads) as metrics:
+            device = resolve_device(self.cfg["device"])
+            n_data = self.read(device)
+            args = self.model_args()
+            seed_everything(int(self.section["seed"]))
+            model = build_model(self.kind, args).to(device)
+            if "gradient_checkpointing" in self.section:  # memory for compute: docs/volumes.md
+                model.enable_gradient_checkpointing(bool(self.section["gradient_checkpointing"]))
+            self.before_training(model, device)
+            result = train_loop(
+                stage=self.name,
+                model=model,
+                kind=self.kind,
+                model_args=args,
+                section=self.section,
+                compute_loss=self.compute_loss,
+                n_data=n_data,
+                out_dir=self.out,
+                device=device,
+                bf16=False if self.float32 else bool(self.cfg["bf16"]),
+                ema_decay=self.ema_decay(),
+                guide_step=self.guide_step(),
+            )
+            metrics.update(self.measure(model, result))
+            metrics.update(steps=self.section["steps"], train_seconds=round(result.elapsed_s, 2))
+            finish_training(self.model_path, self.kind, args, model, result, metrics, **self.checkpoint_extra(result))
+            log.info("%s", self.summary(metrics))
+        return metrics

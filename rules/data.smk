@@ -86,15 +86,15 @@ rule train_classifier:
         stage_shell("train_classifier")
 
 
-rule train_encoder:
+rule train_simclr:
     input:
         f"{RUN}/data/dataset.h5",
     output:
-        model=f"{RUN}/encoder/model.pt",
-        metrics=f"{RUN}/encoder/metrics.json",
-        log_csv=f"{RUN}/encoder/train_log.csv",
+        model=f"{RUN}/simclr/model.pt",
+        metrics=f"{RUN}/simclr/metrics.json",
+        log_csv=f"{RUN}/simclr/train_log.csv",
     log:
-        f"{RUN}/logs/train_encoder.log",
+        f"{RUN}/logs/train_simclr.log",
     conda:
         CONDA_ENV
     threads: HALF
@@ -103,6 +103,6 @@ rule train_encoder:
         dispatch=DISPATCH,
     params:
         run=run_dir,
-        cfg=stage_config("train_encoder"),
+        cfg=stage_config("train_simclr"),
     shell:
-        stage_shell("train_encoder")
+        stage_shell("train_simclr")

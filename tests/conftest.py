@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory, tiny_cfg) -> Path:
         get_stage(stage)(tiny_cfg, str(run), threads=2)
     for stage in ("train_pixelcnn", "train_diffusion"):  # the class-conditional variants, for the _g<s> sets
         get_stage(stage)(tiny_cfg, str(run), threads=2, conditional=True)
-    for model in tiny_cfg["sample"]["models"]:
+    for model in tiny_cfg["sample"]["sets"]:
         get_stage("sample")(tiny_cfg, str(run), sample_set=model, threads=2)
     get_stage("evaluate")(tiny_cfg, str(run), threads=2)
     collect_timings(run)

@@ -300,7 +300,7 @@ def test_t1_preset_fits_one_a100_with_checkpointing_where_the_memory_needs_it():
     assert cfg["slurm"]["cluster_config"] == "cluster/bigred200/slurm_t1.yaml"
     assert (ROOT / cfg["slurm"]["cluster_config"]).is_file()
     gpu = yaml.safe_load((ROOT / cfg["slurm"]["cluster_config"]).read_text())["defaults"]["gpu_memory_gb"]
-    for stage in ("train_vqvae", "train_encoder", "train_pixelcnn", "train_diffusion"):
+    for stage in ("train_vqvae", "train_simclr", "train_pixelcnn", "train_diffusion"):
         cost, mem = stage_cost(stage, cfg), stage_memory(stage, cfg)
         assert cost.flops > 1e15 and mem.total < 0.9 * gpu, (stage, cost, mem)
     # the PixelCNN over the 32³ code grid needs its checkpointing: without it, past the 90 % the plan warns at

@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +15,8 @@ from pipeline.config import (
     resolve,
     stage_view,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_config_is_valid():
@@ -43,11 +47,11 @@ def test_unknown_key_in_user_file_names_key(tmp_path):
         ("diffusion.schedule=quadratic", r"'diffusion.schedule': 'quadratic' is not one of"),
         ("device=tpu", r"'device': 'tpu' is not one of"),
         (
-            "sample.models=[vae]",
-            r"'sample.models.0': unknown sample set 'vae'; expected "
+            "sample.sets=[vae]",
+            r"'sample.sets.0': unknown sample set 'vae'; expected "
             r"pixelcnn\[_greedy\|_t<tau>\]\[_g<s>\|_ag<w>\]\[_b<f>\]",
         ),
-        ("sample.models=[pixeldiff_ddim_g2]", r"unknown sample set 'pixeldiff_ddim_g2'"),
+        ("sample.sets=[pixeldiff_ddim_g2]", r"unknown sample set 'pixeldiff_ddim_g2'"),
         ("run=a b", r"'run': 'a b' does not match"),
     ],
 )
@@ -116,7 +120,7 @@ def test_schema_pattern_is_the_sample_set_grammar():
     from pipeline.sets import SAMPLE_SET_PATTERN, parse_sample_set, studies_for
 
     schema = yaml.safe_load((DEFAULT_PATH.parent / "schema.yaml").read_text())
-    assert schema["properties"]["sample"]["properties"]["models"]["items"]["pattern"] == f"^(?:{SAMPLE_SET_PATTERN})$"
+    assert schema["properties"]["sample"]["properties"]["sets"]["items"]["pattern"] == f"^(?:{SAMPLE_SET_PATTERN})$"
     spec = parse_sample_set("diffusion_ddim_s25_raw_g3")
     assert (spec.prior, spec.method, spec.steps, spec.weights, spec.guidance) == ("diffusion", "ddim", 25, "raw", 3.0)
     assert (
@@ -159,3 +163,30 @@ def test_sample_set_grammar_for_solvers_autoguidance_and_budgets():
     assert studies_for(["pixelcnn", "pixelcnn_b4", "diffusion_dpmsde", "diffusion_dpmsde_b4"]) == ["scaling"]
     # budget sets appear only in the scaling study
     assert studies_for(["diffusion_ddim", "diffusion_ddim_b2"]) == ["scaling"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("sample.models=[pixelcnn]", "sample.sets"),
+        ("pixelcnn.guide_snapshot=0.3", "pixelcnn.guide_fraction"),
+        ("diffusion.guide_snapshot=0.3", "diffusion.guide_fraction"),
+        ("encoder.steps=5", "simclr"),
+    ],
+)
+def test_an_old_key_fails_with_one_line_naming_the_new_key(old, new):
+    key = old.split("=")[0] if not old.startswith("encoder") else "encoder"
+    with pytest.raises(ConfigError, match=rf"^config key '{re.escape(key)}' was renamed to '{re.escape(new)}'"):
+        resolve(overrides=[old])
+
+
+def test_snakemake_names_the_new_key_of_an_old_one(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--config", "sample={models: [pixelcnn]}"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "config key 'sample.models' was renamed to 'sample.sets'" in proc.stdout + proc.stderr

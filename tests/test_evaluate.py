@@ -106,7 +106,7 @@ def test_evaluate_writes_a_complete_documented_metrics_json(tiny_run, tiny_cfg):
     m = json.loads((report / "metrics.json").read_text())
     documented = _documented_keys()
     assert {"run", "evaluation", "floor", "sets", "stages", "studies"} <= set(m)
-    assert set(m["sets"]) == set(tiny_cfg["sample"]["models"])
+    assert set(m["sets"]) == set(tiny_cfg["sample"]["sets"])
     keys = set(m) | set(m["evaluation"]) | set(m["floor"]) | set(m["stages"]) | set(m["studies"])
     for row in m["sets"].values():
         keys |= set(row)
@@ -153,15 +153,18 @@ def test_scaling_crossover_by_hand():
     log-linear interpolation crosses where log(8) + a x = log(12) + b x, x = log(sec / 100) / log(4)."""
     import math
 
-    from pipeline.evaluate import scaling_crossover, scaling_rows
+    from pipeline.report import scaling_crossover, scaling_rows
     from pipeline.sets import parse_sample_set
 
     sets = {
-        "pixelcnn": {"fd_ratio": 8.0, "prior_train_seconds": 100.0},
-        "pixelcnn_b4": {"fd_ratio": 6.0, "prior_train_seconds": 400.0},
-        "diffusion_dpmsde": {"fd_ratio": 12.0, "prior_train_seconds": 100.0},
-        "diffusion_dpmsde_b4": {"fd_ratio": 3.0, "prior_train_seconds": 400.0},
-        "diffusion_dpmsde_g2": {"fd_ratio": 2.0, "prior_train_seconds": 100.0},  # conditional: not in the study
+        "pixelcnn": {"headline_fd_ratio": 8.0, "prior_train_seconds": 100.0},
+        "pixelcnn_b4": {"headline_fd_ratio": 6.0, "prior_train_seconds": 400.0},
+        "diffusion_dpmsde": {"headline_fd_ratio": 12.0, "prior_train_seconds": 100.0},
+        "diffusion_dpmsde_b4": {"headline_fd_ratio": 3.0, "prior_train_seconds": 400.0},
+        "diffusion_dpmsde_g2": {
+            "headline_fd_ratio": 2.0,
+            "prior_train_seconds": 100.0,
+        },  # conditional: not in the study
     }
     rows = scaling_rows(sets, {n: parse_sample_set(n) for n in sets})
     assert [(r["sampler"], r["budget"]) for r in rows] == [
@@ -175,7 +178,11 @@ def test_scaling_crossover_by_hand():
     assert c["seconds"] == pytest.approx(100 * 4**x, rel=0.02)
     assert "overtakes the PixelCNN (pixelcnn) at about" in c["statement"]
     assert c["at_budgets"] == [(1.0, 8.0, 12.0), (4.0, 6.0, 3.0)]
-    ahead = scaling_crossover([dict(r, fd_ratio=r["fd_ratio"] / 10) if r["prior"] == "diffusion" else r for r in rows])
+    ahead = scaling_crossover(
+        [dict(r, headline_fd_ratio=r["headline_fd_ratio"] / 10) if r["prior"] == "diffusion" else r for r in rows]
+    )
     assert ahead["seconds"] is None and "ahead of the PixelCNN" in ahead["statement"]
-    never = scaling_crossover([dict(r, fd_ratio=r["fd_ratio"] * 10) if r["prior"] == "diffusion" else r for r in rows])
+    never = scaling_crossover(
+        [dict(r, headline_fd_ratio=r["headline_fd_ratio"] * 10) if r["prior"] == "diffusion" else r for r in rows]
+    )
     assert never["seconds"] is None and "never overtakes" in never["statement"]

@@ -129,36 +129,36 @@ def test_pixelcnn_autoguidance_by_itself_changes_nothing_and_by_another_model_do
     other = GatedPixelCNN(num_embeddings=6, hidden_channels=8, num_layers=2).eval()
     plain = sample_pixelcnn(net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5))
     same = sample_pixelcnn(
-        net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=net, autoguidance=3.0
+        net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide=net, autoguidance=3.0
     )
     assert torch.equal(plain, same)  # l + w (l - l) = l
     guided = sample_pixelcnn(
-        net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide_model=other, autoguidance=3.0
+        net, 16, shape=(3, 3), generator=torch.Generator().manual_seed(5), guide=other, autoguidance=3.0
     )
     assert not torch.equal(plain, guided)
-    with pytest.raises(ValueError, match="autoguidance needs guide_model"):
+    with pytest.raises(ValueError, match="autoguidance needs the guide"):
         sample_pixelcnn(net, 2, shape=(2, 2), autoguidance=2.0)
 
 
 def test_snapshot_is_taken_at_its_step_and_stored(tiny_run):
-    """The stage keeps the EMA weights after guide_snapshot * steps: at the last step they are the
+    """The stage keeps the EMA weights after guide_fraction * steps: at the last step they are the
     final EMA weights; earlier they differ."""
     from pipeline.checkpoint import load_model
-    from pipeline.training import snapshot_step
+    from pipeline.training import guide_step
 
     state = torch.load(tiny_run / "diffusion" / "model.pt", weights_only=True)
     assert (
         state["guide"] is not None
-        and state["metrics"]["guide_step"] == snapshot_step({"steps": 20, "guide_snapshot": 0.25}) == 5
+        and state["metrics"]["guide_step"] == guide_step({"steps": 20, "guide_fraction": 0.25}) == 5
     )
     assert any(not torch.equal(state["guide"][k], state["ema"][k]) for k in state["ema"])
     weak, _ = load_model(tiny_run / "diffusion" / "model.pt", weights="guide")
     assert all(torch.equal(weak.state_dict()[k], state["guide"][k]) for k in state["guide"])
     assert (
-        snapshot_step({"steps": 20, "guide_snapshot": 1.0}) == 20
-        and snapshot_step({"steps": 20, "guide_snapshot": 0}) is None
+        guide_step({"steps": 20, "guide_fraction": 1.0}) == 20
+        and guide_step({"steps": 20, "guide_fraction": 0}) is None
     )
-    assert snapshot_step({"steps": 3, "guide_snapshot": 0.01}) == 1
+    assert guide_step({"steps": 3, "guide_fraction": 0.01}) == 1
 
 
 def test_snapshot_at_the_last_step_is_the_final_ema(tiny_run, tiny_cfg, tmp_path):
@@ -168,7 +168,7 @@ def test_snapshot_at_the_last_step_is_the_final_ema(tiny_run, tiny_cfg, tmp_path
 
     run = tmp_path / "tiny"
     shutil.copytree(tiny_run, run)
-    cfg = {**tiny_cfg, "diffusion": {**tiny_cfg["diffusion"], "guide_snapshot": 1.0}}
+    cfg = {**tiny_cfg, "diffusion": {**tiny_cfg["diffusion"], "guide_fraction": 1.0}}
     get_stage("train_diffusion")(cfg, str(run), threads=1)
     state = torch.load(run / "diffusion" / "model.pt", weights_only=True)
     assert all(torch.equal(state["guide"][k], state["ema"][k]) for k in state["ema"])

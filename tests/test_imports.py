@@ -1,4 +1,4 @@
-"""The import direction (see the README's Layout): the leaf and library modules never import a
+"""The import direction (see docs/development.md, Layout): the leaf and library modules never import a
 stage module, and no module imports itself through others (function-level imports count)."""
 
 from __future__ import annotations

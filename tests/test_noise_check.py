@@ -44,7 +44,7 @@ def test_untrained_latent_diffusion_is_reported_as_noise_and_the_trained_default
     cfg = resolve([ROOT / "pipeline" / "configs" / "anatomy3d.yaml"], overrides=["device=cpu"])
     run = tmp_path / "anatomy3d"
     prepare(cfg, run)  # the 3D default's 300 augmented copies of nibabel's anatomy, as a user gets them
-    get_stage("train_encoder")(cfg, str(run))  # the label-free judge, trained here from scratch
+    get_stage("train_simclr")(cfg, str(run))  # the label-free judge, trained here from scratch
     (run / "vqvae").mkdir()
     shutil.copyfile(DATA / "noise_check_anatomy3d.vqvae.pt", run / "vqvae" / "model.pt")
     vqvae, _ = load_model(run / "vqvae" / "model.pt")
@@ -57,7 +57,7 @@ def test_untrained_latent_diffusion_is_reported_as_noise_and_the_trained_default
         assert images.shape == (40, 1, 32, 40, 24)
         np.save(run / "samples" / f"{name}.npy", images.astype(np.float32))
         write_json(run / "samples" / f"{name}.json", {"num_samples": len(images)})
-    cfg["sample"]["models"] = list(sets.values())
+    cfg["sample"]["sets"] = list(sets.values())
     out = get_stage("evaluate")(cfg, str(run))
     m = json.loads((run / "report" / "metrics.json").read_text())
     verdicts = {name: row["noise_check"] for name, row in m["sets"].items()}

@@ -105,16 +105,16 @@ def test_scheduler_uses_our_schedule():
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_eps_model_at_integer_and_fractional_timesteps(prediction):
+def test_epsilon_predictor_at_integer_and_fractional_timesteps(prediction):
     d = GaussianDiffusion("linear", 1000, prediction=prediction)
     g = torch.Generator().manual_seed(4)
     x_t, out = torch.randn(3, 2, 2, 2, generator=g), torch.randn(3, 2, 2, 2, generator=g)
     net = lambda x, t: out  # noqa: E731
     t = torch.tensor([5, 400, 999])
     _, eps = d.split_output(x_t, t, out)
-    assert torch.allclose(d.eps_model(net)(x_t, t.float()), eps, atol=1e-4)
+    assert torch.allclose(d.epsilon_predictor(net)(x_t, t.float()), eps, atol=1e-4)
     # halfway between two steps, abar is the log-SNR midpoint: the eps of that abar
-    mid = d.eps_model(net)(x_t, torch.full((3,), 400.5))
+    mid = d.epsilon_predictor(net)(x_t, torch.full((3,), 400.5))
     lam = 0.5 * (math.log(float(d.snr[400])) + math.log(float(d.snr[401])))
     abar = 1 / (1 + math.exp(-lam))
     a, s = math.sqrt(abar), math.sqrt(1 - abar)

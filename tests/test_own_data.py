@@ -309,19 +309,19 @@ def test_the_shipped_configs_run_end_to_end_on_tiny_models(tmp_path, config, ove
     from pipeline.sources import judges
 
     files = [ROOT / "pipeline" / "configs" / config, *TINY]
-    cfg = resolve(files, overrides=[*over, "data.max_train=150", "sample.models=[pixelcnn, diffusion_ddim]"])
+    cfg = resolve(files, overrides=[*over, "data.max_train=150", "sample.sets=[pixelcnn, diffusion_ddim]"])
     run = tmp_path / "run"
-    stages = ["prepare_data", "train_vqvae", "extract_latents", "train_encoder", "train_pixelcnn", "train_diffusion"]
+    stages = ["prepare_data", "train_vqvae", "extract_latents", "train_simclr", "train_pixelcnn", "train_diffusion"]
     if "classifier" in judges(cfg):
         stages.append("train_classifier")
     for st in stages:
         get_stage(st)(cfg, str(run), threads=2)
-    for m in cfg["sample"]["models"]:
+    for m in cfg["sample"]["sets"]:
         get_stage("sample")(cfg, str(run), sample_set=m, threads=2)
     get_stage("evaluate")(cfg, str(run), threads=2)
     info = read_info(run / "data" / "dataset.h5")
     assert info.shape == ((3, 32, 32) if config == "photos32.yaml" else (1, 64, 64))
-    for m in cfg["sample"]["models"]:
+    for m in cfg["sample"]["sets"]:
         assert np.load(run / "samples" / f"{m}.npy").shape[1:] == info.shape
         assert Image.open(run / "samples" / f"{m}.png").mode == ("RGB" if info.shape[0] == 3 else "L")
     metrics = json.loads((run / "report" / "metrics.json").read_text())
@@ -332,7 +332,7 @@ def test_the_shipped_configs_run_end_to_end_on_tiny_models(tmp_path, config, ove
     for row in metrics["sets"].values():
         assert 0 <= row["features_precision"] <= 1 and 0 <= row["features_recall"] <= 1
         assert 0 <= row["features_coverage"] <= 1 and row["features_density"] >= 0
-        assert row["features_fd_ratio"] > 0 and row["fd_ratio"] > 0
+        assert row["features_fd_ratio"] > 0 and row["headline_fd_ratio"] > 0
     assert metrics["floor"]["features_coverage"] > metrics["references"]["noise"]["features_coverage"]
 
 
@@ -367,7 +367,7 @@ def test_snakemake_runs_a_folder_of_pngs_with_the_label_free_judge(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "results" / "tiny"
-    assert (run / "encoder" / "model.pt").is_file() and not (run / "classifier").exists()
+    assert (run / "simclr" / "model.pt").is_file() and not (run / "classifier").exists()
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["evaluation"]["judges"] == ["features"]
     assert "label-free FD" in (run / "report" / "summary.md").read_text()
@@ -403,3 +403,76 @@ def test_blur_and_noise_references(tmp_path):
     assert b.shape == x.shape and abs(float(b[0, 0].sum()) - 1) < 1e-4 and float(b.max()) < 0.2
     n = noise_images(torch.rand(50, 1, 8, 8), 10)
     assert n.shape == (10, 1, 8, 8) and 0 <= float(n.min()) and float(n.max()) <= 1
+
+
+# --- the judge: one rule for the Snakefile, the evaluate stage and the FLOP plan ----------------
+def _source_kinds(tmp: Path) -> dict[str, dict]:
+    """A small dataset of every source kind, labelled and not: the data keys of each."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 10)
+    np.savez(tmp / "a.npz", images=x, labels=y)
+    np.save(tmp / "x.npy", x)
+    np.save(tmp / "y.npy", y)
+    with h5py.File(tmp / "a.h5", "w") as f:
+        f["images"], f["labels"] = x, y
+    classes, flat = mnist_png_folder(tmp / "classes", per_class=4), mnist_png_folder(tmp / "flat", 4, flat=True)
+    common = {"test_size": 20}
+    return {
+        "mnist5k": {"source": "mnist5k", **common},
+        "sklearn_digits": {"source": "sklearn_digits", "size": 28, **common},
+        "photos": {"source": "photos", **common},
+        "photos, photo_labels": {"source": "photos", "photo_labels": True, **common},
+        "folder, flat": {"source": "folder", "path": str(flat), **common},
+        "folder, class sub-folders": {"source": "folder", "path": str(classes), **common},
+        "npz": {"source": "npz", "path": str(tmp / "a.npz"), "images_key": "images", **common},
+        "npz, labels_key": {
+            "source": "npz",
+            "path": str(tmp / "a.npz"),
+            "images_key": "images",
+            "labels_key": "labels",
+            **common,
+        },
+        "npy": {"source": "npy", "path": str(tmp / "x.npy"), **common},
+        "npy, labels_path": {"source": "npy", "path": str(tmp / "x.npy"), "labels_path": str(tmp / "y.npy"), **common},
+        "hdf5": {"source": "hdf5", "path": str(tmp / "a.h5"), "images_key": "images", **common},
+        "hdf5, labels_key": {
+            "source": "hdf5",
+            "path": str(tmp / "a.h5"),
+            "images_key": "images",
+            "labels_key": "labels",
+            **common,
+        },
+        "nifti": {
+            "source": "nifti",
+            "path": "package:nibabel/tests/data/anatomical.nii",
+            "volume_shape": [16, 16, 8],
+            "volume_copies": 9,
+            "test_size": 2,
+        },
+    }
+
+
+def test_the_plan_prices_the_judge_that_runs_for_every_source_kind(tmp_path):
+    """For each source kind, labelled or not: the judge the Snakefile trains and the FLOP plan
+    prices (``judges(cfg)``, before the data exist) is the judge the evaluate stage runs on the
+    prepared data (``judges(cfg, num_classes)``), and the plan's evaluate cost names it."""
+    from pipeline.flops import stage_cost
+    from pipeline.sources import judges
+
+    labelled = {
+        "mnist5k",
+        "sklearn_digits",
+        "photos, photo_labels",
+        "folder, class sub-folders",
+        "npz, labels_key",
+        "npy, labels_path",
+        "hdf5, labels_key",
+    }
+    for kind, data in _source_kinds(tmp_path).items():
+        cfg = resolve(TINY, overrides=[f"data={json.dumps(data)}", "data.max_train=40"])
+        planned = judges(cfg)
+        ran = judges(cfg, read_info(prepare(cfg, tmp_path / "runs" / kind.replace(", ", "-"))).num_classes)
+        assert planned == ran == (("classifier",) if kind in labelled else ("features",)), kind
+        priced = stage_cost("evaluate", cfg).detail
+        assert ("classifier" in priced) == ("classifier" in ran) and ("simclr" in priced) == ("features" in ran), kind

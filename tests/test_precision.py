@@ -114,7 +114,7 @@ def bf16_run(tmp_path_factory, tiny_cfg):
 
     from pipeline.stages import get_stage
 
-    cfg = deep_merge(tiny_cfg, {"bf16": True, "sample": {"models": BF16_SETS}, **VQ_LEARNS})
+    cfg = deep_merge(tiny_cfg, {"bf16": True, "sample": {"sets": BF16_SETS}, **VQ_LEARNS})
     root = tmp_path_factory.mktemp("bf16")
     run, ref = root / "tiny", root / "fp32"
     get_stage("prepare_data")(cfg, str(run), threads=2)

@@ -180,7 +180,7 @@ def test_snakemake_killed_mid_training_recovers_with_rerun_incomplete(tmp_path):
         "2",
         "--config",
         "diffusion={steps: 600, log_every: 20, checkpoint_every: 100}",
-        "sample={models: [diffusion_ddim]}",
+        "sample={sets: [diffusion_ddim]}",
     )
     proc = subprocess.Popen(
         base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True

@@ -33,7 +33,7 @@ def test_temperature_sharpens(tiny_run):
 
 
 def test_sample_files(tiny_run, tiny_cfg):
-    for model in tiny_cfg["sample"]["models"]:
+    for model in tiny_cfg["sample"]["sets"]:
         n = tiny_cfg["sample"]["ddpm_num_samples"] if model == "diffusion_ddpm" else tiny_cfg["sample"]["num_samples"]
         arr = np.load(tiny_run / "samples" / f"{model}.npy")
         assert arr.dtype == np.float32 and arr.shape == (n, 1, 28, 28)
@@ -98,7 +98,7 @@ def test_several_sample_sets_in_one_call(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in sets:
         record = json.loads((run / "samples" / f"{name}.json").read_text())
-        assert record["model"] == name
+        assert record["set"] == name
         assert np.array_equal(np.load(run / "samples" / f"{name}.npy"), np.load(tiny_run / "samples" / f"{name}.npy"))
 
 

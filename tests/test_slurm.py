@@ -117,7 +117,7 @@ def slurm_run(tmp_path_factory):
         str(TINY),
         "--config",
         f"slurm={{account: {ACCOUNT}}}",
-        f"sample={{models: [{', '.join(SLURM_MODELS)}]}}",
+        f"sample={{sets: [{', '.join(SLURM_MODELS)}]}}",
     )
     return wd, proc
 
@@ -235,7 +235,7 @@ def test_failing_stage_fails_snakemake_with_state_and_log_tail(slurm_run, tmp_pa
         str(TINY),
         "--config",
         f"slurm={{account: {ACCOUNT}}}",
-        f"sample={{models: [{', '.join(SLURM_MODELS)}]}}",
+        f"sample={{sets: [{', '.join(SLURM_MODELS)}]}}",
         "--forcerun",
         "train_pixelcnn",
         check=False,
@@ -279,7 +279,7 @@ def test_bigred200_profile_runs_with_local_slurm_standing_in(tmp_path):
         "--config",
         f"slurm={{account: {ACCOUNT}, cluster_config: cluster/local/slurm.yaml}}",
         "run=br200",
-        "sample={models: [diffusion_ddim_g2]}",
+        "sample={sets: [diffusion_ddim_g2]}",
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -354,7 +354,7 @@ def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
         "run_pipeline.sbatch",
         ["-c", "1", "--export", "ALL,VQLP_PROFILE=cluster/local"],
         ["-d", str(wd), "--configfile", "cluster/local/pipeline.yaml", str(TINY)],
-        ["--config", "run=driver", "sample={models: [pixelcnn]}"],
+        ["--config", "run=driver", "sample={sets: [pixelcnn]}"],
         tmp_path,
     )
     ids = job_ids(wd / "results" / "driver" / "logs" / "train_vqvae.log")
@@ -508,7 +508,7 @@ def test_run_allocation_runs_the_chain_in_one_job(tmp_path):
         "run_allocation.sbatch",
         ["-c", "2", "--gpus-per-node=1", "--mem=3G"],
         ["-d", str(wd), "--configfile", "cluster/bigred200/allocation/pipeline.yaml", str(TINY)],
-        ["--config", "run=alloc", "sample={models: [pixelcnn, diffusion_ddim]}"],
+        ["--config", "run=alloc", "sample={sets: [pixelcnn, diffusion_ddim]}"],
         tmp_path,
     )
     run = wd / "results" / "alloc"

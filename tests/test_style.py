@@ -28,3 +28,31 @@ def test_ruff_lint_is_clean():
 def test_ruff_format_is_clean():
     proc = ruff("format", "--check", "--no-cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_function_in_the_package_is_longer_than_120_lines():
+    """A long stage reads as a list of calls to functions that each do one job (docs/development.md)."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 120:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_readme_and_docs_prose_is_wrapped():
+    """Prose lines of README.md and docs/ stay under 120 characters (tables and code blocks are
+    exempt): the docs read in a terminal."""
+    long = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        code = False
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                code = not code
+            elif not code and not line.startswith("|") and len(line) > 120:
+                long.append(f"{path.relative_to(ROOT)}:{i} ({len(line)} characters)")
+    assert not long, long

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.training import Batcher, TrainLoop, TrainResult, ema_avg_fn, lr_lambda, snapshot_step, train_loop
+from pipeline.training import Batcher, TrainLoop, TrainResult, ema_avg_fn, guide_step, lr_lambda, train_loop
 
 
 def test_batcher_is_a_seeded_permutation_per_epoch_and_a_function_of_the_step():
@@ -43,10 +43,10 @@ def test_ema_warm_up_by_hand():
     assert float(avg_fn(avg, cur, torch.tensor(100_000))) == pytest.approx(0.999 * 1 + 0.001 * 3)
 
 
-def test_snapshot_step_is_a_fraction_of_the_steps():
-    assert snapshot_step({"steps": 1600, "guide_snapshot": 0.25}) == 400
-    assert snapshot_step({"steps": 3, "guide_snapshot": 0.01}) == 1
-    assert snapshot_step({"steps": 100, "guide_snapshot": 0}) is None and snapshot_step({"steps": 100}) is None
+def test_guide_step_is_a_fraction_of_the_steps():
+    assert guide_step({"steps": 1600, "guide_fraction": 0.25}) == 400
+    assert guide_step({"steps": 3, "guide_fraction": 0.01}) == 1
+    assert guide_step({"steps": 100, "guide_fraction": 0}) is None and guide_step({"steps": 100}) is None
 
 
 def _problem(seed: int):
@@ -85,27 +85,27 @@ def _run(tmp_path, seed, **kw):
 
 
 def test_loop_trains_logs_and_returns_a_typed_result(tmp_path):
-    model, res = _run(tmp_path, 0, ema_decay=0.9, snapshot_step=10)
+    model, res = _run(tmp_path, 0, ema_decay=0.9, guide_step=10)
     assert isinstance(res, TrainResult)
     assert [r["step"] for r in res.rows] == [10, 20, 30, 40] and set(res.rows[0]) == {"step", "lr", "loss", "bias"}
     assert res.rows[-1]["loss"] < res.rows[0]["loss"] / 4 and res.final_loss == res.rows[-1]["loss"]
     assert res.elapsed_s > 0 and res.resumed_s == 0.0
-    assert res.ema is not None and res.snapshot is not None and set(res.snapshot) >= {"weight", "bias"}
-    assert not torch.equal(res.snapshot["weight"], res.ema.module.weight)  # taken at step 10, not 40
+    assert res.ema is not None and res.guide is not None and set(res.guide) >= {"weight", "bias"}
+    assert not torch.equal(res.guide["weight"], res.ema.module.weight)  # taken at step 10, not 40
     csv = (tmp_path / "train_log.csv").read_text().splitlines()
     assert csv[0] == "step,lr,loss,bias" and len(csv) == 5
     assert (tmp_path / "checkpoint.pt").exists()  # the step-20 checkpoint (the stage removes it)
 
 
 def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path):
-    straight, _ = _run(tmp_path / "a", 0, ema_decay=0.9, snapshot_step=30)
+    straight, _ = _run(tmp_path / "a", 0, ema_decay=0.9, guide_step=30)
     # b: the same run stopped at its step-20 checkpoint, then resumed by a new process whose model
     # starts from other weights: the resumed run must end on the same weights, bit for bit
     (tmp_path / "b").mkdir()
-    _run(tmp_path / "b", 0, section={**SECTION, "steps": 40, "checkpoint_every": 20}, ema_decay=0.9, snapshot_step=30)
+    _run(tmp_path / "b", 0, section={**SECTION, "steps": 40, "checkpoint_every": 20}, ema_decay=0.9, guide_step=30)
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 20
-    resumed, res = _run(tmp_path / "b", 123, ema_decay=0.9, snapshot_step=30)
+    resumed, res = _run(tmp_path / "b", 123, ema_decay=0.9, guide_step=30)
     assert res.resumed_s > 0 and [r["step"] for r in res.rows] == [10, 20, 30, 40]
     for k, v in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
@@ -131,7 +131,7 @@ def test_train_loop_is_the_one_call_form(tmp_path):
         out_dir=tmp_path,
         device=torch.device("cpu"),
     )
-    assert res.ema is None and res.snapshot is None and len(res.rows) == 1 and math.isfinite(res.final_loss)
+    assert res.ema is None and res.guide is None and len(res.rows) == 1 and math.isfinite(res.final_loss)
 
 
 def _ddp_rank(rank: int, world: int, init: str, out: str, signal_rank: int) -> None:

@@ -289,8 +289,8 @@ def test_the_3d_chain_vqvae_latents_priors_samples(tmp_path):
         assert Image.open(run / "samples" / f"{name}.png").mode == "L"
     # the evaluate stage on volumes: the label-free judge in a 3D encoder's features, the reference
     # rows, and the 3D checks (MS-SSIM between samples and to the nearest train volume, intensity W1)
-    get_stage("train_encoder")(cfg, str(run), threads=2)
-    cfg["sample"]["models"] = ["pixelcnn", "diffusion_ddim"]
+    get_stage("train_simclr")(cfg, str(run), threads=2)
+    cfg["sample"]["sets"] = ["pixelcnn", "diffusion_ddim"]
     get_stage("evaluate")(cfg, str(run), threads=2)
     report = json.loads((run / "report" / "metrics.json").read_text())
     assert report["evaluation"]["judges"] == ["features"]
@@ -353,7 +353,7 @@ def test_snakemake_runs_the_shipped_3d_config_on_tiny_models(tmp_path):
         "--config",
         "data={volume_copies: 11, test_size: 4}",
         "latents={augment_copies: 0}",
-        "sample={models: [pixelcnn, diffusion_ddim], num_samples: 10}",
+        "sample={sets: [pixelcnn, diffusion_ddim], num_samples: 10}",
         "evaluate={num_images: 10}",
         "vqvae={steps: 20, batch_size: 4}",
     )

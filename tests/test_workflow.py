@@ -17,7 +17,7 @@ from helpers import snakemake_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-MODELS = yaml.safe_load(TINY.read_text())["sample"]["models"]
+MODELS = yaml.safe_load(TINY.read_text())["sample"]["sets"]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -157,7 +157,7 @@ def test_reruns_follow_config_sections(workflow_run):
     assert planned_jobs(wd, "--config", "evaluate={num_images: 10}") == after
     # adding a sample set runs that set alone (and the evaluation)
     extra = wd / "extra.yaml"
-    extra.write_text(yaml.safe_dump({"sample": {"models": [*MODELS, "pixelcnn_t0.5"]}}))
+    extra.write_text(yaml.safe_dump({"sample": {"sets": [*MODELS, "pixelcnn_t0.5"]}}))
     assert planned_jobs(wd, "--configfile", str(TINY), str(extra)) == {"sample": 1, **after}
     # a VQ-VAE change invalidates everything downstream, not the dataset
     vq = planned_jobs(wd, "--config", "vqvae={steps: 21}")
@@ -196,7 +196,7 @@ def test_pixel_baseline_trains_for_the_latent_models_wall_time(workflow_run):
     """A pixeldiff_* set trains the pixel-space baseline for the latent model's training seconds
     and adds the latent-vs-pixel table."""
     extra = workflow_run / "pixel.yaml"
-    extra.write_text(yaml.safe_dump({"sample": {"models": [*MODELS, "pixeldiff_ddim"]}}))
+    extra.write_text(yaml.safe_dump({"sample": {"sets": [*MODELS, "pixeldiff_ddim"]}}))
     snakemake(workflow_run, "--cores", "2", "--configfile", str(TINY), str(extra))
     run = workflow_run / "results" / "tiny"
     pix = json.loads((run / "pixel_diffusion" / "metrics.json").read_text())

@@ -37,8 +37,10 @@ MODEL_KINDS: dict[str, type[nn.Module]] = {
     "unet": UNet,
     "monai_unet": MonaiUNet,
     "classifier": DigitClassifier,
-    "encoder": FeatureEncoder,
+    "simclr": FeatureEncoder,
 }
+#: kinds that files written before a rename still carry -> the kind today
+_OLD_KINDS = {"encoder": "simclr"}
 
 
 #: ``diffusion.network`` -> the factory kind of the latent U-Net
@@ -46,11 +48,13 @@ UNET_KINDS = {"own": "unet", "monai": "monai_unet"}
 
 
 def build_model(kind: str, args: Mapping[str, Any]) -> nn.Module:
-    """Build a model of ``kind`` ("vqvae", "pixelcnn", "unet", "classifier") from keyword ``args``.
+    """Build a model of ``kind`` (a key of :data:`MODEL_KINDS`) from keyword ``args``; the kind
+    ``encoder`` of files written before the label-free judge was named ``simclr`` still reads.
 
     Raises:
         ValueError: unknown kind, or arguments the constructor does not take (named).
     """
+    kind = _OLD_KINDS.get(kind, kind)
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
     try:
@@ -72,7 +76,7 @@ def model_args(
     as the checkpoint's ``args`` (and what :mod:`pipeline.flops` builds to count FLOPs).
 
     Args:
-        kind: "vqvae", "pixelcnn", "unet", "monai_unet" (the same arguments), "classifier" or "encoder".
+        kind: "vqvae", "pixelcnn", "unet", "monai_unet" (the same arguments), "classifier" or "simclr".
         section: the stage's config section (``vqvae``, ``pixelcnn``, ``diffusion``,
             ``pixel_diffusion``, ``classifier``).
         in_channels: image channels (vqvae, pixel-space unet) or latent channels D (latent unet);
@@ -116,7 +120,7 @@ def model_args(
         if tuple(image_shape) != (1, 28, 28):
             args["image_shape"] = list(image_shape)
         return args
-    elif kind == "encoder":
+    elif kind == "simclr":
         return {"image_shape": list(image_shape), **{k: s[k] for k in ("channels", "feature_dim", "projection_dim")}}
     else:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
