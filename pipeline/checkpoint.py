@@ -33,6 +33,11 @@ __all__ = [
     "set_rng_state",
     "load_state_dict_strict",
     "load_model",
+    "EXPORT_WEIGHTS",
+    "EXPORT_META",
+    "export_model",
+    "load_export",
+    "source_sha256",
 ]
 
 FORMAT = "vq-latent-pipeline"
@@ -88,13 +93,16 @@ def save(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save`.
+    """Load a checkpoint written by :func:`save`, or, where ``<folder>/model.pt`` is asked for
+    and the folder holds an export instead (:func:`export_model`), that export.
 
     Raises:
         CheckpointError: the file is missing, cannot be unpickled safely (not ours, or
             corrupt), or has another format tag or version; the message names the file.
     """
     p = Path(path)
+    if not p.is_file() and (p.parent / EXPORT_WEIGHTS).is_file():
+        return load_export(p.parent, map_location)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     try:
@@ -170,3 +178,98 @@ def load_model(
         sd = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
     load_state_dict_strict(model, sd, str(path))
     return model.to(device).eval(), state
+
+
+# --- exports: safetensors + JSON, no pickle ---------------------------------------------------
+#: the two files of an exported model in its folder
+EXPORT_WEIGHTS, EXPORT_META = "model.safetensors", "model.json"
+
+
+def source_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a ``model.pt``, or, for an export in its place, of the ``model.pt`` it was made
+    from (recorded in ``model.json``): what the priors record as ``vqvae_sha256``.
+
+    Raises:
+        CheckpointError: neither exists.
+    """
+    import json
+
+    from pipeline.io import sha256_file
+
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    meta = p.parent / EXPORT_META
+    if meta.is_file():
+        return json.loads(meta.read_text())["source_sha256"]
+    raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+
+
+def export_model(model_pt: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Write the model of ``model_pt`` as ``<folder>/model.safetensors`` (every tensor: the
+    state dicts ``model``, ``ema``, ``guide`` under ``<entry>.<parameter>``, other tensors under
+    ``tensor.<entry>``) and ``<folder>/model.json`` (kind, constructor args, the other entries,
+    the format tag and version, and the SHA-256 of ``model_pt``), both atomically. Reading it
+    back (:func:`load_export`) runs no pickled code: safetensors holds raw tensors, JSON plain
+    values. Returns the weights file.
+
+    Raises:
+        CheckpointError: ``model_pt`` is not ours (see :func:`load`).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from pipeline.io import atomic_path, atomic_write_text, sha256_file
+
+    state = load(model_pt)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"source_sha256": sha256_file(model_pt), "state_dicts": [], "tensors": []}
+    for key, value in state.items():
+        if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            tensors.update({f"{key}.{k}": v.detach().cpu().contiguous().clone() for k, v in value.items()})
+            meta["state_dicts"].append(key)
+        elif isinstance(value, torch.Tensor):
+            tensors[f"tensor.{key}"] = value.detach().cpu().contiguous().clone()
+            meta["tensors"].append(key)
+        else:
+            meta[key] = value
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / EXPORT_WEIGHTS, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    atomic_write_text(out / EXPORT_META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return out / EXPORT_WEIGHTS
+
+
+def load_export(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict of an exported model (:func:`export_model`): the same entries as its
+    ``model.pt``, read from safetensors and JSON only.
+
+    Raises:
+        CheckpointError: a file is missing, or is not an export of this format and version.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights, meta_path = folder / EXPORT_WEIGHTS, folder / EXPORT_META
+    for f in (weights, meta_path):
+        if not f.is_file():
+            raise CheckpointError(f"export {str(folder)!r} has no {f.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(weights), device=str(map_location))
+    except Exception as exc:  # JSON or safetensors errors
+        raise CheckpointError(f"{folder}: not a readable export ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: not a {FORMAT} export of version {VERSION}")
+    state = {k: v for k, v in meta.items() if k not in ("state_dicts", "tensors", "source_sha256")}
+    for key in meta["state_dicts"]:
+        prefix = f"{key}."
+        state[key] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for key in meta["tensors"]:
+        state[key] = tensors[f"tensor.{key}"]
+    state["source_sha256"] = meta["source_sha256"]
+    return state

@@ -7,6 +7,7 @@
     python -m pipeline timings --run results/<run>               # write timings.json
     python -m pipeline plan --profile cluster/bigred200 [snakemake args]  # what would be submitted
     python -m pipeline doctor [--profile cluster/bigred200] [--configfile F]  # preflight: torch, CUDA, GPUs
+    python -m pipeline export --run results/<run> --out <dir>   # safetensors + model card
     python -m pipeline train_diffusion --run results/<run> --submit [--account A]  # as a SLURM job
 
 Every stage reads the packaged defaults, then ``--configfile`` files, then ``--config-json``
@@ -33,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="Run one stage of vq-latent-pipeline.")
     p.add_argument(
         "stage",
-        choices=[*STAGES, "config", "timings", "plan", "doctor"],
+        choices=[*STAGES, "config", "timings", "plan", "doctor", "export"],
         help="stage to run, 'config' to print the resolved config, 'timings' to sum stage wall times, "
         "'plan' to print what a Snakemake run would submit (its arguments go to snakemake -n), "
-        "'doctor' to check this machine (torch build, driver, GPUs, NCCL, run folder, SLURM, device)",
+        "'doctor' to check this machine (torch build, driver, GPUs, NCCL, run folder, SLURM, device), "
+        "'export' to write a run's models as safetensors with a model card",
     )
     p.add_argument("--run", help="run folder (default: results/<config key run>)")
     p.add_argument("--configfile", action="append", default=[], help="YAML file(s) merged over the packaged defaults")
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from pipeline.export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve(args.configfile, args.config_json, args.overrides)

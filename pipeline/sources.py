@@ -182,11 +182,15 @@ def read_folder(path: str | os.PathLike) -> RawImages:
         files += f
         labels += lab or []
         split += [part] * len(f)
+    from pipeline.runtime import Progress
+
     images, modes = [], []
-    for p in files:
+    progress = Progress(f"prepare_data: reading {folder}", len(files), minimum=2000)
+    for i, p in enumerate(files, 1):
         arr, mode = _pil_to_array(p)
         images.append(arr)
         modes.append(mode)
+        progress.tick(i)
     return RawImages(
         images=images,
         labels=np.asarray(labels, np.int64) if class_names else None,
@@ -628,18 +632,33 @@ def load_source(cfg: Mapping) -> RawImages:
     raise _error(f"data.source {source!r} has no reader in pipeline.sources")
 
 
+#: ``data.test_size: auto``: this share of the images, at least ``AUTO_TEST_MIN`` and at most
+#: ``AUTO_TEST_MAX`` (500 for MNIST-sized sets, as before), and never more than a quarter of them
+AUTO_TEST_SHARE, AUTO_TEST_MIN, AUTO_TEST_MAX = 0.1, 50, 500
+
+
+def test_count(test_size: int | float | str, n: int) -> int:
+    """The test split's size for ``data.test_size`` and n images: an int as it is, a fraction
+    (< 1) of n, or ``auto``: round(0.1 n) clipped to [50, 500] and to n // 4 (so 5,000 images
+    give 500 and a folder of 200 gives 50; docs/own-data.md says what N the judge needs)."""
+    if test_size == "auto":
+        return min(max(int(round(AUTO_TEST_SHARE * n)), AUTO_TEST_MIN), AUTO_TEST_MAX, n // 4)
+    return int(round(test_size * n)) if isinstance(test_size, float) and test_size < 1 else int(test_size)
+
+
 def split_indices(
-    n: int, labels: np.ndarray | None, test_size: int | float, seed: int, where: str
+    n: int, labels: np.ndarray | None, test_size: int | float | str, seed: int, where: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/test indices (``sklearn.model_selection.train_test_split``), stratified by
-    label when there are labels and every class has at least 2 images.
+    label when there are labels, every class has at least 2 images and both splits can hold
+    every class (else a plain seeded split). ``test_size``: see :func:`test_count`.
 
     Raises:
         DataError: test_size leaves no train or no test image.
     """
     from sklearn.model_selection import train_test_split
 
-    k = int(round(test_size * n)) if isinstance(test_size, float) and test_size < 1 else int(test_size)
+    k = test_count(test_size, n)
     if not 1 <= k < n:
         raise _error(f"{where}: {n} images cannot give a test split of {k} (data.test_size {test_size})")
     idx = np.arange(n)

@@ -18,6 +18,7 @@ no stage module.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -41,6 +42,7 @@ __all__ = [
     "write_csv",
     "TrainResult",
     "TrainLoop",
+    "TensorBoard",
     "train_loop",
     "save_model",
     "finish_stage",
@@ -118,6 +120,45 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+class TensorBoard:
+    """The TensorBoard event files of one training stage (``torch.utils.tensorboard``'s
+    ``SummaryWriter``: TensorBoard's own format, read by ``tensorboard --logdir results/<run>``),
+    written by rank 0 only; every method is a no-op when ``folder`` is None (``tensorboard: false``)
+    or on other ranks.
+
+    Args:
+        folder: the event folder (``<stage>/tensorboard/``), or None.
+        purge_step: on a resumed run, the step it resumes from: events of the interrupted run at
+            or after it are dropped, so a curve never has two values for one step.
+    """
+
+    def __init__(self, folder: Path | None, purge_step: int = 0):
+        self.writer = None
+        if folder is not None and dist_info()[0] == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step or None)
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train/") -> None:
+        """``values`` as scalars ``<prefix><name>`` at ``step`` (NaN and None skipped)."""
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(f"{prefix}{name}", float(value), step)
+
+    def images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
+        """Float (C, H, W) images in [0, 1] at ``step``."""
+        if self.writer is None:
+            return
+        for name, image in images.items():
+            self.writer.add_image(name, image.detach().float().clamp(0, 1).cpu(), step, dataformats="CHW")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 @dataclass
 class TrainResult:
     """What a finished :class:`TrainLoop` hands to its stage.
@@ -167,6 +208,12 @@ class TrainLoop:
         guide_step: after this many steps, keep a copy of the weights (the EMA weights when there
             is an EMA): the guide, the "bad version of itself" that autoguidance guides away from
             (Karras et al. 2024). Kept in the resume checkpoint, so a resumed run has it too.
+        tensorboard: the stage's TensorBoard folder (None: no event files): every log row's
+            values under ``train/`` (the loss and what ``compute_loss`` logs), the learning rate,
+            the EMA's effective decay and steps/s (:class:`TensorBoard`).
+        images: called on rank 0 at every checkpoint and at the end (in eval mode, without
+            gradients; it must not draw random numbers): {name: float (C, H, W) in [0, 1]} for
+            TensorBoard (the VQ-VAE's reconstructions).
 
     Raises:
         ValueError: batch_size not divisible by the number of ranks, or no data.
@@ -189,11 +236,15 @@ class TrainLoop:
         grad_clip: float | None = 1.0,
         warmup: int = 100,
         guide_step: int | None = None,
+        tensorboard: Path | None = None,
+        images: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ):
         self.stage, self.model, self.kind, self.section = stage, model, kind, dict(section)
         self.model_args = dict(model_args)
         self.compute_loss, self.device, self.bf16, self.grad_clip = compute_loss, device, bf16, grad_clip
         self.guide_step = guide_step
+        self.tensorboard_folder, self.images = tensorboard, images
+        self.ema_decay = ema_decay
         self.steps = int(section["steps"])
         self.rank, self.world = dist_info()
         if int(section["batch_size"]) % self.world:
@@ -298,6 +349,7 @@ class TrainLoop:
             self.guide = {k: v.detach().clone() for k, v in source.state_dict().items()}
         if done % self.ckpt_every == 0 and done < self.steps:
             self.save_checkpoint(done)
+            self._log_images(done)
 
     def _log_row(self, done: int) -> None:
         """Append the window's means to the log rows. Under DDP each rank has summed the loss of
@@ -313,8 +365,25 @@ class TrainLoop:
         self.rows.append(row)
         if self.rank == 0:
             write_csv(self.log_path, self.rows)
+        now = time.perf_counter()
+        extra = {"steps_per_s": self.window_n / max(now - self._window_t0, 1e-9)}
+        if self.ema is not None:
+            n = float(self.ema.n_averaged)
+            extra["ema_decay"] = min(float(self.ema_decay), (1.0 + n) / (10.0 + n))
+        self._window_t0 = now
+        self._tensorboard.scalars(done, {k: v for k, v in row.items() if k != "step"} | extra)
         self._progress.line(done, **{k: v for k, v in row.items() if k != "step"})
         self.window, self.window_n = {}, 0
+
+    def _log_images(self, step: int) -> None:
+        """The ``images`` callback's images to TensorBoard (rank 0, eval mode, no gradients)."""
+        if self.images is None or self._tensorboard.writer is None:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            self._tensorboard.images(step, self.images())
+        self.model.train(was_training)
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """A signal on any rank: every rank stops at the same step boundary (or one would wait
@@ -346,10 +415,11 @@ class TrainLoop:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self._t0 = time.perf_counter()
+        self._t0 = self._window_t0 = time.perf_counter()
         self._progress = Progress(self.stage, self.steps, self.start)
+        self._tensorboard = TensorBoard(self.tensorboard_folder, purge_step=self.start)
         self.model.train()
-        with StopSignals() as stop:
+        with StopSignals() as stop, contextlib.closing(self._tensorboard):
             for step in range(self.start, self.steps):
                 self.step(step)
                 if self._stop_requested(stop) and step + 1 < self.steps:
@@ -365,7 +435,8 @@ class TrainLoop:
                         self.ckpt_path,
                     )
                     stop.after_checkpoint()
-        self.model.eval()
+            self.model.eval()
+            self._log_images(self.steps)
         return TrainResult(
             ema=self.ema,
             rows=self.rows,
@@ -514,6 +585,9 @@ class TrainingStage:
     def ema_decay(self) -> float | None:
         return None
 
+    #: {name: float (C, H, W) in [0, 1]} for TensorBoard at each checkpoint (None: no images)
+    tensorboard_images: Callable[[], Mapping[str, torch.Tensor]] | None = None
+
     def guide_step(self) -> int | None:
         return None
 
@@ -564,6 +638,8 @@ class TrainingStage:
                 bf16=False if self.float32 else bool(self.cfg["bf16"]),
                 ema_decay=self.ema_decay(),
                 guide_step=self.guide_step(),
+                tensorboard=self.out / "tensorboard" if self.cfg.get("tensorboard", True) else None,
+                images=self.tensorboard_images,
             )
             metrics.update(self.measure(model, result))
             metrics.update(steps=self.section["steps"], train_seconds=round(result.elapsed_s, 2))

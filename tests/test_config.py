@@ -87,7 +87,16 @@ def test_missing_and_broken_files(tmp_path):
 
 def test_stage_view_holds_only_its_section():
     view = stage_view(resolve(), "train_diffusion")
-    assert set(view) == {"run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic", "diffusion"}
+    assert set(view) == {
+        "run",
+        "device",
+        "bf16",
+        "tf32",
+        "cudnn_benchmark",
+        "deterministic",
+        "tensorboard",
+        "diffusion",
+    }
 
 
 def test_schema_and_default_cover_the_same_keys():

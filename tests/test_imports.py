@@ -18,6 +18,9 @@ TOP = {
     "pipeline.timings",
     "pipeline.dispatch",
     "pipeline.plan",
+    "pipeline.api",
+    "pipeline.export",
+    "pipeline.doctor",
     "pipeline.__main__",
 }
 

@@ -56,3 +56,31 @@ def test_readme_and_docs_prose_is_wrapped():
             elif not code and not line.startswith("|") and len(line) > 120:
                 long.append(f"{path.relative_to(ROOT)}:{i} ({len(line)} characters)")
     assert not long, long
+
+
+#: a dependency's distribution name -> the import names that use it
+IMPORT_NAMES = {
+    "scikit-learn": ("sklearn",),
+    "pillow": ("PIL",),
+    "pyyaml": ("yaml",),
+    "scikit-image": ("skimage",),
+    "tensorboard": ("tensorboard", "torch.utils.tensorboard"),
+}
+
+
+def test_every_declared_dependency_is_imported():
+    """No dependency in pyproject.toml that nothing imports (in pipeline/, the Snakefile, rules/)."""
+    import re
+
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    code = "\n".join(p.read_text() for p in [*(ROOT / "pipeline").rglob("*.py"), ROOT / "Snakefile"])
+    code += "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
+    unused = []
+    for dep in deps:
+        dist = re.split(r"[<>=!~ ]", dep, maxsplit=1)[0].lower()
+        names = IMPORT_NAMES.get(dist, (dist.replace("-", "_"),))
+        if not any(re.search(rf"^\s*(from|import) {re.escape(n)}\b", code, re.M) for n in names):
+            unused.append(dist)
+    assert not unused, f"declared in pyproject.toml but imported nowhere: {unused}"

@@ -110,7 +110,8 @@ def test_every_output_and_schema(workflow_run):
     # each stage wrote the part of the config it read
     written = yaml.safe_load((run / "diffusion" / "config.yaml").read_text())
     assert (
-        set(written) == {"run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic", "diffusion"}
+        set(written)
+        == {"run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic", "tensorboard", "diffusion"}
         and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
     )
     timings = json.loads((run / "timings.json").read_text())
