@@ -53,7 +53,17 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {s.name: s.sections for s in TABLE}
 
 
 #: Top-level keys every stage reads.
-TOP_LEVEL_KEYS = ("run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic", "tensorboard")
+TOP_LEVEL_KEYS = (
+    "run",
+    "device",
+    "bf16",
+    "tf32",
+    "cudnn_benchmark",
+    "deterministic",
+    "tensorboard",
+    "data_loading",
+    "data_workers",
+)
 
 
 class ConfigError(ValueError):

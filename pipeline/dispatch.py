@@ -87,17 +87,40 @@ def resolve_account(account: str | None) -> str:
 
 
 def _init_distributed() -> tuple[int, int]:
-    """Join the torch.distributed group of a multi-task SLURM job; (rank, world_size)."""
+    """Join the torch.distributed group of a multi-task SLURM job; (rank, world_size).
+
+    One task per GPU over all the job's nodes: submitit's ``TorchDistributedEnvironment`` exports
+    ``RANK`` (``$SLURM_PROCID``), ``LOCAL_RANK`` (``$SLURM_LOCALID``: the GPU on this node),
+    ``WORLD_SIZE`` (``$SLURM_NTASKS``) and the rendezvous ``MASTER_ADDR`` (the first node of
+    ``$SLURM_JOB_NODELIST``) and ``MASTER_PORT`` (a port derived from the job id, so every task
+    of every node agrees); ``NODE_RANK`` (``$SLURM_NODEID``) is exported as torchrun does. NCCL
+    on GPUs, gloo on CPUs. Every rank logs where it sits.
+    """
     import torch
+
+    from pipeline.runtime import log
 
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
         return 0, 1
     dist_env = submitit.helpers.TorchDistributedEnvironment().export()
+    os.environ["NODE_RANK"] = str(env.node)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank % torch.cuda.device_count())
     torch.distributed.init_process_group(backend=backend)
+    log.info(
+        "DDP rank %d of %d: node %s (node rank %d of %d), local rank %d, %s, rendezvous %s:%s",
+        dist_env.rank,
+        dist_env.world_size,
+        os.environ.get("SLURMD_NODENAME", env.hostname),  # the SLURM node (several may share a host)
+        env.node,
+        env.num_nodes,
+        dist_env.local_rank,
+        backend,
+        dist_env.master_addr,
+        dist_env.master_port,
+    )
     return dist_env.rank, dist_env.world_size
 
 

@@ -142,7 +142,8 @@ def nearest_neighbour_rms(
     """RMS pixel distance from each query to its nearest reference image.
 
     Args:
-        queries: float (N, ...) images; refs: float (M, ...) images of the same shape.
+        queries: float (N, ...) images; refs: float (M, ...) images of the same shape, or a
+            :class:`pipeline.streaming.SplitImages` (read ``chunk`` rows at a time).
         exclude_self: ``queries`` is ``refs``: skip each image's distance to itself.
         return_index: also return the index (N,) int64 of each nearest reference.
         progress_name: log progress lines under this name (for large sets: N x M distances).
@@ -151,6 +152,8 @@ def nearest_neighbour_rms(
         float64 (N,) distances, sqrt(mean squared pixel difference) (images in [0, 1] give [0, 1]);
         with ``return_index``, (distances, indices).
     """
+    if not isinstance(refs, torch.Tensor):
+        return _nearest_streamed(queries, refs, chunk, return_index, progress_name)
     q, r = queries.flatten(1).double(), refs.flatten(1).double()
     d = q.shape[1]
     out, idx = [], []
@@ -166,6 +169,27 @@ def nearest_neighbour_rms(
         progress.tick(min(s + chunk, len(q)))
     distances = (torch.cat(out) / math.sqrt(d)).numpy()
     return (distances, torch.cat(idx).numpy()) if return_index else distances
+
+
+def _nearest_streamed(queries: torch.Tensor, refs, chunk: int, return_index: bool, progress_name: str | None):
+    """:func:`nearest_neighbour_rms` against references read ``chunk`` rows at a time (a running
+    minimum over the chunks: one chunk of references in memory)."""
+    q = queries.flatten(1).double()
+    best = torch.full((len(q),), float("inf"), dtype=torch.float64)
+    where = torch.zeros(len(q), dtype=torch.int64)
+    progress = Progress(progress_name or "", len(refs), minimum=1 if progress_name else 2**62, every=chunk * 10)
+    start = 0
+    for r in refs.chunks(chunk):
+        r = r.flatten(1).double()
+        for s in range(0, len(q), chunk):
+            m = torch.cdist(q[s : s + chunk], r).min(dim=1)
+            better = m.values < best[s : s + chunk]
+            best[s : s + chunk] = torch.where(better, m.values, best[s : s + chunk])
+            where[s : s + chunk] = torch.where(better, m.indices + start, where[s : s + chunk])
+        start += len(r)
+        progress.tick(start)
+    distances = (best / math.sqrt(q.shape[1])).numpy()
+    return (distances, where.numpy()) if return_index else distances
 
 
 def near_duplicate_fraction(images: torch.Tensor, threshold: float) -> float:
@@ -264,11 +288,22 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
     return {key: float(v) for key, v in out.items()}
 
 
-def noise_images(train: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+def noise_images(train, n: int, seed: int = 0) -> torch.Tensor:
     """float (n, C, H, W) in [0, 1]: per-pixel Gaussian noise with the train images' per-pixel mean
-    and std (clamped): the "noise" reference row, the far end of the scale."""
+    and std (clamped): the "noise" reference row, the far end of the scale. ``train``: float
+    (N, C, H, W) in [0, 1], or a :class:`pipeline.streaming.SplitImages` (read in chunks)."""
     g = torch.Generator().manual_seed(seed)
-    mean, std = train.float().mean(0), train.float().std(0)
+    if isinstance(train, torch.Tensor):
+        mean, std = train.float().mean(0), train.float().std(0)
+    else:  # a streamed split: per-pixel moments batch by batch
+        from pipeline.streaming import RunningMoments
+
+        moments = RunningMoments()
+        for chunk in train.chunks(1024):
+            moments.add(chunk.flatten(1), full=False)
+        shape = tuple(train.shape[1:])
+        mean = torch.from_numpy(moments.mean()).float().view(shape)
+        std = torch.from_numpy(moments.std()).float().view(shape)
     return (mean + std * torch.randn((n, *train.shape[1:]), generator=g)).clamp(0, 1)
 
 
@@ -335,6 +370,26 @@ def _in_parts(embed: Callable, x: torch.Tensor, batch_size: int, name: str, part
     return np.concatenate(out)
 
 
+def _streamed_features(embed: Callable, train, batch_size: int, keep: int, name: str):
+    """A judge's features of a streamed train split (:class:`pipeline.streaming.SplitImages`):
+    (the first ``keep`` rows' features (keep, F) for precision/recall, their (mean, covariance)
+    over all rows, accumulated chunk by chunk: memory independent of the split's size)."""
+    from pipeline.streaming import RunningMoments
+
+    moments, first = RunningMoments(), []
+    progress = Progress(name, len(train), every=1)
+    size = batch_size * max(1, 10_000 // batch_size)
+    done = 0
+    for chunk in train.chunks(size):
+        feats = np.asarray(embed(chunk))
+        moments.add(feats)
+        if sum(len(f) for f in first) < keep:
+            first.append(feats[: keep - sum(len(f) for f in first)])
+        done += len(chunk)
+        progress.tick(done)
+    return np.concatenate(first), (moments.mean(), moments.cov())
+
+
 def build_judging(
     cfg: Mapping, paths: RunPaths, judge_names, train_x: torch.Tensor, test_x: torch.Tensor, device
 ) -> Judging:
@@ -353,8 +408,12 @@ def build_judging(
     }
     trained = {}
     for name in judge_names:
-        feats = _in_parts(embedders[name], train_x, bs, f"evaluate: {name} features of the train images")
-        trained[name] = (feats, feature_statistics(feats))
+        label = f"evaluate: {name} features of the train images"
+        if isinstance(train_x, torch.Tensor):
+            feats = _in_parts(embedders[name], train_x, bs, label)
+            trained[name] = (feats, feature_statistics(feats))
+        else:
+            trained[name] = _streamed_features(embedders[name], train_x, bs, n_eval, label)
     real_test = judge_images(clf, test_x[:n_eval].to(device), bs) if clf is not None else None
     spaces = {}
     for name in judge_names:
@@ -363,9 +422,11 @@ def build_judging(
     test_nn_train = nearest_neighbour_rms(test_x, train_x, progress_name="evaluate: test images' nearest train image")
     histogram = None
     if train_x.dim() == 5:
-        from pipeline.volumes import intensity_histogram
+        from pipeline.streaming import chunks_of
+        from pipeline.volumes import intensity_counts
 
-        histogram = intensity_histogram(train_x)
+        counts = sum(intensity_counts(v) for v in chunks_of(train_x, 16))
+        histogram = counts / max(counts.sum(), 1.0)
     return Judging(
         spaces=spaces,
         classifier=clf,
@@ -556,6 +617,21 @@ def _tensorboard(folder, sets: Mapping[str, dict]) -> None:
     board.close()
 
 
+def _train_reference(cfg: Mapping, paths: RunPaths, info, device):
+    """The train images the judges compare against: float32 (N, C, *S) in [0, 1] in memory while
+    they fit, else a :class:`pipeline.streaming.SplitImages` read in chunks (``data_loading``)."""
+    from pipeline.data import read_dataset, split_length
+    from pipeline.streaming import SplitImages, choose_path
+
+    n = split_length(paths.dataset, "train")
+    setting = str(cfg.get("data_loading", "auto"))
+    path = choose_path(setting, 4 * n * int(np.prod(info.shape)), torch.device("cpu"))
+    log.info("evaluate: %d train images, %s path (data_loading: %s)", n, path, setting)
+    if path == "memory":
+        return read_dataset(paths.dataset, "train").unit()
+    return SplitImages(paths.dataset, "train", info.max_value)
+
+
 def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """The evaluate stage: judge every set of ``sample.sets`` and the real test images.
 
@@ -583,7 +659,7 @@ def evaluate(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = Non
         info = read_info(paths.dataset)
         judge_names = judges(cfg, info.num_classes)
         test = read_dataset(paths.dataset, "test")
-        train_x, test_x = read_dataset(paths.dataset, "train").unit(), test.unit()
+        train_x, test_x = _train_reference(cfg, paths, info, device), test.unit()
         if len(test_x) < int(section["num_images"]):
             log.warning(
                 "evaluate: the test split has %d images; Fréchet distances use N = %d, not %d",

@@ -34,6 +34,7 @@ __all__ = [
     "stage_memory",
     "images_in_split",
     "estimate_seconds",
+    "allreduce_seconds",
     "training_workload",
     "A100_PEAK_TFLOPS",
     "GPU_PEAK_BF16_TFLOPS",
@@ -83,11 +84,14 @@ class StageCost:
         calls: sequential network calls (optimizer steps, or sampler batches times evaluations):
             what a latency floor multiplies.
         detail: how the total was made, e.g. ``"2000 steps x 15.3 GFLOP"``.
+        params: trainable parameters of a training stage's network (0 otherwise): what DDP
+            all-reduces every step.
     """
 
     flops: float
     calls: int
     detail: str
+    params: int = 0
 
 
 def _count(fn) -> float:
@@ -118,7 +122,8 @@ def _training(model, make_batch, loss_of, section: Mapping[str, Any]) -> StageCo
     """``section['steps']`` training steps of ``model`` at ``section['batch_size']``."""
     per = _train_step_flops(model, make_batch, loss_of, int(section["batch_size"]))
     steps = int(section["steps"])
-    return StageCost(per * steps, steps, f"{steps} steps x {per / 1e9:.2f} GFLOP")
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return StageCost(per * steps, steps, f"{steps} steps x {per / 1e9:.2f} GFLOP", params)
 
 
 def _noisy(channels: int, size: tuple[int, int], section: Mapping[str, Any]):
@@ -486,7 +491,31 @@ def _saved_elements(net, batch, loss_of, regions) -> tuple[int, list[int], list[
     return total[0], inside, inputs
 
 
-def estimate_seconds(cost: StageCost, tflops: float, step_ms: float, startup_s: float = 60.0) -> float:
-    """Wall seconds of a job: ``startup_s`` (Python, CUDA context, data) plus
-    ``max(flops / (tflops * 1e12), calls * step_ms / 1000)``."""
-    return startup_s + max(cost.flops / (tflops * 1e12), cost.calls * step_ms / 1000.0)
+def allreduce_seconds(params: int, ranks: int, nodes: int, internode_gbps: float) -> float:
+    """Seconds one DDP step spends all-reducing ``params`` float32 gradients over ``ranks``
+    ranks on ``nodes`` nodes: a ring all-reduce moves ``2 (n - 1) / n`` times the gradient bytes
+    through each rank's link (Patarasuk & Yuan 2009), and across nodes the link is the node's
+    network at ``internode_gbps`` Gbit/s shared by its ranks (inside one node NVLink's ~300 GB/s
+    makes it negligible: 0 is returned for one node). Assumes no overlap with the backward pass
+    (DDP's bucketing overlaps some: an upper bound)."""
+    if nodes <= 1 or ranks <= 1:
+        return 0.0
+    per_rank = 2.0 * (ranks - 1) / ranks * 4.0 * params
+    ranks_per_node = max(1, ranks // nodes)
+    return per_rank * ranks_per_node / (internode_gbps * 1e9 / 8.0)
+
+
+def estimate_seconds(
+    cost: StageCost,
+    tflops: float,
+    step_ms: float,
+    startup_s: float = 60.0,
+    ranks: int = 1,
+    nodes: int = 1,
+    internode_gbps: float = 100.0,
+) -> float:
+    """Wall seconds of a job: ``startup_s`` (Python, CUDA context, data) plus ``max(flops /
+    (tflops * 1e12), calls * step_ms / 1000)`` plus, across nodes, ``calls`` times the gradient
+    all-reduce (:func:`allreduce_seconds`). ``tflops`` is the whole job's (all its GPUs)."""
+    comm = cost.calls * allreduce_seconds(cost.params, ranks, nodes, internode_gbps) if cost.params else 0.0
+    return startup_s + max(cost.flops / (tflops * 1e12), cost.calls * step_ms / 1000.0) + comm

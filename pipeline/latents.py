@@ -49,6 +49,7 @@ __all__ = [
     "LatentScaling",
     "read_info",
     "read_split",
+    "train_splits",
     "encode_batch",
     "extract_latents",
 ]
@@ -144,14 +145,22 @@ class LatentScaling:
         return torch.as_tensor(v).float().to(device).view(1, -1, *([1] * spatial))
 
     @classmethod
-    def fit(cls, info: LatentsInfo, kind: str, train) -> tuple[LatentScaling, object]:
-        """The scaling of ``kind`` for the train latents ``train`` (float32 (N, D, *grid)
-        tensor): (the scaling with the scaled train latents' range, the scaled train latents)."""
+    def fit(cls, info: LatentsInfo, kind: str, train) -> LatentScaling:
+        """The scaling of ``kind`` with the per-channel range of the scaled train latents
+        ``train``: float32 (N, D, *grid) tensors, the whole split or its batches one after
+        another (an iterable: one pass, one batch held)."""
+        import torch
+
         mean, std = info.scaling(kind)
         scaling = cls(kind, mean, std)
-        scaled = scaling.scale(train)
-        dims = (0, *range(2, scaled.dim()))
-        return cls(kind, mean, std, scaled.amin(dim=dims).cpu(), scaled.amax(dim=dims).cpu()), scaled
+        low = high = None
+        for batch in [train] if isinstance(train, torch.Tensor) else train:
+            scaled = scaling.scale(batch)
+            dims = (0, *range(2, scaled.dim()))
+            lo, hi = scaled.amin(dim=dims).cpu(), scaled.amax(dim=dims).cpu()
+            low = lo if low is None else torch.minimum(low, lo)
+            high = hi if high is None else torch.maximum(high, hi)
+        return cls(kind, mean, std, low, high)
 
     def scale(self, z):
         """Latents float (N, D, *grid) tensor -> the diffusion model's space, same shape."""
@@ -266,6 +275,25 @@ def read_info(path: str | os.PathLike, expect_vqvae_sha256: str | None = None) -
         return _validate(f, p, expect_vqvae_sha256)
 
 
+def train_splits(path: str | os.PathLike, augmented: bool = False) -> tuple[str, ...]:
+    """The groups of the train rows: ``("train",)``, with ``augmented`` also ``"train_aug"`` (the
+    codes of augmented train images, appended in that order).
+
+    Raises:
+        LatentsError: ``augmented`` with a file written with ``latents.augment_copies: 0``.
+    """
+    if not augmented:
+        return ("train",)
+    p = Path(path)
+    with _open(p) as f:
+        if AUG_SPLIT not in f:
+            raise LatentsError(
+                f"{p}: has no '{AUG_SPLIT}' split (written with latents.augment_copies: 0); set "
+                "latents.augment_copies > 0 and re-run extract_latents"
+            )
+    return ("train", AUG_SPLIT)
+
+
 def read_split(
     path: str | os.PathLike, split: str, expect_vqvae_sha256: str | None = None
 ) -> tuple[LatentSplit, LatentsInfo]:
@@ -323,20 +351,22 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0, downsa
         )
 
 
-def _augmented_train(
-    images: np.ndarray, copies: int, degrees: float, shift: float, scale: float, seed: int, max_value: int = 255
-):
-    """Yield (start row, float images (N, C, H, W) in [0, 1]) of ``copies`` augmented copies of
-    ``images`` uint8/uint16 (N, C, H, W) in 0..max_value, copy by copy, with a generator seeded by ``seed``."""
+def _augmented_batches(path, copies: int, degrees: float, shift: float, scale: float, seed: int, bs: int):
+    """Yield (start row, float images (B, C, H, W) in [0, 1], labels int64 (B,)) of ``copies``
+    augmented copies of the train split of ``dataset.h5`` at ``path``, copy by copy and batch by
+    batch (one batch in memory), with one generator seeded by ``seed``."""
     import torch
 
     from pipeline.augment import random_affine
+    from pipeline.data import iter_split
 
     g = torch.Generator().manual_seed(seed)
-    n = len(images)
-    for c in range(copies):
-        x = torch.from_numpy(images.astype(np.float32)).div_(float(max_value))
-        yield c * n, random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1)
+    row = 0
+    for _ in range(copies):
+        for batch in iter_split(path, "train", bs):
+            x = torch.from_numpy(batch.images.astype(np.float32)).div_(float(batch.max_value))
+            yield row, random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1), batch.labels
+            row += len(x)
 
 
 def encode_batch(vqvae, x, device) -> dict[str, np.ndarray]:
@@ -383,15 +413,17 @@ class _TrainStatistics:
 
 
 def _create_split(out, split: str, n: int, d: int, grid: tuple) -> dict:
-    """The datasets of one split in the open ``latents.h5`` ``out`` (chunked, gzip)."""
+    """The datasets of one split in the open ``latents.h5`` ``out`` (gzip, chunks of about
+    :data:`pipeline.data.CHUNK_BYTES`: the streaming path reads random rows)."""
+    from pipeline.data import stream_chunk_rows
+
     g = out.create_group(split)
-    chunk = max(1, min(n, 256))
     return {
         name: g.create_dataset(
             name,
             shape=(n, *_shape(tail, d, grid)),
             dtype=dtype,
-            chunks=(chunk, *_shape(tail, d, grid)),
+            chunks=(stream_chunk_rows(_shape(tail, d, grid), np.dtype(dtype).itemsize, n), *_shape(tail, d, grid)),
             compression="gzip",
         )
         for name, (dtype, tail) in SCHEMA.items()
@@ -405,20 +437,17 @@ def _write_rows(dsets: Mapping, row0: int, enc: Mapping[str, np.ndarray], labels
     dsets["labels"][row0 : row0 + m] = labels
 
 
-def _write_augmented(out, encode, train, copies: int, augment: Mapping, bs: int, d: int, grid: tuple) -> dict:
-    """The ``train_aug`` split: the codes of ``copies`` seeded augmented copies of every train
-    image; its metrics (rows, codes in use)."""
-    n = len(train.labels)
+def _write_augmented(out, encode, dataset, n: int, augment: Mapping, bs: int, d: int, grid: tuple) -> dict:
+    """The ``train_aug`` split: the codes of ``copies`` seeded augmented copies of each of the
+    ``n`` train images of ``dataset``, batch by batch; its metrics (rows, codes in use)."""
+    copies = augment["copies"]
     dsets = _create_split(out, AUG_SPLIT, copies * n, d, grid)
     used = np.zeros(out.attrs["K"], dtype=np.int64)
-    copies_of = _augmented_train(
-        train.images, copies, augment["degrees"], augment["shift"], augment["scale"], augment["seed"], train.max_value
-    )
-    for row0, xa in copies_of:
-        for start in range(0, n, bs):
-            enc = encode(xa[start : start + bs])
-            _write_rows(dsets, row0 + start, enc, train.labels[start : start + len(enc["codes"])])
-            used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=len(used))
+    a = augment
+    for row0, xa, labels in _augmented_batches(dataset, copies, a["degrees"], a["shift"], a["scale"], a["seed"], bs):
+        enc = encode(xa)
+        _write_rows(dsets, row0, enc, labels)
+        used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=len(used))
     return {f"num_{AUG_SPLIT}": copies * n, "codes_in_use_train_aug": int((used > 0).sum())}
 
 
@@ -427,8 +456,8 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
 
     Reads ``latents`` (batch_size, augment_copies, augment_degrees, augment_shift,
     augment_scale, seed). Images are read, encoded (:func:`encode_batch`) and written batch by
-    batch; with ``augment_copies`` > 0 the ``train_aug`` split holds the codes of that many
-    augmented copies of every train image.
+    batch (its memory does not grow with the data); with ``augment_copies`` > 0 the
+    ``train_aug`` split holds the codes of that many augmented copies of every train image.
 
     Returns:
         metrics dict (N per split, codes in use, wall time).
@@ -441,7 +470,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     import torch
 
     from pipeline.checkpoint import load_model
-    from pipeline.data import read_dataset, read_num_classes
+    from pipeline.data import iter_split, read_num_classes, split_length
     from pipeline.data import read_info as read_image_info
     from pipeline.io import StageInputError
     from pipeline.runtime import log, resolve_device, stage_record
@@ -478,21 +507,21 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         with atomic_path(paths.latents, suffix=".h5") as tmp, h5py.File(tmp, "w") as out:
             out.attrs.update(schema_version=SCHEMA_VERSION, K=k, D=d, num_classes=read_num_classes(paths.dataset))
             out.attrs.update(grid=list(grid), vqvae_sha256=vq_sha, augment=json.dumps(augment, sort_keys=True))
-            for split in SPLITS:
-                data = read_dataset(paths.dataset, split)
-                dsets = _create_split(out, split, len(data.labels), d, grid)
-                for start in range(0, len(data.labels), bs):
-                    x = torch.from_numpy(data.images[start : start + bs].astype(np.float32)).div_(float(data.max_value))
+            for split in SPLITS:  # batch by batch: one batch of images in memory
+                n = split_length(paths.dataset, split)
+                dsets = _create_split(out, split, n, d, grid)
+                start = 0
+                for batch in iter_split(paths.dataset, split, bs):
+                    x = torch.from_numpy(batch.images.astype(np.float32)).div_(float(batch.max_value))
                     enc = encode(x)
-                    _write_rows(dsets, start, enc, data.labels[start : start + len(enc["codes"])])
+                    _write_rows(dsets, start, enc, batch.labels)
+                    start += len(x)
                     if split == "train":
                         stats.add(enc)
-                if split == "train":
-                    train = data
-                metrics[f"num_{split}"] = len(data.labels)
-                log.info("extract_latents: %s %d images encoded", split, len(data.labels))
+                metrics[f"num_{split}"] = n
+                log.info("extract_latents: %s %d images encoded", split, n)
             if copies:
-                metrics.update(_write_augmented(out, encode, train, copies, augment, bs, d, grid))
+                metrics.update(_write_augmented(out, encode, paths.dataset, metrics["num_train"], augment, bs, d, grid))
                 log.info("extract_latents: %s augmented copies encoded (%d per train image)", AUG_SPLIT, copies)
             stats.write(out.attrs)
         metrics.update(codes_in_use_train=int((stats.used > 0).sum()), K=k, D=d, vqvae_sha256=vq_sha, augment=augment)

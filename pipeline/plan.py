@@ -34,6 +34,9 @@ _COMMAND = re.compile(r"python -m pipeline (\S+)(.*)$")
 #: what the plan assumes when the cluster YAML does not say (an A100 40 GB, bf16): sustained
 #: TFLOP/s (~20 % of the 312 dense bf16 peak), per-call latency floor (ms), job start-up (s)
 DEFAULT_TFLOPS, DEFAULT_STEP_MS, STARTUP_S = 60.0, 3.0, 60.0
+#: the network between nodes the plan assumes when the cluster YAML does not say (Gbit/s per
+#: node; Big Red 200's Slingshot is quoted at 200, a conservative half of it)
+DEFAULT_INTERNODE_GBPS = 100.0
 
 
 @dataclass
@@ -58,6 +61,8 @@ class PlanRow:
     gpu_mem_other_gib: float | None = None  # the same with gradient checkpointing toggled
     gpu_memory_gb: float | None = None  # the GPU's memory (cluster YAML gpu_memory_gb)
     section: str | None = None  # the config section of the trained network
+    nodes: int = 1  # SLURM nodes; ``gpus`` is the job's total (nodes x gpus_per_node)
+    comm_s: float = 0.0  # of est_s: the gradient all-reduce across nodes (assumed network)
 
 
 def dry_run_commands(snakemake_args: list[str], snakefile: Path | None = None) -> tuple[list[str], dict]:
@@ -109,9 +114,13 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
         if args.submit:
             params = stage_parameters(load_cluster_config(args.cluster_config), args.stage)
             sub = submitit_parameters(params, name=f"{run}-{args.stage}{suffix}", account=args.account, setup=None)
-            gpus = int(params.get("gpus_per_node", 1))
+            nodes = int(params.get("nodes", 1))
+            gpus = int(params.get("gpus_per_node", 1)) * nodes
             tflops = float(params.get("assumed_tflops", DEFAULT_TFLOPS)) * gpus
-            est = estimate_seconds(cost, tflops, float(params.get("assumed_step_ms", DEFAULT_STEP_MS)), STARTUP_S)
+            gbps = float(params.get("assumed_internode_gbps", DEFAULT_INTERNODE_GBPS))
+            step_ms = float(params.get("assumed_step_ms", DEFAULT_STEP_MS))
+            est = estimate_seconds(cost, tflops, step_ms, STARTUP_S, ranks=gpus, nodes=nodes, internode_gbps=gbps)
+            comm = est - estimate_seconds(cost, tflops, step_ms, STARTUP_S)
             timeout = int(sub["timeout_min"])
             mem = stage_memory(args.stage, cfg, gpus, **flags)
             other = None
@@ -137,6 +146,8 @@ def plan_rows(commands: list[str], config: dict | None, parser: argparse.Argumen
                     gpu_mem_other_gib=other,
                     gpu_memory_gb=params.get("gpu_memory_gb"),
                     section=_SECTIONS.get(args.stage),
+                    nodes=nodes,
+                    comm_s=comm,
                 )
             )
         else:
@@ -175,6 +186,11 @@ _SECTIONS = {
 MEMORY_WARN_FRACTION = 0.9
 
 
+def _gpus(row: PlanRow) -> str:
+    """``4`` on one node, ``2x4`` (nodes x GPUs per node) on several."""
+    return str(row.gpus) if row.nodes <= 1 else f"{row.nodes}x{row.gpus // row.nodes}"
+
+
 def _minutes(seconds: float) -> str:
     return "-" if seconds != seconds else f"{seconds / 60:.1f}"
 
@@ -187,7 +203,7 @@ def format_plan(rows: list[PlanRow]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         lines.append(
-            f"| {r.job} | {r.where} | {r.partition or '-'} | {r.gpus} | {r.cpus or '-'} | "
+            f"| {r.job} | {r.where} | {r.partition or '-'} | {_gpus(r)} | {r.cpus or '-'} | "
             f"{'-' if r.mem_gb is None else f'{r.mem_gb:g}'} | {r.timeout_min or '-'} | {r.account or '-'} | "
             f"{r.tflop:.2f} | {_minutes(r.est_s)} | {r.gpu_hours:.3f} "
             f"({'-' if r.max_gpu_hours is None else f'{r.max_gpu_hours:.2f}'}) | "
@@ -205,6 +221,15 @@ def format_plan(rows: list[PlanRow]) -> str:
         "assumed_step_ms), from the cluster YAML (default "
         f"{DEFAULT_TFLOPS:g} TFLOP/s, {DEFAULT_STEP_MS:g} ms); FLOPs counted from the models (pipeline/flops.py)."
     )
+    multi = [r for r in slurm if r.nodes > 1]
+    if multi:
+        lines.append(
+            "GPUs NxG: N nodes x G GPUs per node, one DDP rank per GPU (the global batch split over all). Across "
+            "nodes each step adds a ring all-reduce of the fp32 gradients over the network (assumed_internode_gbps, "
+            f"default {DEFAULT_INTERNODE_GBPS:g} Gbit/s per node): "
+            + "; ".join(f"{r.job} {r.comm_s / 60:.1f} min of its {r.est_s / 60:.1f}" for r in multi)
+            + " (docs/cluster.md: when two nodes pay off)."
+        )
     if any(r.gpu_mem_gib is not None for r in slurm):
         lines.append(
             "GPU mem: per GPU, training stages only: weights, gradients, Adam and EMA (fp32) plus the activations "

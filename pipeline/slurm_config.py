@@ -39,7 +39,7 @@ PARAM_MAP = {
 #: this times ``gpus_per_node``) and what the plan assumes: sustained TFLOP/s per GPU and a
 #: per-call latency floor in ms, and each GPU's memory in GB, against which the plan checks a
 #: training stage's estimated need (:mod:`pipeline.plan`)
-_OWN_KEYS = {"mem_per_gpu_gb", "assumed_tflops", "assumed_step_ms", "gpu_memory_gb"}
+_OWN_KEYS = {"mem_per_gpu_gb", "assumed_tflops", "assumed_step_ms", "assumed_internode_gbps", "gpu_memory_gb"}
 _MEMORY_KEYS = ("mem_gb", "mem_per_gpu_gb")
 _MAIL_TYPES = {
     "NONE",
@@ -78,6 +78,7 @@ _TYPES = {
     "srun_args": list,
     "assumed_tflops": (int, float),
     "assumed_step_ms": (int, float),
+    "assumed_internode_gbps": (int, float),
     "gpu_memory_gb": (int, float),
 }
 
@@ -121,7 +122,8 @@ def load_cluster_config(path: str | os.PathLike) -> dict:
     ``exclusive``, ``wckey`` (null: none; submitit's default ``submitit`` is never sent),
     ``exclude``, ``comment``, ``additional_parameters`` (any other ``#SBATCH --key=value``, as
     a mapping), ``srun_args`` (a list passed to the ``srun`` inside the job), ``assumed_tflops``
-    and ``assumed_step_ms`` (sustained TFLOP/s per GPU and per-call latency the plan assumes).
+    and ``assumed_step_ms`` (sustained TFLOP/s per GPU and per-call latency the plan assumes),
+    ``assumed_internode_gbps`` (the network between nodes, Gbit/s per node, for ``nodes > 1``).
 
     Raises:
         DispatchError: missing file, not YAML, keys that are not SLURM parameters we know, or a

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from pipeline.augment import gaussian_blur, random_affine
 from pipeline.diffusion import images_to_pixel_space
-from pipeline.io import RunPaths, StageInputError, save_grid_png, sha256_file
+from pipeline.io import RunPaths, StageInputError, save_grid_png
+from pipeline.latents import read_split
 from pipeline.models import model_args as build_args
 from pipeline.runtime import autocast, dist_info, log
 from pipeline.training import TrainingStage, TrainResult, checkpoint_steps, drop_labels, guide_step
@@ -42,13 +43,19 @@ __all__ = [
 
 
 # --- stage 2: VQ-VAE --------------------------------------------------------------------------
+def vq_batch_size(image_shape, batch_size: int = 1000) -> int:
+    """Images per batch of a VQ-VAE pass: at most ``batch_size`` and about 4M voxels."""
+    return min(batch_size, max(1, 2**22 // max(1, int(np.prod(image_shape)))))
+
+
 @torch.no_grad()
-def evaluate_vqvae(model, images: torch.Tensor, batch_size: int = 1000) -> dict:
+def evaluate_vqvae(model, images, batch_size: int = 1000) -> dict:
     """Reconstruction MSE on [0, 1] pixels, codebook perplexity and codes in use over ``images``.
 
     Args:
-        images: float (N, C, H, W) (or (N, C, D, H, W) volumes) in [0, 1] on the model's device;
-            batches of at most ``batch_size`` and about 4M voxels.
+        images: float (N, C, H, W) (or (N, C, D, H, W) volumes) in [0, 1] on the model's device,
+            cut into batches of :func:`vq_batch_size`; or an iterable of such batches (a
+            streamed split, :meth:`pipeline.streaming.StageData.batches`).
 
     Returns:
         {"recon_mse": float, "perplexity": float (exp of the code-histogram entropy, in
@@ -56,17 +63,35 @@ def evaluate_vqvae(model, images: torch.Tensor, batch_size: int = 1000) -> dict:
     """
     model.eval()
     k = model.num_embeddings
-    counts = torch.zeros(k, dtype=torch.float64, device=images.device)
-    se = 0.0
-    batch_size = min(batch_size, max(1, 2**22 // max(1, images[0].numel())))
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
+    if isinstance(images, torch.Tensor):
+        whole, bs = images, vq_batch_size(images.shape[1:], batch_size)
+        images = (whole[s : s + bs] for s in range(0, len(whole), bs))
+    counts, se, n = None, 0.0, 0
+    for x in images:
         xh, vq = model(x)
         se += float(F.mse_loss(xh.float(), x, reduction="sum"))
-        counts += torch.bincount(vq.codes.flatten(), minlength=k).double()
+        n += x.numel()
+        c = torch.bincount(vq.codes.flatten(), minlength=k).double()
+        counts = c if counts is None else counts + c
     p = counts / counts.sum()
     perplexity = float(torch.exp(torch.special.entr(p).sum()))  # entr(0) = 0 exactly
-    return {"recon_mse": se / images.numel(), "perplexity": perplexity, "codes_in_use": int((counts > 0).sum())}
+    return {"recon_mse": se / n, "perplexity": perplexity, "codes_in_use": int((counts > 0).sum())}
+
+
+def _image_column(paths: RunPaths, transform=None):
+    """The train images of ``dataset.h5`` as a :class:`pipeline.streaming.Column` (float32 in
+    [0, 1], optionally mapped by ``transform``) and the dataset's :class:`ImageInfo`."""
+    from pipeline.data import read_info
+    from pipeline.streaming import Column
+
+    info = read_info(paths.dataset)
+    return Column(str(paths.dataset), "train/images", "float32", float(info.max_value), transform), info
+
+
+def _label_column(paths: RunPaths):
+    from pipeline.streaming import Column
+
+    return Column(str(paths.dataset), "train/labels", "int64")
 
 
 def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarray]:
@@ -76,12 +101,12 @@ def _images(paths: RunPaths, split: str, device) -> tuple[torch.Tensor, np.ndarr
     return data.unit().to(device), data.labels
 
 
-def _both_splits(paths: RunPaths, device) -> tuple:
-    """(train images, train labels, test images, test labels) of ``dataset.h5`` on ``device``:
-    images float (N, C, *S) in [0, 1], labels int64 (N,)."""
-    train_x, train_y = _images(paths, "train", device)
+def _test_split(paths: RunPaths, device) -> tuple:
+    """(test images, test labels) of ``dataset.h5`` on ``device``: images float (N, C, *S) in
+    [0, 1], labels int64 (N,). The test split stays in memory (``data.test_size: auto`` caps it
+    at 500); the train split is the stage's :class:`pipeline.streaming.StageData`."""
     test_x, test_y = _images(paths, "test", device)
-    return train_x, torch.from_numpy(train_y).to(device), test_x, torch.from_numpy(test_y).to(device)
+    return test_x, torch.from_numpy(test_y).to(device)
 
 
 def _write_volume_reconstructions(model, test_x: torch.Tensor, affines, out, metrics: dict) -> None:
@@ -114,18 +139,20 @@ class VQVAEStage(TrainingStage):
     def read(self, device):
         from pipeline.data import check_divisible, read_dataset
 
-        self.train_x, _ = _images(self.paths, "train", device)
+        column, info = _image_column(self.paths)
+        self.data = self.stage_data({"images": column}, device)
         self.test = read_dataset(self.paths.dataset, "test")  # its affines too, for the volumes' NIfTI reconstructions
         self.test_x = self.test.unit().to(device)
-        self.spatial_dims = self.train_x.ndim - 2  # 3 for NIfTI volumes (N, 1, D, H, W)
-        check_divisible(self.train_x.shape[2:], self.cfg, str(self.paths.dataset))
-        return len(self.train_x)
+        self.image_shape = tuple(info.shape)
+        self.spatial_dims = len(self.image_shape) - 1  # 3 for NIfTI volumes (N, 1, D, H, W)
+        check_divisible(self.image_shape[1:], self.cfg, str(self.paths.dataset))
+        return len(self.data)
 
     def model_args(self):
-        return build_args("vqvae", self.section, in_channels=int(self.train_x.shape[1]), spatial_dims=self.spatial_dims)
+        return build_args("vqvae", self.section, in_channels=int(self.image_shape[0]), spatial_dims=self.spatial_dims)
 
     def compute_loss(self, net, idx, shard):
-        x = shard(self.train_x[idx])
+        x = self.data.take("images", idx, shard)
         xh, vq = net(x)
         recon = F.mse_loss(xh.float(), x)
         return recon + vq.commitment_loss, {
@@ -149,7 +176,7 @@ class VQVAEStage(TrainingStage):
 
     def measure(self, model, result):
         test_m = evaluate_vqvae(model, self.test_x)
-        train_m = evaluate_vqvae(model, self.train_x)
+        train_m = evaluate_vqvae(model, self.data.batches("images", vq_batch_size(self.image_shape)))
         metrics = {
             "test_recon_mse": test_m["recon_mse"],
             "test_perplexity": test_m["perplexity"],
@@ -184,32 +211,6 @@ def train_vqvae(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = 
     return VQVAEStage(cfg, run_dir, threads).run()
 
 
-def _read_latents(paths: RunPaths, augmented: bool = False):
-    """Both splits of ``latents.h5``, refusing a file made from another ``vqvae/model.pt``.
-
-    Args:
-        augmented: append the ``train_aug`` rows (codes of augmented train images) to the train split.
-
-    Returns:
-        (SHA-256 of vqvae/model.pt, train LatentSplit, test LatentSplit, LatentsInfo).
-
-    Raises:
-        pipeline.latents.LatentsError: see ``read_split``; ``augmented`` with a file that has no
-            augmented copies.
-    """
-    from pipeline.latents import AUG_SPLIT, LatentSplit, read_split
-
-    vq_sha = sha256_file(paths.vqvae_model)
-    train, info = read_split(paths.latents, "train", expect_vqvae_sha256=vq_sha)
-    test, _ = read_split(paths.latents, "test", expect_vqvae_sha256=vq_sha)
-    if augmented:
-        aug, _ = read_split(paths.latents, AUG_SPLIT, expect_vqvae_sha256=vq_sha)
-        train = LatentSplit(
-            *(np.concatenate([getattr(train, f), getattr(aug, f)]) for f in ("codes", "latents", "encodings", "labels"))
-        )
-    return vq_sha, train, test, info
-
-
 class PriorStage(TrainingStage):
     """A prior trained on ``latents.h5`` (PixelCNN or latent diffusion), unconditional or its
     class-conditional variant, at a training budget: the config it reads is
@@ -226,21 +227,40 @@ class PriorStage(TrainingStage):
         self.out = self.paths.root / prior_folder(self.section_name, budget, conditional)
 
     def read_latents(self, device):
-        """Both splits of ``latents.h5`` and the labels on ``device``; the number of classes a
-        conditional variant uses (its null label is that number).
+        """The test split of ``latents.h5`` in memory, the train split's HDF5 keys (with the
+        ``train_aug`` rows when ``augmented``) for :meth:`train_column`, and the number of classes
+        a conditional variant uses (its null label is that number).
 
         Raises:
             pipeline.io.StageInputError: the conditional variant on unlabelled data.
+            pipeline.latents.LatentsError: a file made from another ``vqvae/model.pt``, or
+                ``augmented`` without augmented rows.
         """
-        self.vq_sha, self.train, self.test, self.info = _read_latents(
-            self.paths, augmented=bool(self.section.get("augmented", False))
-        )
-        self.train_y = torch.from_numpy(self.train.labels).to(device)
+        from pipeline.checkpoint import source_sha256
+        from pipeline.latents import train_splits
+
+        self.vq_sha = source_sha256(self.paths.vqvae_model)
+        self.test, self.info = read_split(self.paths.latents, "test", expect_vqvae_sha256=self.vq_sha)
+        self.train_splits = train_splits(self.paths.latents, augmented=bool(self.section.get("augmented", False)))
         self.test_y = torch.from_numpy(self.test.labels).to(device)
         self.n_cls = self.info.num_classes if self.conditional else 0  # label n_cls is the null label
         if self.conditional and not self.n_cls:
             raise StageInputError(f"{self.paths.latents}: the data has no labels; a class-conditional prior needs them")
         self.p_drop = float(self.section.get("label_dropout", 0.0))
+
+    def train_column(self, name: str, dtype: str = "float32", transform=None):
+        """Column ``name`` ("codes", "latents", "encodings", "labels") of the train rows."""
+        from pipeline.streaming import Column
+
+        return Column(str(self.paths.latents), tuple(f"{s}/{name}" for s in self.train_splits), dtype, None, transform)
+
+    def labels_for(self, idx, shard):
+        """This rank's labels of the global batch ``idx``, dropped to the null label with
+        probability ``label_dropout`` (drawn for the whole batch, so every rank draws alike), or
+        None for an unconditional prior."""
+        if not self.n_cls:
+            return None
+        return drop_labels(self.data.take("labels", idx, shard), self.p_drop, self.n_cls, batch=len(idx), shard=shard)
 
     def guide_step(self):
         return guide_step(self.section)
@@ -263,9 +283,12 @@ class PixelCNNStage(PriorStage):
 
     def read(self, device):
         self.read_latents(device)
-        self.train_c = torch.from_numpy(self.train.codes.astype(np.int64)).to(device)
+        columns = {"codes": self.train_column("codes", "int64")}
+        if self.n_cls:
+            columns["labels"] = self.train_column("labels", "int64")
+        self.data = self.stage_data(columns, device)
         self.test_c = torch.from_numpy(self.test.codes.astype(np.int64)).to(device)
-        return len(self.train_c)
+        return len(self.data)
 
     def model_args(self):
         grid = len(self.info.grid)
@@ -274,8 +297,8 @@ class PixelCNNStage(PriorStage):
         )
 
     def compute_loss(self, net, idx, shard):
-        c = shard(self.train_c[idx])
-        y = shard(drop_labels(self.train_y[idx], self.p_drop, self.n_cls)) if self.n_cls else None
+        c = self.data.take("codes", idx, shard)
+        y = self.labels_for(idx, shard)
         loss = F.cross_entropy((net(c) if y is None else net(c, y)).float(), c)
         return loss, {"bits_per_code": loss.detach() / math.log(2)}
 
@@ -301,7 +324,7 @@ class PixelCNNStage(PriorStage):
             metrics.update(
                 test_nll_conditional_nats_per_code=cond, test_nll_conditional_bits_per_code=cond / math.log(2)
             )
-        metrics.update(train_final_loss=result.final_loss, num_train_grids=len(self.train_c))
+        metrics.update(train_final_loss=result.final_loss, num_train_grids=len(self.data))
         return {**metrics, **self.prior_metrics(result)}
 
     def checkpoint_extra(self, result):
@@ -367,13 +390,14 @@ def _make_diffusion(section: Mapping):
 
 
 class DenoiserMixin:
-    """A U-Net trained as a denoiser of ``self.x`` float (N, C, *S) (scaled latents or pixel-space
-    images) under ``self.diffusion``'s objective (DDPM eq. 14 with the configured prediction and
-    weighting): per step t ~ U{0..T-1} and noise ~ N(0, I) are drawn for the global batch and
-    sharded; with ``self.n_cls`` labels ``self.labels`` int (N,) are dropped to the null label with
-    probability ``self.p_drop`` (classifier-free guidance training)."""
+    """A U-Net trained as a denoiser of the column ``x`` of :attr:`data` (float (N, C, *S): scaled
+    latents or pixel-space images; ``self.sample_shape`` = (C, *S)) under ``self.diffusion``'s
+    objective (DDPM eq. 14 with the configured prediction and weighting): per step t ~ U{0..T-1}
+    and noise ~ N(0, I) are drawn for the global batch and sharded; a conditional prior's labels
+    are dropped to the null label with probability ``label_dropout`` (:meth:`labels_for`;
+    classifier-free guidance training)."""
 
-    n_cls, p_drop, labels = 0, 0.0, None
+    n_cls = 0
 
     def before_training(self, model, device):
         self.device = device
@@ -385,9 +409,9 @@ class DenoiserMixin:
     def compute_loss(self, net, idx, shard):
         n, device, T = len(idx), self.device, self.diffusion.num_timesteps
         t = torch.randint(0, T, (n,), device=device)
-        noise = torch.randn((n, *self.x.shape[1:]), device=device)
-        y = shard(drop_labels(self.labels[idx], self.p_drop, self.n_cls)) if self.n_cls else None
-        losses = self.diffusion.training_losses(net, shard(self.x[idx]), shard(t), shard(noise), labels=y)
+        noise = torch.randn((n, *self.sample_shape), device=device)
+        y = self.labels_for(idx, shard) if self.n_cls else None
+        losses = self.diffusion.training_losses(net, self.data.take("x", idx, shard), shard(t), shard(noise), labels=y)
         return losses.mean(), self.bucket_losses(losses.detach(), shard(t), T)
 
     def bucket_losses(self, losses, t, T: int) -> dict:
@@ -414,15 +438,20 @@ class DiffusionStage(DenoiserMixin, PriorStage):
     def read(self, device):
         from pipeline.latents import LatentScaling
         from pipeline.models import UNET_KINDS
+        from pipeline.streaming import iterate_rows
 
         self.read_latents(device)
         kind = "encodings" if self.section.get("latent", "quantized") == "encoder" else "latents"
-        train = torch.from_numpy(getattr(self.train, kind)).to(device)
-        self.scaling, self.x = LatentScaling.fit(self.info, kind, train)
+        raw = self.train_column(kind)
+        self.scaling = LatentScaling.fit(self.info, kind, (b[kind] for b in iterate_rows({kind: raw}, 4096)))
+        columns = {"x": self.train_column(kind, transform=self.scaling.scale)}
+        if self.n_cls:
+            columns["labels"] = self.train_column("labels", "int64")
+        self.data = self.stage_data(columns, device)
+        self.sample_shape = (self.info.embedding_dim, *self.info.grid)
         self.test_z = self.scaling.scale(torch.from_numpy(getattr(self.test, kind)).to(device))
-        self.labels = self.train_y
         self.kind = UNET_KINDS[self.section.get("network", "own")]  # the project's U-Net or MONAI's
-        return len(self.x)
+        return len(self.data)
 
     def model_args(self):
         return build_args(
@@ -451,7 +480,7 @@ class DiffusionStage(DenoiserMixin, PriorStage):
             "prediction": self.diffusion.prediction,
             "loss_weighting": self.diffusion.loss_weighting,
             "latent": self.section.get("latent", "quantized"),
-            "num_train_latents": len(self.x),
+            "num_train_latents": len(self.data),
         }
         if self.n_cls:
             metrics["test_loss_conditional_ema"] = losses["conditional_ema"]
@@ -506,32 +535,49 @@ class ClassifierStage(TrainingStage):
     def read(self, device):
         from pipeline.data import read_num_classes
 
-        self.train_x, self.train_y, self.test_x, self.test_y = _both_splits(self.paths, device)
+        column, info = _image_column(self.paths)
+        self.data = self.stage_data({"images": column, "labels": _label_column(self.paths)}, device)
+        self.test_x, self.test_y = _test_split(self.paths, device)
+        self.image_shape = tuple(info.shape)
         self.n_cls = read_num_classes(self.paths.dataset)
         if self.n_cls < 2:
             raise StageInputError(
                 f"{self.paths.dataset} has {self.n_cls} classes: the classifier judge needs labelled data; set "
                 "evaluate.judge: features (the label-free judge)"
             )
-        return len(self.train_x)
+        return len(self.data)
+
+    #: the augmentation is drawn for the whole batch (global RNG, alike on every rank)
+    shard_loading = False
 
     def model_args(self):
-        return build_args("classifier", self.section, num_classes=self.n_cls, image_shape=tuple(self.train_x.shape[1:]))
+        return build_args("classifier", self.section, num_classes=self.n_cls, image_shape=self.image_shape)
 
     def compute_loss(self, net, idx, shard):
-        section, x = self.section, self.train_x[idx]
+        section, x = self.section, self.data.take("images", idx)
         if section["augment_degrees"] or section["augment_shift"]:  # global RNG: checkpointed, same on every rank
             x = random_affine(x, float(section["augment_degrees"]), float(section["augment_shift"]))
         logits = net(shard(x))
-        y = shard(self.train_y[idx])
+        y = self.data.take("labels", idx, shard)
         return F.cross_entropy(logits.float(), y), {"accuracy": (logits.argmax(1) == y).float().mean()}
 
     def measure(self, model, result):
         return {
             "test_accuracy": classifier_accuracy(model, self.test_x, self.test_y),
-            "train_accuracy": classifier_accuracy(model, self.train_x, self.train_y),
+            "train_accuracy": self.train_accuracy(model),
             "num_test": len(self.test_x),
         }
+
+    @torch.no_grad()
+    def train_accuracy(self, model) -> float:
+        """Accuracy in [0, 1] on the train split (in memory, or streamed a batch at a time)."""
+        if self.data.path == "memory":
+            return classifier_accuracy(model, self.data.tensors["images"], self.data.tensors["labels"])
+        correct = sum(
+            int((model.predict(x)[0].argmax(1) == y.cpu()).sum())
+            for x, y in zip(self.data.batches("images", 1000), self.data.batches("labels", 1000))
+        )
+        return correct / len(self.data)
 
     summary_format = (
         "train_classifier: test accuracy {test_accuracy:.4f} ({num_test} images), train accuracy {train_accuracy:.4f}"
@@ -597,17 +643,23 @@ class SimCLRStage(TrainingStage):
 
     name, kind, section_name, float32 = "train_simclr", "simclr", "simclr", True
 
+    #: the views are drawn for the whole batch (global RNG, alike on every rank)
+    shard_loading = False
+
     def read(self, device):
-        self.train_x, _, self.test_x, _ = _both_splits(self.paths, device)
-        return len(self.train_x)
+        column, info = _image_column(self.paths)
+        self.data = self.stage_data({"images": column}, device)
+        self.test_x, _ = _test_split(self.paths, device)
+        self.image_shape = tuple(info.shape)
+        return len(self.data)
 
     def model_args(self):
-        return build_args("simclr", self.section, image_shape=tuple(self.train_x.shape[1:]))
+        return build_args("simclr", self.section, image_shape=self.image_shape)
 
     def compute_loss(self, net, idx, shard):
         from pipeline.models.encoder import nt_xent
 
-        x = self.train_x[idx]
+        x = self.data.take("images", idx)
         v1, v2 = (
             contrastive_views(x, self.section),
             contrastive_views(x, self.section),
@@ -690,12 +742,16 @@ class PixelDiffusionStage(DenoiserMixin, TrainingStage):
     budget_s: float | None = None
 
     def read(self, device):
-        self.train_x, _, self.test_x, _ = _both_splits(self.paths, device)
-        self.x, self.test_p = images_to_pixel_space(self.train_x), images_to_pixel_space(self.test_x)
-        return len(self.x)
+        column, info = _image_column(self.paths, transform=images_to_pixel_space)
+        self.data = self.stage_data({"x": column}, device)
+        self.test_x, _ = _test_split(self.paths, device)
+        self.test_p = images_to_pixel_space(self.test_x)
+        self.image_shape = tuple(info.shape)
+        self.sample_shape = tuple(self.test_p.shape[1:])
+        return len(self.data)
 
     def model_args(self):
-        return build_args("unet", self.section, in_channels=int(self.train_x.shape[1]))
+        return build_args("unet", self.section, in_channels=int(self.image_shape[0]))
 
     def before_training(self, model, device):
         from pipeline.io import read_json
@@ -715,7 +771,7 @@ class PixelDiffusionStage(DenoiserMixin, TrainingStage):
             steps, per_step = _steps_for_budget(
                 model,
                 self.diffusion,
-                self.x,
+                self.probe_rows(),
                 int(self.section["batch_size"]),
                 float(self.section["lr"]),
                 self.budget_s,
@@ -730,6 +786,13 @@ class PixelDiffusionStage(DenoiserMixin, TrainingStage):
         self.section["steps"] = steps
         self.section["log_every"] = min(int(self.section["log_every"]), int(steps))
 
+    def probe_rows(self) -> torch.Tensor:
+        """The rows the step-time probe trains on: the whole train split in memory, else its
+        first 4,096 rows (the probe measures time, not quality)."""
+        if self.data.path == "memory":
+            return self.data.tensors["x"]
+        return next(self.data.batches("x", 4096))
+
     def measure(self, model, result):
         return {
             "final_train_loss": result.final_loss,
@@ -740,7 +803,7 @@ class PixelDiffusionStage(DenoiserMixin, TrainingStage):
         }
 
     def checkpoint_extra(self, result):
-        return {"diffusion": self.diffusion.config(), "space": "pixel", "image_shape": list(self.train_x.shape[1:])}
+        return {"diffusion": self.diffusion.config(), "space": "pixel", "image_shape": list(self.image_shape)}
 
     @property
     def model_path(self):

@@ -214,6 +214,9 @@ class TrainLoop:
         images: called on rank 0 at every checkpoint and at the end (in eval mode, without
             gradients; it must not draw random numbers): {name: float (C, H, W) in [0, 1]} for
             TensorBoard (the VQ-VAE's reconstructions).
+        data: the stage's :class:`pipeline.streaming.StageData`, started at the resume step
+            (its stream path prefetches each step's batch); ``shard_loading``: it loads only this
+            rank's shard of each batch (False where ``compute_loss`` needs the whole batch).
 
     Raises:
         ValueError: batch_size not divisible by the number of ranks, or no data.
@@ -238,12 +241,15 @@ class TrainLoop:
         guide_step: int | None = None,
         tensorboard: Path | None = None,
         images: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+        data: Any = None,
+        shard_loading: bool = True,
     ):
         self.stage, self.model, self.kind, self.section = stage, model, kind, dict(section)
         self.model_args = dict(model_args)
         self.compute_loss, self.device, self.bf16, self.grad_clip = compute_loss, device, bf16, grad_clip
         self.guide_step = guide_step
         self.tensorboard_folder, self.images = tensorboard, images
+        self.data, self.shard_loading = data, shard_loading
         self.ema_decay = ema_decay
         self.steps = int(section["steps"])
         self.rank, self.world = dist_info()
@@ -410,6 +416,8 @@ class TrainLoop:
         taken between two steps, and then the stage exits or is requeued.
         """
         self.resume()
+        if self.data is not None:
+            self.data.start(self.batcher, self.start, self.steps, self.rank, self.world, self.shard_loading)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -501,13 +509,23 @@ def finish_training(
     finish_stage(Path(path).parent)
 
 
-def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+def drop_labels(
+    labels: torch.Tensor, p: float, null_label: int, batch: int | None = None, shard: Callable | None = None
+) -> torch.Tensor:
     """Label dropout for classifier-free guidance (Ho & Salimans 2022, Algorithm 1): each label of
     int (B,) ``labels`` is replaced by ``null_label`` with probability ``p`` (global torch RNG,
-    so it is checkpointed and equal on every rank)."""
+    so it is checkpointed and equal on every rank).
+
+    Args:
+        batch, shard: ``labels`` is this rank's shard (``shard(t) = t[rank::world]``) of a global
+            batch of ``batch``: the draws are made for the whole batch and sharded, so every rank
+            (and one process) draws alike.
+    """
     if p <= 0:
         return labels
-    drop = torch.rand(labels.shape, device=labels.device) < p
+    drop = torch.rand((batch,) if batch is not None else labels.shape, device=labels.device) < p
+    if shard is not None:
+        drop = shard(drop)
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
@@ -560,6 +578,11 @@ class TrainingStage:
     kind: str = ""
     section_name: str = ""
     float32: bool = False
+    #: whether ``compute_loss`` needs only this rank's shard of each batch (the stream path then
+    #: loads only that); False where the whole batch is needed (augmentation drawn for all of it)
+    shard_loading: bool = True
+    #: the training rows (:class:`pipeline.streaming.StageData`), set by :meth:`read`
+    data: Any = None
 
     def __init__(self, cfg: Mapping, run_dir, threads: int | None = None):
         self.cfg, self.paths, self.threads = cfg, RunPaths(run_dir), threads
@@ -568,8 +591,21 @@ class TrainingStage:
 
     # --- what a stage declares -----------------------------------------------------------------
     def read(self, device: torch.device) -> int:
-        """Read the stage's data onto ``device``; the number of training examples."""
+        """Read the stage's data onto ``device`` (the training rows as :attr:`data`, see
+        :meth:`stage_data`); the number of training examples."""
         raise NotImplementedError
+
+    def stage_data(self, columns, device: torch.device):
+        """The training rows of ``columns`` (:class:`pipeline.streaming.Column` by name) on the
+        path ``data_loading`` chooses (memory while they fit, else streamed from HDF5), logged."""
+        from pipeline.streaming import H5Rows, StageData, choose_path
+
+        rows = H5Rows(columns)
+        setting = str(self.cfg.get("data_loading", "auto"))
+        path = choose_path(setting, rows.float32_bytes, device)
+        log.info("%s: %d training rows, %s path (data_loading: %s)", self.name, len(rows), path, setting)
+        workers = int(self.cfg.get("data_workers", 2))
+        return StageData(columns, path, device, workers=workers)
 
     def model_args(self) -> dict:
         """The factory's keyword arguments (stored in ``model.pt`` as ``args``)."""
@@ -640,7 +676,11 @@ class TrainingStage:
                 guide_step=self.guide_step(),
                 tensorboard=self.out / "tensorboard" if self.cfg.get("tensorboard", True) else None,
                 images=self.tensorboard_images,
+                data=self.data,
+                shard_loading=self.shard_loading,
             )
+            if self.data is not None:
+                self.data.close()
             metrics.update(self.measure(model, result))
             metrics.update(steps=self.section["steps"], train_seconds=round(result.elapsed_s, 2))
             finish_training(self.model_path, self.kind, args, model, result, metrics, **self.checkpoint_extra(result))

@@ -50,6 +50,7 @@ __all__ = [
     "save_three_plane_grid",
     "reconstruction_quality",
     "ms_ssim",
+    "intensity_counts",
     "intensity_histogram",
     "histogram_distance",
     "volume_scores",
@@ -451,6 +452,12 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7) -> np.ndarra
     )
     with torch.no_grad():
         return metric(a.float().clamp(0, 1), b.float().clamp(0, 1)).double().flatten().cpu().numpy()
+
+
+def intensity_counts(volumes: torch.Tensor, bins: int = 64) -> np.ndarray:
+    """Voxel counts float64 (bins,) of float volumes in [0, 1] in ``bins`` equal bins (they add
+    up over batches: the streamed form of :func:`intensity_histogram`)."""
+    return torch.histc(volumes.float().clamp(0, 1), bins=bins, min=0.0, max=1.0).double().numpy()
 
 
 def intensity_histogram(volumes: torch.Tensor, bins: int = 64) -> np.ndarray:

@@ -208,6 +208,38 @@ def test_plan_rows_from_commands_give_resources_and_gpu_hours(tmp_path):
     assert "WARNING: x-sample is estimated at" in text  # 0.001 TFLOP/s cannot draw 1,000 images in 1 minute
 
 
+def test_plan_of_a_two_node_stage_counts_every_gpu_and_the_all_reduce(tmp_path):
+    import json
+
+    from pipeline.cli import build_parser
+    from pipeline.config import load_default, stage_view
+    from pipeline.flops import allreduce_seconds
+
+    cfg = load_default()
+    view = json.dumps(stage_view(cfg, "train_diffusion"))
+    rows = {}
+    for nodes in (1, 2):
+        stage = {"nodes": nodes, "gpus_per_node": 4, "assumed_internode_gbps": 10}
+        (tmp_path / str(nodes)).mkdir()
+        cluster = write_cluster(tmp_path / str(nodes), {"defaults": QUARTER_NODE, "stages": {"train_diffusion": stage}})
+        cmd = f"train_diffusion --run results/x --config-json '{view}' --submit --cluster-config {cluster}"
+        rows[nodes] = plan_rows([cmd], cfg, build_parser())[0]
+    one, two = rows[1], rows[2]
+    assert (one.gpus, one.nodes, two.gpus, two.nodes) == (4, 1, 8, 2)
+    assert one.comm_s == 0 and two.comm_s > 0
+    steps = int(cfg["diffusion"]["steps"])
+    params = stage_cost("train_diffusion", cfg).params
+    assert params > 1e5
+    assert two.comm_s == pytest.approx(steps * allreduce_seconds(params, 8, 2, 10))
+    assert two.gpu_hours == pytest.approx(two.est_s * 8 / 3600)
+    text = format_plan([one, two])
+    assert "| x-train_diffusion | SLURM | gpu | 2x4 |" in text and "| x-train_diffusion | SLURM | gpu | 4 |" in text
+    assert "all-reduce of the fp32 gradients" in text
+    # a ring all-reduce sends 2 (n-1)/n of the gradients per rank; 4 ranks share a node's link
+    assert allreduce_seconds(1_000_000, 8, 2, 8.0) == pytest.approx(2 * 7 / 8 * 4e6 * 4 / 1e9)
+    assert allreduce_seconds(1_000_000, 4, 1, 8.0) == 0.0
+
+
 def test_plan_command_prints_what_the_bigred200_profile_would_submit(tmp_path):
     proc = run_cli(
         "plan",

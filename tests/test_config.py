@@ -95,6 +95,8 @@ def test_stage_view_holds_only_its_section():
         "cudnn_benchmark",
         "deterministic",
         "tensorboard",
+        "data_loading",
+        "data_workers",
         "diffusion",
     }
 

@@ -439,26 +439,63 @@ def _train_diffusion_cmd(run: Path, cluster: Path, steps: int) -> list[str]:
     )
 
 
-def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(slurm_run, tmp_path):
-    """2 DDP tasks (gloo) under a 1-minute limit: SLURM's pre-timeout signal, a checkpoint that
-    every rank waits for, submitit's requeue, a resume; the final weights are bit-equal to an
-    uninterrupted 2-task run of the same steps. (As above, the work must outlast the signal's
-    35 s: 600 steps, 18 s at 33/s, raced it and lost on some CI runs.)"""
-    runs = {}
-    for name, timeout in (("uninterrupted", 10), ("requeued", 1)):
-        run = fresh_diffusion_run(slurm_run[0], tmp_path / name / "tiny")
-        job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=timeout, steps=LIMIT_STEPS)
-        runs[name] = (run, job)
-    run, job = runs["requeued"]
-    assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
-    metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and int(metrics["where"]["slurm"]["restart_count"]) >= 1
-    a = torch.load(runs["uninterrupted"][0] / "diffusion" / "model.pt", weights_only=True)
-    b = torch.load(run / "diffusion" / "model.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(slurm_run, tmp_path_factory) -> Path:
+    """An uninterrupted run of LIMIT_STEPS train_diffusion steps on 2 DDP tasks of one node."""
+    tmp = tmp_path_factory.mktemp("ddp_ref")
+    run = fresh_diffusion_run(slurm_run[0], tmp / "tiny")
+    train_diffusion_under_limit(run, tmp, gpus=2, timeout_min=10, steps=LIMIT_STEPS)
+    return run
+
+
+def assert_same_weights(a_run: Path, b_run: Path) -> None:
+    a = torch.load(a_run / "diffusion" / "model.pt", weights_only=True)
+    b = torch.load(b_run / "diffusion" / "model.pt", weights_only=True)
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(uninterrupted_two_ranks, slurm_run, tmp_path):
+    """2 DDP tasks (gloo) under a 1-minute limit: SLURM's pre-timeout signal, a checkpoint that
+    every rank waits for, submitit's requeue, a resume; the final weights are bit-equal to an
+    uninterrupted 2-task run of the same steps. (As above, the work must outlast the signal's
+    35 s: 600 steps, 18 s at 33/s, raced it and lost on some CI runs.)"""
+    run = fresh_diffusion_run(slurm_run[0], tmp_path / "requeued" / "tiny")
+    job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=1, steps=LIMIT_STEPS)
+    assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
+    metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and int(metrics["where"]["slurm"]["restart_count"]) >= 1
+    assert_same_weights(uninterrupted_two_ranks, run)
+
+
+def test_two_nodes_streamed_and_requeued_train_the_one_node_weights(uninterrupted_two_ranks, slurm_run, tmp_path):
+    """DDP across nodes for real: the local SLURM's partition ``multi`` is two nodes (two slurmd
+    on this host), and a stage with ``nodes: 2, gpus_per_node: 1`` runs one rank on each (the
+    rendezvous at the first node, NODE_RANK 0 and 1). With the training rows streamed from HDF5
+    (each rank loads its shard of each batch) and a 1-minute limit that requeues the job, the
+    weights are bit-equal to the uninterrupted one-node, two-task, in-memory run: the same global
+    batch semantics on one node or two, either data path, any number of requeues."""
+    run = fresh_diffusion_run(slurm_run[0], tmp_path / "two_nodes" / "tiny")
+    entry = {"partition": "multi", "nodes": 2, "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 2}
+    cluster = tmp_path / "two_nodes.yaml"
+    cluster.write_text(
+        yaml.safe_dump({"max_num_timeout": 40, "defaults": {**entry, "timeout_min": 1, "signal_delay_s": 25}})
+    )
+    cmd = _train_diffusion_cmd(run, cluster, LIMIT_STEPS) + ["--set", "data_loading=stream", "--set", "data_workers=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "finished (2 task(s))" in proc.stdout
+    job = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
+    assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
+    logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
+    assert re.search(r"DDP rank 0 of 2: node vqn1 \(node rank 0 of 2\), local rank 0, gloo, rendezvous vqn1:\d+", logs)
+    assert re.search(r"DDP rank 1 of 2: node vqn2 \(node rank 1 of 2\), local rank 0", logs)
+    assert "stream path (data_loading: stream)" in logs
+    metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["where"]["slurm"]["nodes"] == "vqn[1-2]"
+    assert_same_weights(uninterrupted_two_ranks, run)
 
 
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])

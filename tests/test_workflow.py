@@ -111,7 +111,18 @@ def test_every_output_and_schema(workflow_run):
     written = yaml.safe_load((run / "diffusion" / "config.yaml").read_text())
     assert (
         set(written)
-        == {"run", "device", "bf16", "tf32", "cudnn_benchmark", "deterministic", "tensorboard", "diffusion"}
+        == {
+            "run",
+            "device",
+            "bf16",
+            "tf32",
+            "cudnn_benchmark",
+            "deterministic",
+            "tensorboard",
+            "data_loading",
+            "data_workers",
+            "diffusion",
+        }
         and written["diffusion"]["steps"] == cfg["diffusion"]["steps"]
     )
     timings = json.loads((run / "timings.json").read_text())

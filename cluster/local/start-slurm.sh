@@ -2,7 +2,9 @@
 # Bring up a single-node SLURM with accounting on 127.0.0.1, for tests (Debian 12, run as root).
 #   bash cluster/local/start-slurm.sh      # idempotent; prints "slurm ready" when jobs can run
 #   bash cluster/local/stop-slurm.sh       # stops every daemon this script started
-# Installs munge, slurmctld, slurmd, slurm-client, slurmdbd and mariadb-server from Debian's
+# Two more slurmd daemons on the same host play the nodes vqn1 and vqn2 of the partition "multi"
+# (Debian's slurmd is built with multiple-slurmd support: `slurmd -N <node>`), so jobs of two
+# nodes (DDP across nodes) run for real. Installs munge, slurmctld, slurmd, slurm-client, slurmdbd and mariadb-server from Debian's
 # packages when missing. Accounting (slurmdbd + a socket-only MariaDB) is required: submitit and
 # Snakemake read job states with sacct. Two fake GPUs (character devices) back `--gpus-per-node`.
 set -euo pipefail
@@ -54,6 +56,9 @@ mariadb -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 NODE=$(slurmd -C | head -n 1 | sed -e "s/NodeName=[^ ]*/NodeName=$HOST/" -e 's/ UpTime=.*//')
 MEM=$(echo "$NODE" | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 NODE=$(echo "$NODE" | sed "s/RealMemory=[0-9]*/RealMemory=$((MEM * 9 / 10))/")
+CORES=$(echo "$NODE" | grep -o "CPUs=.*ThreadsPerCore=[0-9]*")  # the two-node partition's nodes: the same cores
+# the node names resolve (torch.distributed's rendezvous address is the first node's name)
+for n in vqn1 vqn2; do grep -qE "[[:space:]]$n([[:space:]]|$)" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts; done
 
 cat > /etc/slurm/slurmdbd.conf <<CONF
 AuthType=auth/munge
@@ -77,11 +82,11 @@ SlurmUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -96,12 +101,17 @@ AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 $NODE Gres=gpu:2 NodeAddr=127.0.0.1 State=UNKNOWN
+NodeName=vqn1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6831 $CORES RealMemory=4000 Gres=gpu:1 State=UNKNOWN
+NodeName=vqn2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6832 $CORES RealMemory=4000 Gres=gpu:1 State=UNKNOWN
 PartitionName=gpu Nodes=$HOST Default=YES MaxTime=2-00:00:00 State=UP
+PartitionName=multi Nodes=vqn1,vqn2 Default=NO MaxTime=2-00:00:00 State=UP
 CONF
 
 cat > /etc/slurm/gres.conf <<CONF
 AutoDetect=off
 NodeName=$HOST Name=gpu File=$STATE/gres/nvidia[0-1]
+NodeName=vqn1 Name=gpu File=$STATE/gres/nvidia0
+NodeName=vqn2 Name=gpu File=$STATE/gres/nvidia1
 CONF
 
 # --- daemons -----------------------------------------------------------------------------------
@@ -111,10 +121,12 @@ sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null 2>&1 || true
 sacctmgr -i -Q add account "$ACCOUNT" cluster="$CLUSTER" >/dev/null 2>&1 || true
 sacctmgr -i -Q add user root account="$ACCOUNT" cluster="$CLUSTER" >/dev/null 2>&1 || true
 pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+pgrep -fx "slurmd" >/dev/null || slurmd
+for n in vqn1 vqn2; do pgrep -fx "slurmd -N $n" >/dev/null || slurmd -N "$n"; done
 for _ in $(seq 120); do
-  if sinfo -h -o "%t" 2>/dev/null | grep -qE "^(idle|mix|alloc)"; then echo "slurm ready (cluster $CLUSTER, partition gpu, account $ACCOUNT)"; exit 0; fi
-  scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
+  up=$(sinfo -h -N -o "%N %t" 2>/dev/null | grep -cE " (idle|mix|alloc)" || true)
+  if [ "$up" -ge 3 ]; then echo "slurm ready (cluster $CLUSTER, partitions gpu and multi (2 nodes), account $ACCOUNT)"; exit 0; fi
+  scontrol update nodename="$HOST,vqn1,vqn2" state=resume >/dev/null 2>&1 || true
   sleep 0.5
 done
 echo "slurm did not come up; logs in $STATE/log" >&2
