@@ -103,12 +103,13 @@ class H5Rows(torch.utils.data.Dataset):
         import h5py
 
         self.columns = dict(columns)
-        lengths, self.offsets, self.row_elements = set(), {}, 0
+        lengths, self.offsets, self.row_elements, self.row_shapes = set(), {}, 0, {}
         for name, col in self.columns.items():
             keys = (col.key,) if isinstance(col.key, str) else tuple(col.key)
             with h5py.File(col.path, "r") as f:
                 sizes = [len(f[k]) for k in keys]
-                self.row_elements += int(np.prod(f[keys[0]].shape[1:]))
+                self.row_shapes[name] = tuple(f[keys[0]].shape[1:])
+                self.row_elements += int(np.prod(self.row_shapes[name]))
             self.offsets[name] = (keys, np.cumsum([0, *sizes]))
             lengths.add(sum(sizes))
         if len(lengths) != 1:
@@ -298,14 +299,22 @@ class StageData:
         device: where :meth:`take` hands rows.
         workers: DataLoader worker processes (stream path; 0 reads in the training process).
         prefetch: batches each worker reads ahead.
+        rows: the :class:`H5Rows` of ``columns`` when already made (their sizes read once).
     """
 
     def __init__(
-        self, columns: Mapping[str, Column], path: str, device: torch.device, workers: int = 2, prefetch: int = 2
+        self,
+        columns: Mapping[str, Column],
+        path: str,
+        device: torch.device,
+        workers: int = 2,
+        prefetch: int = 2,
+        rows: H5Rows | None = None,
     ):
         self.columns, self.path, self.device = dict(columns), path, device
         self.workers, self.prefetch = workers, prefetch
-        self.rows = H5Rows(self.columns)
+        self.rows = rows if rows is not None else H5Rows(self.columns)
+        self._shard = slice(None)
         self.tensors: dict[str, torch.Tensor] = {}
         if path == "memory":
             every = self.rows.__getitems__(range(len(self.rows)))
@@ -321,6 +330,7 @@ class StageData:
         """Begin a training run at step ``start`` (the stream path's loader yields the batches of
         steps ``start`` .. ``steps - 1``; ``shard``: load only this rank's shard of each)."""
         self.shard_loading = shard
+        self._shard = slice(rank, None, world)
         if self.path != "stream":
             return
         sampler = StepSampler(batcher, start, steps, rank, world, shard)
@@ -362,7 +372,7 @@ class StageData:
         if self._current is None or self._current["_step_idx"] is not idx:
             batch = next(self._loader)
             want = idx.cpu()
-            want = want[self._shard_slice()] if self.shard_loading else want
+            want = want[self._shard] if self.shard_loading else want
             if not torch.equal(batch["index"], want):
                 raise RuntimeError("the streamed batch is not the one this step trains on")
             self._current = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -385,24 +395,9 @@ class StageData:
         for batch in iterate_rows({name: self.columns[name]}, batch_size):
             yield batch[name].to(self.device)
 
-    def _shard_slice(self) -> slice:
-        from pipeline.runtime import dist_info
-
-        rank, world = dist_info()
-        return slice(rank, None, world)
-
     def close(self) -> None:
         self._loader = None
         self._current = None
-
-
-def split_columns(dataset: str | os.PathLike, split: str, max_value: float) -> dict[str, Column]:
-    """The image and label columns of one split of ``dataset.h5`` (pixels / max_value)."""
-    path = str(Path(dataset))
-    return {
-        "images": Column(path, f"{split}/images", "float32", scale=max_value),
-        "labels": Column(path, f"{split}/labels", "int64"),
-    }
 
 
 class SplitImages:
@@ -415,10 +410,7 @@ class SplitImages:
     def __init__(self, dataset: str | os.PathLike, split: str, max_value: float):
         self.column = Column(str(dataset), f"{split}/images", "float32", scale=float(max_value))
         self.rows = H5Rows({"x": self.column})
-        import h5py
-
-        with h5py.File(self.column.path, "r") as f:
-            self.shape = (len(self.rows), *f[self.column.key].shape[1:])
+        self.shape = (len(self.rows), *self.rows.row_shapes["x"])
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -605,7 +605,7 @@ class TrainingStage:
         path = choose_path(setting, rows.float32_bytes, device)
         log.info("%s: %d training rows, %s path (data_loading: %s)", self.name, len(rows), path, setting)
         workers = int(self.cfg.get("data_workers", 2))
-        return StageData(columns, path, device, workers=workers)
+        return StageData(columns, path, device, workers=workers, rows=rows)
 
     def model_args(self) -> dict:
         """The factory's keyword arguments (stored in ``model.pt`` as ``args``)."""

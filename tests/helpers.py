@@ -31,3 +31,18 @@ def prepare(cfg: dict, run: Path) -> Path:
 
     get_stage("prepare_data")(cfg, str(run))
     return run / "data" / "dataset.h5"
+
+
+#: the top-level keys every stage's config.yaml holds beside its own section (written out here,
+#: not read from pipeline.config: the tests check the code against it)
+STAGE_TOP_LEVEL = {
+    "run",
+    "device",
+    "bf16",
+    "tf32",
+    "cudnn_benchmark",
+    "deterministic",
+    "tensorboard",
+    "data_loading",
+    "data_workers",
+}

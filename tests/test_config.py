@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import STAGE_TOP_LEVEL
 
 from pipeline.config import (
     DEFAULT_PATH,
@@ -87,18 +88,7 @@ def test_missing_and_broken_files(tmp_path):
 
 def test_stage_view_holds_only_its_section():
     view = stage_view(resolve(), "train_diffusion")
-    assert set(view) == {
-        "run",
-        "device",
-        "bf16",
-        "tf32",
-        "cudnn_benchmark",
-        "deterministic",
-        "tensorboard",
-        "data_loading",
-        "data_workers",
-        "diffusion",
-    }
+    assert set(view) == STAGE_TOP_LEVEL | {"diffusion"}
 
 
 def test_schema_and_default_cover_the_same_keys():
