@@ -3,6 +3,7 @@
     python benchmarks/memory_scaling.py                       # 20k, 80k, 320k 28x28 images
     python benchmarks/memory_scaling.py --base 2000 --factors 1 4   # a quick look
     python benchmarks/memory_scaling.py --volumes-gb 2        # also a 3D set of >= 2 GB on disk
+    python benchmarks/memory_scaling.py --stages prepare_data # one stage (or several)
 
 For each size it makes a synthetic HDF5 source of 28x28 digits (the embedded MNIST digits
 rolled and flipped, labels kept), then runs, each as its own process (``python -m pipeline
@@ -225,6 +226,7 @@ def main(argv=None) -> None:
     ap.add_argument("--vq-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=200, help="steps of the other trainers")
     ap.add_argument("--volumes-gb", type=float, default=0.0, help="also a 3D set of this many GB (0: none)")
+    ap.add_argument("--stages", nargs="+", default=None, help="only these stages (default: all)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="vqlp-memory-"))
@@ -236,17 +238,13 @@ def main(argv=None) -> None:
         if not source.exists():
             synthetic_source(source, n)
         print(f"{n:,} images ({source.stat().st_size / 1e6:.0f} MB source)", flush=True)
-        rows += measure(n, source, work, "stream", args.vq_steps, args.steps)
+        stages = set(args.stages) if args.stages else None
+        rows += measure(n, source, work, "stream", args.vq_steps, args.steps, only=stages)
         if f == min(args.factors):
-            trainers = {"train_vqvae", "train_classifier", "train_pixelcnn", "train_diffusion", "evaluate"}
+            in_memory = {"train_vqvae", "train_classifier", "train_pixelcnn", "train_diffusion", "evaluate"}
+            in_memory |= {"prepare_data", "extract_latents", "sample"}
             rows += measure(
-                n,
-                source,
-                work,
-                "memory",
-                args.vq_steps,
-                args.steps,
-                only=trainers | {"prepare_data", "extract_latents", "sample"},
+                n, source, work, "memory", args.vq_steps, args.steps, only=in_memory & (stages or in_memory)
             )
     print()
     print(table(rows))

@@ -36,12 +36,14 @@ Sources:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import json
 import os
 import shutil
 import struct
+import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -64,6 +66,9 @@ __all__ = [
     "load_mnist5k",
     "download_file",
     "write_dataset",
+    "DatasetWriter",
+    "write_own_images",
+    "write_volumes",
     "stream_chunk_rows",
     "CHUNK_BYTES",
     "read_dataset",
@@ -316,6 +321,134 @@ def load_mnist5k(cfg: Mapping) -> tuple[dict[str, Split], dict[str, str]]:
 
 
 # --- dataset.h5 ---------------------------------------------------------------------------
+class DatasetWriter:
+    """Writes ``dataset.h5`` (schema above) split by split and block by block, chunked and
+    gzip-compressed, to a temporary file that replaces ``path`` only when every row is written:
+    memory holds one block, whatever the size of the data.
+
+    Use as ``with DatasetWriter(...) as w: w.write("train", start, images, labels)``.
+
+    Args:
+        path: ``dataset.h5`` to (re)place.
+        rows: split name -> number of rows (every row must be written).
+        row_shape: (C, H, W) or (C, D, H, W) of every image.
+        max_value: the stored value of white (255, 65535 or 2**bit_depth - 1): uint8 up to 255,
+            else uint16.
+        source, digests, seed, meta: as :func:`write_dataset`; the attributes are written when
+            the last row is, so ``meta`` and ``digests`` may be filled while writing.
+        extras: name -> (row shape, dtype) of per-row arrays beside ``images`` (``affines``,
+            ``intensity_range`` of volumes).
+
+    HDF5 can crash the process when a write fails for lack of space, so the free space is
+    checked first against the uncompressed size (the file is smaller: gzip).
+
+    Raises:
+        pipeline.io.DiskFullError: the uncompressed size does not fit the free space (nothing
+            written, nothing replaced).
+    """
+
+    def __init__(self, path, rows, row_shape, max_value, source, digests, seed, meta=None, extras=None):
+        self.path, self.rows, self.row_shape = Path(path), dict(rows), tuple(int(v) for v in row_shape)
+        self.max_value, self.source, self.digests, self.seed = int(max_value), source, digests, seed
+        self.meta, self.extras = dict(meta or {}), dict(extras or {})
+        self.dtype = np.dtype(np.uint8 if self.max_value <= 255 else np.uint16)
+        self.max_label = -1
+
+    def _check_space(self) -> None:
+        import errno
+        import shutil
+
+        row = int(np.prod(self.row_shape)) * self.dtype.itemsize + 8
+        row += sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in self.extras.values())
+        need = int(sum(self.rows.values()) * row * 1.02) + (1 << 20)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.path.parent).free
+        if need > free:
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"disk full while writing {self.path} (nothing was replaced; it needs up to {need / 1e6:.1f} MB "
+                f"uncompressed and {free / 1e6:.1f} MB are free)",
+            )
+
+    def __enter__(self) -> DatasetWriter:
+        import contextlib
+
+        import h5py
+
+        self._check_space()
+        self._stack = contextlib.ExitStack()
+        try:
+            tmp = self._stack.enter_context(atomic_path(self.path, suffix=".h5"))
+            self.file = self._stack.enter_context(h5py.File(tmp, "w"))
+            for name, n in self.rows.items():
+                g = self.file.create_group(name)
+                chunk = stream_chunk_rows(self.row_shape, self.dtype.itemsize, n)
+                g.create_dataset(
+                    "images", (n, *self.row_shape), self.dtype, chunks=(chunk, *self.row_shape), compression="gzip"
+                )
+                g.create_dataset("labels", (n,), np.int64)
+                for key, (shape, dtype) in self.extras.items():
+                    g.create_dataset(key, (n, *shape), dtype)
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        self.written = {name: 0 for name in self.rows}
+        return self
+
+    def _attributes(self) -> None:
+        from pipeline.sources import manifest_digest
+
+        f, meta, digests = self.file, self.meta, self.digests
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["source"] = self.source
+        if len(digests) > 64:
+            listing = "".join(f"{v}  {k}\n" for k, v in sorted(digests.items()))
+            f.create_dataset("source_sha256", data=listing)
+            digests = {f"source_sha256 ({len(digests)} files)": manifest_digest(digests)}
+        f.attrs["sha256"] = json.dumps(dict(digests), sort_keys=True)
+        f.attrs["seed"] = self.seed
+        f.attrs["color"] = meta.get("color", "gray")
+        f.attrs["max_value"] = self.max_value
+        f.attrs["value_range"] = json.dumps(list(meta.get("value_range", [0, self.max_value])))
+        f.attrs["preprocessing"] = json.dumps(meta.get("preprocessing", {}))
+        f.attrs["class_names"] = json.dumps(meta.get("class_names"))
+        f.attrs["spatial_dims"] = len(self.row_shape) - 1
+        if meta.get("reference_affine") is not None:
+            f.attrs["reference_affine"] = json.dumps(np.asarray(meta["reference_affine"], float).tolist())
+
+    def write(self, split: str, start: int, images: np.ndarray, labels: np.ndarray, **extra) -> None:
+        """Rows ``start .. start + len(images)`` of ``split``: images (B, *row_shape) in
+        [0, max_value], labels int64 (B,) (-1: unlabelled), each extra (B, *its shape).
+
+        Raises:
+            ValueError: a shape other than the declared one, rows past the split's end.
+        """
+        g = self.file[split]
+        b = len(images)
+        if tuple(images.shape[1:]) != self.row_shape or start + b > self.rows[split]:
+            raise ValueError(
+                f"{self.path}: rows {start}..{start + b} of {images.shape} do not fit {split} {g['images'].shape}"
+            )
+        g["images"][start : start + b] = images.astype(self.dtype, copy=False)
+        g["labels"][start : start + b] = np.asarray(labels, np.int64)
+        for key, arr in extra.items():
+            g[key][start : start + b] = arr
+        if len(labels):
+            self.max_label = max(self.max_label, int(np.max(labels)))
+        self.written[split] += b
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            short = {k: (v, self.rows[k]) for k, v in self.written.items() if v != self.rows[k]}
+            if short:  # a bug of the caller: remove the temporary file, replace nothing
+                err = ValueError(f"{self.path}: rows written (got, declared) {short}")
+                self._stack.__exit__(ValueError, err, None)
+                raise err
+            self._attributes()
+            self.file.attrs["num_classes"] = 1 + self.max_label
+        return bool(self._stack.__exit__(exc_type, exc, tb))
+
+
 def write_dataset(
     path: str | os.PathLike,
     splits: Mapping[str, Split],
@@ -324,62 +457,22 @@ def write_dataset(
     seed: int,
     meta: Mapping | None = None,
 ) -> None:
-    """Write ``dataset.h5`` (schema above), chunked and gzip-compressed, atomically.
+    """Write in-memory splits as ``dataset.h5`` (schema above) with :class:`DatasetWriter`.
 
     Args:
         splits: "train" and "test" :class:`Split` s (uint8 or uint16 (N, C, H, W)).
         meta: ``color``, ``value_range``, ``preprocessing``, ``class_names`` (from
             :func:`pipeline.sources.standardise`); None = gray 8-bit MNIST-style data.
 
-    The file is built in memory and written with plain file I/O: HDF5 itself can crash the
-    process when a write fails (disk full), and the embedded sets fit in memory easily.
-
     Raises:
         pipeline.io.DiskFullError: no space to write it; nothing is replaced.
     """
-    import io
-
-    import h5py
-
-    from pipeline.sources import manifest_digest
-
-    meta = dict(meta or {})
     first = next(iter(splits.values()))
-    max_value = int(first.max_value)
-    buf = io.BytesIO()
-    with h5py.File(buf, "w") as f:
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["source"] = source
-        if len(digests) > 64:
-            listing = "".join(f"{v}  {k}\n" for k, v in sorted(digests.items()))
-            f.create_dataset("source_sha256", data=listing)
-            digests = {f"source_sha256 ({len(digests)} files)": manifest_digest(digests)}
-        f.attrs["sha256"] = json.dumps(dict(digests), sort_keys=True)
-        f.attrs["seed"] = seed
-        f.attrs["num_classes"] = num_classes_of(splits)
-        f.attrs["color"] = meta.get("color", "gray")
-        f.attrs["max_value"] = max_value
-        f.attrs["value_range"] = json.dumps(list(meta.get("value_range", [0, max_value])))
-        f.attrs["preprocessing"] = json.dumps(meta.get("preprocessing", {}))
-        f.attrs["class_names"] = json.dumps(meta.get("class_names"))
-        f.attrs["spatial_dims"] = first.images.ndim - 2
-        if meta.get("reference_affine") is not None:
-            f.attrs["reference_affine"] = json.dumps(np.asarray(meta["reference_affine"], float).tolist())
-        dtype = np.uint8 if max_value <= 255 else np.uint16
+    extras = {k: (np.asarray(v).shape[1:], np.asarray(v).dtype) for k, v in first.extra.items()}
+    rows = {name: len(split.images) for name, split in splits.items()}
+    with DatasetWriter(path, rows, first.images.shape[1:], first.max_value, source, digests, seed, meta, extras) as w:
         for name, split in splits.items():
-            g = f.create_group(name)
-            imgs = split.images.astype(dtype)
-            g.create_dataset(
-                "images",
-                data=imgs,
-                chunks=(stream_chunk_rows(imgs.shape[1:], imgs.dtype.itemsize, len(imgs)), *imgs.shape[1:]),
-                compression="gzip",
-            )
-            g.create_dataset("labels", data=split.labels.astype(np.int64))
-            for key, arr in split.extra.items():
-                g.create_dataset(key, data=np.asarray(arr))
-    with atomic_path(path, suffix=".h5") as tmp:
-        tmp.write_bytes(buf.getbuffer())
+            w.write(name, 0, split.images, split.labels, **{k: np.asarray(v) for k, v in split.extra.items()})
 
 
 #: bytes of one HDF5 chunk of the files the pipeline writes: small enough that a random batch
@@ -539,70 +632,146 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
         )
 
 
-def load_own_images(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], dict]:
-    """Read a non-MNIST source with :mod:`pipeline.sources`, standardise it and split it.
+def _capped(idx: np.ndarray, cap) -> np.ndarray:
+    return idx[:cap] if cap else idx
+
+
+def write_own_images(dcfg: Mapping, path: str | os.PathLike) -> dict:
+    """Read a non-MNIST source with :mod:`pipeline.sources`, standardise it and write it split
+    (seeded, stratified when labelled, or as given) as ``dataset.h5``, block by block: pass 1
+    (:func:`pipeline.sources.survey`) checks every image, pass 2 reads, standardises and writes
+    one block at a time, so the memory does not grow with the number of images.
 
     Returns:
-        ({"train": Split, "test": Split}, {file: SHA-256}, meta for :func:`write_dataset`).
+        summary: ``image_shape``, ``color``, ``num_classes``, ``num_train``, ``num_test``, ``sha256``.
 
     Raises:
-        DataError: see :func:`pipeline.sources.load_source` and :func:`pipeline.sources.standardise`.
+        DataError: see :func:`pipeline.sources.load_source` and :func:`pipeline.sources.standardise`;
+            a given split without train or test images.
+        pipeline.io.DiskFullError: see :class:`DatasetWriter`.
     """
     from pipeline import sources
+    from pipeline.runtime import Progress
 
     raw = sources.load_source(dcfg)
-    images, meta = sources.standardise(raw, dcfg)
-    labels = raw.labels if raw.labels is not None else np.full(len(images), -1, np.int64)
+    std = sources.survey(raw, dcfg)
+    rows = sources.as_rows(raw.images)
+    labels = raw.labels if raw.labels is not None else np.full(len(rows), -1, np.int64)
     tr, te = sources.given_or_split(raw, dcfg)
     if not len(tr) or not len(te):
         raise DataError(f"{raw.origins[0]}: the given split has {len(tr)} train and {len(te)} test images; need both")
-    meta["class_names"] = raw.class_names
-    mv = meta["max_value"]
-    return {"train": Split(images[tr], labels[tr], mv), "test": Split(images[te], labels[te], mv)}, raw.digests, meta
+    parts = {"train": _capped(tr, dcfg.get("max_train")), "test": _capped(te, dcfg.get("max_test"))}
+    meta = {**std.meta, "class_names": raw.class_names}
+    counts = {k: len(v) for k, v in parts.items()}
+    progress = Progress("prepare_data: writing", sum(counts.values()), minimum=2000)
+    done = 0
+    with DatasetWriter(
+        path, counts, std.shape, std.max_value, dcfg["source"], raw.digests, int(dcfg["seed"]), meta
+    ) as w:
+        for split, idx in parts.items():
+            for start in range(0, len(idx), rows.block_rows()):
+                b = idx[start : start + rows.block_rows()]
+                block = np.stack([std(img, raw.origins[i]) for i, img in zip(b, rows.read(b))])
+                w.write(split, start, block, labels[b])
+                done += len(b)
+                progress.tick(done)
+    return {
+        "image_shape": list(std.shape),
+        "color": std.meta["color"],
+        "num_classes": w.max_label + 1,
+        "num_train": counts["train"],
+        "num_test": counts["test"],
+        "sha256": dict(raw.digests),
+    }
 
 
-def load_volumes(dcfg: Mapping) -> tuple[dict[str, Split], dict[str, str], dict]:
-    """Read a NIfTI source with :func:`pipeline.volumes.load_nifti` and split it (seeded).
+def write_volumes(dcfg: Mapping, path: str | os.PathLike) -> dict:
+    """Read a NIfTI source (:func:`pipeline.volumes.iter_nifti`), add ``data.volume_copies``
+    seeded variants of every volume (:func:`pipeline.volumes.volume_transform`), split the pool
+    (seeded) and write it as ``dataset.h5``, one volume at a time.
 
-    Volumes in [0, 1] are stored as uint16 (max_value 65535, value_range [0, 1]).
+    Volumes in [0, 1] are stored as uint16 (max_value 65535, value_range [0, 1]), with their
+    ``affines`` and ``intensity_range``. Pool row i < N is volume i; row N + c N + i is copy c
+    of volume i. The variants are drawn volume by volume (all copies of volume 0, then of
+    volume 1, ...) from one seeded transform.
 
     Returns:
-        ({"train": Split, "test": Split} with ``affines`` and ``intensity_range`` extras,
-        {file: SHA-256}, meta for :func:`write_dataset`).
+        summary as :func:`write_own_images`.
 
     Raises:
-        DataError: see :func:`pipeline.volumes.load_nifti`; too few volumes for the split.
+        DataError: see :func:`pipeline.volumes.iter_nifti`; too few volumes for the split.
+        pipeline.io.DiskFullError: see :class:`DatasetWriter`.
     """
     from pipeline import sources, volumes
 
-    vs = volumes.load_nifti(dcfg)
-    vols, affines, ranges = vs.volumes, vs.affines, vs.intensity_range
+    files, gen, digests = volumes.iter_nifti(dcfg)
     copies = int(dcfg.get("volume_copies") or 0)
-    if copies:  # seeded variants of every volume (the embedded one-anatomy default): pooled, then split
-        extra = volumes.augment_volumes(vols, copies, dcfg, int(dcfg["seed"]))
-        vols = np.concatenate([vols, extra])
-        affines = np.concatenate([affines, np.tile(affines, (copies, 1, 1))])
-        ranges = np.concatenate([ranges, np.tile(ranges, (copies, 1))])
-        vs.preprocessing["volume_copies"] = copies
-        keys = ("degrees", "scale", "shift", "elastic", "bias_field", "gamma", "noise")
-        vs.preprocessing["augmentation"] = {f"volume_{k}": dcfg[f"volume_{k}"] for k in keys}
-    n = len(vols)
-    tr, te = sources.split_indices(n, None, dcfg["test_size"], int(dcfg["seed"]), str(dcfg["path"]))
-    stored = np.round(vols * 65535).astype(np.uint16)
-    whole = Split(
-        stored,
-        np.full(n, -1, np.int64),
-        65535,
-        {"affines": affines, "intensity_range": ranges},
+    n_files = len(files)
+    tr, te = sources.split_indices(
+        n_files * (1 + copies), None, dcfg["test_size"], int(dcfg["seed"]), str(dcfg["path"])
     )
-    meta = {
+    parts = {"train": _capped(tr, dcfg.get("max_train")), "test": _capped(te, dcfg.get("max_test"))}
+    place = {int(p): (split, k) for split, idx in parts.items() for k, p in enumerate(idx)}
+    transform = volumes.volume_transform(dcfg, int(dcfg["seed"])) if copies else None
+    meta = {"color": "gray", "value_range": [0.0, 1.0], "class_names": None}
+    extras = {"affines": ((4, 4), np.float64), "intensity_range": ((2,), np.float32)}
+    counts = {k: len(v) for k, v in parts.items()}
+    with contextlib.ExitStack() as stack:
+        w = None
+        for i, (_, vol, affine, rng) in enumerate(gen):
+            if w is None:
+                w = DatasetWriter(
+                    path, counts, (1, *vol.shape), 65535, "nifti", digests, int(dcfg["seed"]), meta, extras
+                )
+                stack.enter_context(w)
+            pool = [(i, vol[None])] + [(n_files * (1 + c) + i, None) for c in range(copies)]
+            for row, v in pool:
+                v = volumes.augment_one(transform, vol[None]) if v is None else v
+                if row in place:
+                    split, k = place[row]
+                    stored = np.round(v * 65535).astype(np.uint16)[None]
+                    w.write(
+                        split,
+                        k,
+                        stored,
+                        np.full(1, -1, np.int64),
+                        affines=affine[None],
+                        intensity_range=np.asarray([rng], np.float32),
+                    )
+                    if split == "train" and k == 0:
+                        w.meta["reference_affine"] = affine
+        w.meta["preprocessing"] = volumes.preprocessing_record(dcfg, vol.shape)
+        if copies:
+            keys = ("degrees", "scale", "shift", "elastic", "bias_field", "gamma", "noise")
+            w.meta["preprocessing"]["volume_copies"] = copies
+            w.meta["preprocessing"]["augmentation"] = {f"volume_{k}": dcfg[f"volume_{k}"] for k in keys}
+    return {
+        "image_shape": [1, *vol.shape],
         "color": "gray",
-        "value_range": [0.0, 1.0],
-        "preprocessing": vs.preprocessing,
-        "class_names": None,
-        "reference_affine": vs.affines[tr[0]],
+        "num_classes": 0,
+        "num_train": counts["train"],
+        "num_test": counts["test"],
+        "sha256": dict(digests),
     }
-    return {"train": whole.take(tr), "test": whole.take(te)}, vs.digests, meta
+
+
+def write_splits(path, splits: Mapping[str, Split], dcfg: Mapping, digests: Mapping[str, str]) -> dict:
+    """The in-memory sources (the MNIST files, the embedded digits): cap the splits
+    (``data.max_train`` / ``data.max_test``) and write them; returns the summary of
+    :func:`write_own_images`."""
+    splits = dict(splits)
+    for split, cap in (("train", dcfg.get("max_train")), ("test", dcfg.get("max_test"))):
+        if cap:
+            splits[split] = splits[split].take(slice(0, cap))
+    write_dataset(path, splits, dcfg["source"], digests, int(dcfg["seed"]))
+    return {
+        "image_shape": [int(v) for v in splits["train"].images.shape[1:]],
+        "color": "gray",
+        "num_classes": num_classes_of(splits),
+        "num_train": len(splits["train"].labels),
+        "num_test": len(splits["test"].labels),
+        "sha256": dict(digests),
+    }
 
 
 def check_divisible(hw, cfg: Mapping, where: str) -> None:
@@ -638,40 +807,32 @@ def prepare_data(cfg: Mapping, run_dir: str | os.PathLike, threads: int | None =
     paths = RunPaths(run_dir)
     dcfg = cfg["data"]
     with stage_record("prepare_data", cfg, paths.dataset.parent, threads=threads) as metrics:
-        meta = None
         if dcfg["source"] == "mnist5k":
             splits, digests = load_mnist5k(dcfg)
+            summary = write_splits(paths.dataset, splits, dcfg, digests)
         elif dcfg["source"] in MNIST_SOURCES:
             splits, digests = load_idx_source(dcfg)
+            summary = write_splits(paths.dataset, splits, dcfg, digests)
         elif dcfg["source"] == "nifti":
-            splits, digests, meta = load_volumes(dcfg)
+            summary = write_volumes(dcfg, paths.dataset)
         else:
-            splits, digests, meta = load_own_images(dcfg)
-        for split, cap in (("train", dcfg.get("max_train")), ("test", dcfg.get("max_test"))):
-            if cap:
-                splits[split] = splits[split].take(slice(0, cap))
-        write_dataset(paths.dataset, splits, dcfg["source"], digests, int(dcfg["seed"]), meta)
+            summary = write_own_images(dcfg, paths.dataset)
         if dcfg["source"] == "nifti":  # what the preprocessing made, to look at before training
+            import h5py
+
             from pipeline.volumes import save_three_plane_grid, write_nifti
 
-            tr = splits["train"]
-            first = tr.images[:8].astype(np.float32) / tr.max_value
+            with h5py.File(paths.dataset, "r") as f:
+                first = f["train/images"][:8].astype(np.float32) / 65535.0
+                affine = f["train/affines"][0]
             save_three_plane_grid(paths.dataset.parent / "mid_slices.png", first, nrow=2)
-            write_nifti(paths.dataset.parent / "example.nii.gz", first[0], tr.extra["affines"][0])
+            write_nifti(paths.dataset.parent / "example.nii.gz", first[0], affine)
         log.info(
             "prepare_data: %s -> %s (train %d, test %d)",
             dcfg["source"],
             paths.dataset,
-            len(splits["train"].labels),
-            len(splits["test"].labels),
+            summary["num_train"],
+            summary["num_test"],
         )
-        metrics.update(
-            image_shape=[int(v) for v in splits["train"].images.shape[1:]],
-            color=(meta or {}).get("color", "gray"),
-            num_classes=num_classes_of(splits),
-            source=dcfg["source"],
-            num_train=int(len(splits["train"].labels)),
-            num_test=int(len(splits["test"].labels)),
-            sha256=digests,
-        )
+        metrics.update(source=dcfg["source"], **summary)
     return metrics

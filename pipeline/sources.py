@@ -44,6 +44,9 @@ __all__ = [
     "load_photos",
     "load_sklearn_digits",
     "standardise",
+    "survey",
+    "Standardiser",
+    "ImageRows",
     "load_source",
 ]
 
@@ -71,11 +74,14 @@ class RawImages:
     """What a reader found, before :func:`standardise`.
 
     Attributes:
-        images: list of N arrays (H_i, W_i, C_i) in the source dtype (uint8, uint16, bool,
-            int or float); sizes and channels may differ between images.
+        images: :class:`ImageRows` (or a list) of N arrays (H_i, W_i, C_i) in the source dtype
+            (uint8, uint16, bool, int or float); sizes and channels may differ between images.
+            The readers' rows are lazy (files, memory-mapped ``.npy``, HDF5 datasets): a row is
+            read when it is asked for, so a source larger than memory is never held whole.
         labels: int64 (N,) class indices or None (unlabelled).
         class_names: the class of each label index (folder names), or None.
-        origins: N strings naming where each image came from (file, or file[index]).
+        origins: N strings naming where each image came from (file, or file[index]); a lazy
+            sequence for arrays.
         digests: file name -> SHA-256 of every file read.
         given_split: None (split later), or "train"/"test" per image (N,) when the data came
             split (``train/`` and ``test/`` sub-folders, or ``test_images_key``).
@@ -84,14 +90,233 @@ class RawImages:
             sets that know it), or None.
     """
 
-    images: list
+    images: list | ImageRows
     labels: np.ndarray | None
-    origins: list
+    origins: list | _Origins
     digests: dict
     class_names: list | None = None
     given_split: np.ndarray | None = None
     modes: list | None = field(default=None)
     value_range: list | None = None
+
+
+# --- lazy rows ----------------------------------------------------------------------------
+#: bytes of source rows read at a time (a block of an array or HDF5 dataset, a batch of files)
+READ_BLOCK_BYTES = 8 << 20
+
+
+class ImageRows:
+    """N images read on demand: ``len(rows)``, ``rows.read(idx)`` (a list of (H, W, C) arrays
+    in the order of ``idx``), ``rows[i]``, iteration in blocks, and ``rows.header(i)``
+    ((H, W, C), dtype) when it is known without reading the pixels (else None).
+
+    Subclasses implement ``__len__`` and ``_read_sorted`` (ascending unique indices)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _read_sorted(self, idx: np.ndarray) -> list:
+        raise NotImplementedError
+
+    def header(self, i: int):
+        """((H, W, C), numpy dtype) of image ``i`` without its pixels, or None when unknown."""
+        return None
+
+    def read(self, idx) -> list:
+        """Images at ``idx`` (ints in [0, N)), in that order (duplicates allowed)."""
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        uniq, inv = np.unique(idx, return_inverse=True)
+        got = self._read_sorted(uniq)
+        return [got[k] for k in inv]
+
+    def __getitem__(self, i: int):
+        return self.read([int(i)])[0]
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def block_rows(self) -> int:
+        """Rows per read block (about :data:`READ_BLOCK_BYTES`)."""
+        return 256
+
+    def __iter__(self):
+        n, step = len(self), self.block_rows()
+        for start in range(0, n, step):
+            yield from self._read_sorted(np.arange(start, min(n, start + step)))
+
+
+class ListRows(ImageRows):
+    """Images already in memory (the embedded sets, tests)."""
+
+    def __init__(self, images: list):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read_sorted(self, idx):
+        return [self.images[int(i)] for i in idx]
+
+    def header(self, i):
+        return self.images[i].shape, self.images[i].dtype
+
+
+#: Pillow modes whose pixels need not be read to know what :func:`_pil_to_array` returns
+#: (channels and dtype); "P" depends on the palette's transparency, "I" on the values
+_MODE_HEADER = {
+    "L": (1, np.uint8),
+    "1": (1, np.uint8),
+    "RGB": (3, np.uint8),
+    "CMYK": (3, np.uint8),
+    "YCbCr": (3, np.uint8),
+    "LAB": (3, np.uint8),
+    "HSV": (3, np.uint8),
+    "RGBA": (4, np.uint8),
+    "LA": (4, np.uint8),
+    "I;16": (1, np.uint16),
+    "I;16B": (1, np.uint16),
+    "I;16L": (1, np.uint16),
+    "F": (1, np.float32),
+}
+
+
+class FileRows(ImageRows):
+    """Image files read with Pillow, one at a time (:func:`_pil_to_array`)."""
+
+    def __init__(self, files: list):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read_sorted(self, idx):
+        return [_pil_to_array(self.files[int(i)])[0] for i in idx]
+
+    def block_rows(self) -> int:
+        return 64
+
+    def header(self, i):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.files[i]) as im:
+                mode, (w, h) = im.mode, im.size
+                if mode == "P":
+                    mode = "RGBA" if "transparency" in im.info else "RGB"
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise _error(f"{self.files[i]}: cannot be read as an image ({exc})") from None
+        if mode not in _MODE_HEADER:
+            return None
+        c, dtype = _MODE_HEADER[mode]
+        return (h, w, c), np.dtype(dtype)
+
+
+class ArrayRows(ImageRows):
+    """Rows of an (N, ...) array-like (NumPy array, ``np.load(mmap_mode="r")``, or an HDF5
+    dataset opened lazily from ``(path, key)``), returned as (H, W, C) by ``layout``.
+
+    Raises:
+        DataError: the array's rank or layout does not give (N, H, W, C) (see :func:`_to_nhwc`).
+    """
+
+    def __init__(self, array=None, layout: str | None = None, where: str = "", h5: tuple | None = None):
+        self._array, self._h5, self._file = array, h5, None
+        self.layout, self.where = layout, where
+        shape, dtype = self._meta()
+        probe = _to_nhwc(np.empty((0, *shape[1:]), dtype), layout, where, shape)  # raises for a wrong rank
+        self.n, self.row_shape, self.dtype = int(shape[0]), probe.shape[1:], np.dtype(dtype)
+
+    def _meta(self):
+        if self._h5 is None:
+            return self._array.shape, self._array.dtype
+        ds = self._dataset()
+        return ds.shape, ds.dtype
+
+    def _dataset(self):
+        if self._file is None:
+            import h5py
+
+            self._file = h5py.File(self._h5[0], "r")
+        return self._file[self._h5[1]]
+
+    def __getstate__(self):  # an open HDF5 file does not pickle; reopen where unpickled
+        return {**self.__dict__, "_file": None}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def header(self, i):
+        return self.row_shape, self.dtype
+
+    def block_rows(self) -> int:
+        return max(1, READ_BLOCK_BYTES // max(1, int(np.prod(self.row_shape)) * self.dtype.itemsize))
+
+    def _read_sorted(self, idx):
+        src = self._array if self._h5 is None else self._dataset()
+        out = []
+        step = self.block_rows()
+        for k in range(0, len(idx), step):
+            part = idx[k : k + step]
+            lo, hi = int(part[0]), int(part[-1]) + 1
+            if hi - lo <= 4 * len(part):  # dense: one contiguous read, then pick
+                block = np.asarray(src[lo:hi])[part - lo]
+            else:
+                block = np.asarray(src[part] if self._h5 is None else src[part.tolist()])
+            out += list(_to_nhwc(block, self.layout, self.where))
+        return out
+
+
+class ConcatRows(ImageRows):
+    """Several :class:`ImageRows` one after another (a train and a given test part)."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _locate(self, i: int):
+        p = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return self.parts[p], i - int(self.starts[p])
+
+    def header(self, i):
+        part, j = self._locate(int(i))
+        return part.header(j)
+
+    def _read_sorted(self, idx):
+        out = []
+        for p, part in enumerate(self.parts):
+            sel = idx[(idx >= self.starts[p]) & (idx < self.starts[p + 1])]
+            if len(sel):
+                out += part._read_sorted(sel - self.starts[p])
+        return out
+
+
+class _Origins:
+    """Lazy ``origins`` of array rows: ``where[i]`` per part, without N strings in memory."""
+
+    def __init__(self, parts: list[tuple[str, int]]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [n for _, n in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> str:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        p = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return f"{self.parts[p][0]}[{i - int(self.starts[p])}]"
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def as_rows(images) -> ImageRows:
+    """``images`` as :class:`ImageRows` (a list is wrapped in :class:`ListRows`)."""
+    return images if isinstance(images, ImageRows) else ListRows(images)
 
 
 # --- folders ------------------------------------------------------------------------------
@@ -162,7 +387,9 @@ def _scan(folder: Path) -> tuple[list[Path], list[int] | None, list[str] | None]
 def read_folder(path: str | os.PathLike) -> RawImages:
     """Images in a folder, read with Pillow: flat (unlabelled), one sub-folder per class as
     ``torchvision.datasets.ImageFolder`` (classes = sorted sub-folder names, labels 0..n-1), or
-    ``train/`` and ``test/`` sub-folders (a given split), each flat or by class.
+    ``train/`` and ``test/`` sub-folders (a given split), each flat or by class. The pixels are
+    read later, image by image (:class:`FileRows`); an unreadable image is found by
+    :func:`survey`.
 
     Raises:
         DataError: missing or empty folder, a non-image file, an unreadable image, mixed
@@ -182,28 +409,29 @@ def read_folder(path: str | os.PathLike) -> RawImages:
         files += f
         labels += lab or []
         split += [part] * len(f)
-    from pipeline.runtime import Progress
-
-    images, modes = [], []
-    progress = Progress(f"prepare_data: reading {folder}", len(files), minimum=2000)
-    for i, p in enumerate(files, 1):
-        arr, mode = _pil_to_array(p)
-        images.append(arr)
-        modes.append(mode)
-        progress.tick(i)
     return RawImages(
-        images=images,
+        images=FileRows(files),
         labels=np.asarray(labels, np.int64) if class_names else None,
         origins=[str(p) for p in files],
-        digests={str(p.relative_to(folder)): sha256_file(p) for p in files},
+        digests=_digests(folder, files),
         class_names=class_names,
         given_split=np.asarray(split) if parts[0][0] else None,
-        modes=modes,
     )
 
 
+def _digests(folder: Path, files: list) -> dict:
+    from pipeline.runtime import Progress
+
+    out = {}
+    progress = Progress(f"prepare_data: hashing {folder}", len(files), minimum=2000)
+    for i, p in enumerate(files, 1):
+        out[str(p.relative_to(folder))] = sha256_file(p)
+        progress.tick(i)
+    return out
+
+
 # --- arrays -------------------------------------------------------------------------------
-def _to_nhwc(arr: np.ndarray, layout: str | None, where: str) -> np.ndarray:
+def _to_nhwc(arr: np.ndarray, layout: str | None, where: str, shape=None) -> np.ndarray:
     if arr.ndim == 3 and layout in (None, "NHW"):
         return arr[..., None]
     if arr.ndim == 4 and layout in (None, "NHWC"):
@@ -211,7 +439,8 @@ def _to_nhwc(arr: np.ndarray, layout: str | None, where: str) -> np.ndarray:
     if arr.ndim == 4 and layout == "NCHW":
         return np.moveaxis(arr, 1, -1)
     expect = {None: "(N, H, W) or (N, H, W, C)", "NHW": "(N, H, W)", "NHWC": "(N, H, W, C)", "NCHW": "(N, C, H, W)"}
-    raise _error(f"{where}: array of shape {arr.shape} (rank {arr.ndim}), expected {expect[layout]} (data.layout)")
+    shape = tuple(arr.shape if shape is None else shape)
+    raise _error(f"{where}: array of shape {shape} (rank {len(shape)}), expected {expect[layout]} (data.layout)")
 
 
 def _labels(arr, n: int, where: str) -> np.ndarray:
@@ -230,22 +459,26 @@ def _labels(arr, n: int, where: str) -> np.ndarray:
     return lab
 
 
-def _raw_from_arrays(parts: list[tuple[str | None, np.ndarray, np.ndarray | None, str]], digests, layout) -> RawImages:
-    images, labels, origins, split = [], [], [], []
+def _raw_from_arrays(parts: list[tuple[str | None, object, np.ndarray | None, str]], digests, layout) -> RawImages:
+    """``parts``: (given split or None, array-like or ("h5", path, key), labels or None, where)."""
+    rows, labels, names, split = [], [], [], []
     has_labels = {lab is not None for _, _, lab, _ in parts}
     if len(has_labels) > 1:
         raise _error(f"{parts[0][3]}: labels given for the train images but not the test images (or the reverse)")
     for part, arr, lab, where in parts:
-        x = _to_nhwc(arr, layout, where)
-        images += list(x)
-        origins += [f"{where}[{i}]" for i in range(len(x))]
+        if isinstance(arr, tuple):
+            x = ArrayRows(layout=layout, where=where, h5=arr[1:])
+        else:
+            x = ArrayRows(arr, layout, where)
+        rows.append(x)
+        names.append((where, len(x)))
         split += [part] * len(x)
         if lab is not None:
             labels.append(_labels(lab, len(x), where))
     return RawImages(
-        images=images,
+        images=rows[0] if len(rows) == 1 else ConcatRows(rows),
         labels=np.concatenate(labels) if labels else None,
-        origins=origins,
+        origins=_Origins(names),
         digests=digests,
         given_split=np.asarray(split) if parts[0][0] else None,
     )
@@ -255,7 +488,9 @@ def read_array_file(cfg: Mapping) -> RawImages:
     """``data.source: npz`` or ``npy``: images (N, H, W), (N, H, W, C) or, with
     ``data.layout: NCHW``, (N, C, H, W); labels (N,) from ``data.labels_key`` (npz) or
     ``data.labels_path`` (npy); optional given test split ``data.test_images_key`` /
-    ``data.test_labels_key`` (npz).
+    ``data.test_labels_key`` (npz). An ``.npy`` is memory-mapped (rows read as needed, so it may
+    be larger than memory); an ``.npz`` member is decompressed whole (use ``.npy`` or HDF5 for
+    data larger than memory).
 
     Raises:
         DataError: missing file, not a NumPy file, a missing key (the keys present are listed),
@@ -267,7 +502,7 @@ def read_array_file(cfg: Mapping) -> RawImages:
         raise _error(f"data.path {str(cfg.get('path'))!r} is not a file (data.source: {source})")
     digests = {path.name: sha256_file(path)}
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if source == "npy" else None)
     except (ValueError, OSError, EOFError) as exc:
         raise _error(f"{path}: not a NumPy {'.npz' if source == 'npz' else '.npy'} file ({exc})") from None
     if source == "npy":
@@ -313,6 +548,7 @@ def read_hdf5(cfg: Mapping) -> RawImages:
     """``data.source: hdf5``: the dataset ``data.images_key`` (default ``images``) of the HDF5 file
     ``data.path``, labels from ``data.labels_key``, a given test split from
     ``data.test_images_key`` / ``data.test_labels_key``; shapes as :func:`read_array_file`.
+    Images are read block by block when they are used (:class:`ArrayRows`); labels at once.
 
     Raises:
         DataError: missing or non-HDF5 file, a dataset name that does not exist (the datasets
@@ -336,7 +572,7 @@ def read_hdf5(cfg: Mapping) -> RawImages:
                 return None
             if key.strip("/") not in present:
                 raise _error(f"{path}: has no dataset {key!r} (data.{what}); it holds {present}")
-            return f[key][...]
+            return ("h5", str(path), key) if what.endswith("images_key") else f[key][...]
 
         key = cfg.get("images_key") or "images"
         parts = [
@@ -487,8 +723,221 @@ def _first_seen(keys, origins) -> dict:
     return out
 
 
+class Standardiser:
+    """Colour, intensity and size (module docstring) for one image at a time, with the settings
+    :func:`survey` found for the whole source.
+
+    Attributes:
+        meta: ``color``, ``max_value``, ``value_range``, ``input_dtype``, ``preprocessing``
+            (see :func:`standardise`).
+        shape: (C, H, W) of every image it returns.
+        store: numpy dtype of what it returns (uint8 or uint16).
+    """
+
+    def __init__(self, color, dtype, max_value, store, value_range, target, mode, interp, sizes, float_range):
+        self.color, self.dtype, self.max_value, self.store = color, dtype, int(max_value), store
+        self.target, self.mode, self.interp, self.float_range = target, mode, interp, float_range
+        self.shape = (_CHANNELS[color], *target)
+        resized = len(sizes) > 1 or target not in sizes
+        self.meta = {
+            "color": color,
+            "max_value": int(max_value),
+            "value_range": [float(v) for v in value_range],
+            "input_dtype": str(dtype),
+            "preprocessing": {
+                "size": list(target),
+                "resize": mode if resized else None,
+                "interpolation": interp if resized else None,
+                "input_sizes": sorted({f"{h}x{w}" for h, w in sizes}),
+            },
+        }
+
+    def __call__(self, img: np.ndarray, where: str) -> np.ndarray:
+        """(H, W, C) source array -> (C, H, W) ``store`` array in [0, max_value]."""
+        img = _convert_color(img, self.color, where)
+        if img.dtype == np.bool_:
+            img = img.astype(np.uint8) * 255
+        if self.float_range is not None:
+            lo, hi = self.float_range
+            img = (img.astype(np.float32) - lo) / (hi - lo) * self.max_value
+        else:
+            img = img.astype(np.float32)
+        if img.shape[:2] != self.target:
+            img = _resize(img, self.target, self.mode, self.interp)
+        return np.clip(np.round(img), 0, self.max_value).astype(self.store).transpose(2, 0, 1)
+
+
+class _Survey:
+    """What one pass over a source's images found (the first image seen for each key)."""
+
+    def __init__(self):
+        self.chans, self.dtypes, self.sizes = {}, {}, {}
+        self.lo, self.hi = None, None  # integer pixel range
+        self.nonfinite = None  # first image with NaN or inf
+        self.out_of_range = None  # first float image outside data.value_range: (where, min, max)
+
+    def header(self, shape, dtype, where: str) -> None:
+        self.chans.setdefault(shape[-1], where)
+        self.dtypes.setdefault(np.dtype(dtype), where)
+        self.sizes.setdefault(tuple(shape[:2]), where)
+
+    def pixels(self, img: np.ndarray, where: str, float_range) -> None:
+        self.header(img.shape, img.dtype, where)
+        if img.dtype == np.bool_:
+            lo, hi = 0, 255 * int(img.any())
+        elif img.dtype.kind in "ui":
+            lo, hi = int(img.min()), int(img.max())
+        else:
+            if self.nonfinite is None and not np.isfinite(img).all():
+                self.nonfinite = where
+                return
+            if float_range is not None and self.out_of_range is None:
+                a, b = float_range
+                if img.min() < a - 1e-6 * (b - a) or img.max() > b + 1e-6 * (b - a):
+                    self.out_of_range = (where, float(img.min()), float(img.max()))
+            return
+        self.lo = lo if self.lo is None else min(self.lo, lo)
+        self.hi = hi if self.hi is None else max(self.hi, hi)
+
+
+def _needs_pixels(dtype, cfg: Mapping) -> bool:
+    """Whether the pixel values must be looked at (8-bit data with no declared bit depth need not)."""
+    return not (np.dtype(dtype) == np.uint8 and cfg.get("bit_depth") is None)
+
+
+def survey(raw: RawImages, cfg: Mapping) -> Standardiser:
+    """Pass 1 of :func:`standardise` over every image (one at a time, headers only where the
+    pixels cannot matter: 8-bit images without ``data.bit_depth``): find the colour, pixel type,
+    bit depth and size the source gets, and check every image.
+
+    Args:
+        raw: what a reader returned.
+        cfg: the ``data`` section (``color``, ``bit_depth``, ``value_range``, ``size``,
+            ``resize``, ``interpolation``).
+
+    Returns:
+        the :class:`Standardiser` to apply to each image (pass 2).
+
+    Raises:
+        DataError: as :func:`standardise`.
+    """
+    from pipeline.runtime import Progress
+
+    rows = as_rows(raw.images)
+    if not rows:
+        raise _error(f"{raw.origins[0] if len(raw.origins) else 'data.path'}: no images found")
+    value_range = cfg.get("value_range") or raw.value_range
+    float_range = None if value_range is None else tuple(map(float, value_range))
+    sv = _Survey()
+    n = len(rows)
+    progress = Progress("prepare_data: checking the images", n, minimum=2000)
+    pending = []  # images whose header is not enough
+
+    def flush():
+        for i, img in zip(pending, rows.read(pending)):
+            sv.pixels(img, raw.origins[i], float_range)
+        pending.clear()
+
+    for i in range(n):
+        head = rows.header(i)
+        if head is None or _needs_pixels(head[1], cfg):
+            pending.append(i)
+            if len(pending) >= rows.block_rows():
+                flush()
+        else:
+            sv.header(*head, raw.origins[i])
+        progress.tick(i + 1)
+    flush()
+    return _settle(sv, raw, cfg, value_range)
+
+
+def _settle(sv: _Survey, raw: RawImages, cfg: Mapping, value_range) -> Standardiser:
+    """The settings (and the errors) of what :func:`survey` found, in the order colour,
+    intensity, size."""
+    first = raw.origins[0]
+    # 1. colour
+    color = cfg.get("color")
+    if color is None:
+        if len(sv.chans) > 1:
+            (c1, o1), (c2, o2) = list(sv.chans.items())[:2]
+            raise _error(
+                f"{o2}: {_COLORS.get(c2, c2)} ({c2} channels) but {o1} is {_COLORS.get(c1, c1)} ({c1}); "
+                "set data.color: gray, rgb or rgba"
+            )
+        c = next(iter(sv.chans))
+        if c not in _COLORS:
+            raise _error(f"{first}: {c} channels; set data.color: gray, rgb or rgba")
+        color = _COLORS[c]
+    else:
+        for c, o in sv.chans.items():
+            if c not in _COLORS:  # 2 channels (or 5+): nothing to convert from
+                raise _error(f"{o}: {c} channels cannot be converted to {color}")
+    # 2. intensity
+    if len(sv.dtypes) > 1:
+        raise _error(f"{first}: images of several pixel types {sorted(map(str, sv.dtypes))}; convert them to one")
+    dtype = next(iter(sv.dtypes))
+    bit_depth = cfg.get("bit_depth")
+    float_range = None
+    if dtype == np.bool_:
+        dtype = np.dtype(np.uint8)
+    if dtype.kind == "f":
+        if value_range is None:
+            raise _error(
+                f"{first}: float pixels ({dtype}); set data.value_range: [lo, hi] (the values of black and white)"
+            )
+        lo, hi = map(float, value_range)
+        if not hi > lo:
+            raise _error(f"data.value_range {value_range}: hi must be > lo")
+        if sv.nonfinite is not None:
+            raise _error(f"{sv.nonfinite}: NaN or infinite pixels")
+        if sv.out_of_range is not None:
+            o, a, b = sv.out_of_range
+            raise _error(f"{o}: values {a:g}..{b:g} outside data.value_range [{lo:g}, {hi:g}]")
+        max_value, store = 65535, np.uint16
+        if bit_depth is not None:
+            raise _error(f"{first}: data.bit_depth {bit_depth} is for integer pixels; these are {dtype}")
+        float_range = (lo, hi)
+    elif dtype.kind in "ui":
+        native = 8 if dtype.itemsize == 1 else 16
+        bits = int(bit_depth) if bit_depth is not None else native
+        data_min = 0 if sv.lo is None else sv.lo
+        data_max = (2**native - 1) if sv.hi is None else sv.hi  # not looked at: 8-bit, no declared depth
+        if data_min < 0:
+            raise _error(f"{first}: negative integer pixels ({data_min}); give float data with data.value_range")
+        if bit_depth is not None and native < bits:
+            raise _error(
+                f"{first}: {native}-bit pixels ({dtype}, max {data_max}) but data.bit_depth is {bits}; "
+                f"declare data.bit_depth: {native} (or null)"
+            )
+        if sv.hi is not None and data_max > 2**bits - 1:
+            raise _error(f"{first}: pixel value {data_max} does not fit data.bit_depth {bits} (max {2**bits - 1})")
+        if bits > 16:
+            raise _error(f"{first}: {dtype} pixels with values up to {data_max}; at most 16 bits are supported")
+        max_value = 2**bits - 1
+        store = np.uint8 if bits <= 8 else np.uint16
+        if value_range is None:
+            value_range = [0, max_value]
+    else:
+        raise _error(f"{first}: pixels of type {dtype}; expected unsigned integers or floats")
+    # 3. size
+    size = cfg.get("size")
+    if size is None:
+        if len(sv.sizes) > 1:
+            (s1, o1), (s2, o2) = list(sv.sizes.items())[:2]
+            raise _error(
+                f"{o2}: {s2[0]}x{s2[1]} pixels but {o1} is {s1[0]}x{s1[1]}; set data.size (and data.resize) to use both"
+            )
+        target = next(iter(sv.sizes))
+    else:
+        target = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    mode, interp = cfg.get("resize") or "resize", cfg.get("interpolation") or "bicubic"
+    return Standardiser(color, dtype, max_value, store, value_range, target, mode, interp, set(sv.sizes), float_range)
+
+
 def standardise(raw: RawImages, cfg: Mapping) -> tuple[np.ndarray, dict]:
-    """Apply colour, intensity and size (module docstring) to every image.
+    """Apply colour, intensity and size (module docstring) to every image, in memory:
+    :func:`survey`, then its :class:`Standardiser` on each image (``prepare_data`` writes
+    ``dataset.h5`` block by block with the same two passes instead).
 
     Args:
         raw: what a reader returned.
@@ -503,107 +952,16 @@ def standardise(raw: RawImages, cfg: Mapping) -> tuple[np.ndarray, dict]:
 
     Raises:
         DataError: no images, mixed channels without ``data.color``, 2 channels, mixed sizes
-            without ``data.size``, float data without ``data.value_range`` or outside it, data
-            deeper than the declared ``data.bit_depth`` or shallower (8-bit data declared 16-bit).
+            without ``data.size``, float data without ``data.value_range`` or outside it, NaN or
+            infinite pixels, data deeper than the declared ``data.bit_depth`` or shallower
+            (8-bit data declared 16-bit), an unreadable image.
     """
-    if not raw.images:
-        raise _error(f"{raw.origins[0] if raw.origins else 'data.path'}: no images found")
-    first = raw.origins[0]
-    # 1. colour
-    chans = _first_seen((img.shape[-1] for img in raw.images), raw.origins)
-    color = cfg.get("color")
-    if color is None:
-        if len(chans) > 1:
-            (c1, o1), (c2, o2) = list(chans.items())[:2]
-            raise _error(
-                f"{o2}: {_COLORS.get(c2, c2)} ({c2} channels) but {o1} is {_COLORS.get(c1, c1)} ({c1}); "
-                "set data.color: gray, rgb or rgba"
-            )
-        c = next(iter(chans))
-        if c not in _COLORS:
-            raise _error(f"{first}: {c} channels; set data.color: gray, rgb or rgba")
-        color = _COLORS[c]
-    images = [_convert_color(img, color, o) for img, o in zip(raw.images, raw.origins)]
-    # 2. intensity
-    dtypes = {img.dtype for img in images}
-    if len(dtypes) > 1:
-        raise _error(f"{first}: images of several pixel types {sorted(map(str, dtypes))}; convert them to one")
-    dtype = dtypes.pop()
-    bit_depth = cfg.get("bit_depth")
-    value_range = cfg.get("value_range") or raw.value_range
-    if dtype == np.bool_:
-        images, dtype = [i.astype(np.uint8) * 255 for i in images], np.dtype(np.uint8)
-    if dtype.kind == "f":
-        if value_range is None:
-            raise _error(
-                f"{first}: float pixels ({dtype}); set data.value_range: [lo, hi] (the values of black and white)"
-            )
-        lo, hi = map(float, value_range)
-        if not hi > lo:
-            raise _error(f"data.value_range {value_range}: hi must be > lo")
-        for img, o in zip(images, raw.origins):
-            if not np.isfinite(img).all():
-                raise _error(f"{o}: NaN or infinite pixels")
-            if img.min() < lo - 1e-6 * (hi - lo) or img.max() > hi + 1e-6 * (hi - lo):
-                raise _error(f"{o}: values {img.min():g}..{img.max():g} outside data.value_range [{lo:g}, {hi:g}]")
-        max_value, store = 65535, np.uint16
-        if bit_depth is not None:
-            raise _error(f"{first}: data.bit_depth {bit_depth} is for integer pixels; these are {dtype}")
-        floats = [(i.astype(np.float32) - lo) / (hi - lo) * max_value for i in images]
-    elif dtype.kind in "ui":
-        data_max = max(int(i.max()) for i in images)
-        data_min = min(int(i.min()) for i in images)
-        native = 8 if dtype.itemsize == 1 else 16
-        bits = int(bit_depth) if bit_depth is not None else native
-        if data_min < 0:
-            raise _error(f"{first}: negative integer pixels ({data_min}); give float data with data.value_range")
-        if bit_depth is not None and native < bits:
-            raise _error(
-                f"{first}: {native}-bit pixels ({dtype}, max {data_max}) but data.bit_depth is {bits}; "
-                f"declare data.bit_depth: {native} (or null)"
-            )
-        if data_max > 2**bits - 1:
-            raise _error(f"{first}: pixel value {data_max} does not fit data.bit_depth {bits} (max {2**bits - 1})")
-        if bits > 16:
-            raise _error(f"{first}: {dtype} pixels with values up to {data_max}; at most 16 bits are supported")
-        max_value = 2**bits - 1
-        store = np.uint8 if bits <= 8 else np.uint16
-        if value_range is None:
-            value_range = [0, max_value]
-        floats = [i.astype(np.float32) for i in images]
-    else:
-        raise _error(f"{first}: pixels of type {dtype}; expected unsigned integers or floats")
-    # 3. size
-    sizes = _first_seen((img.shape[:2] for img in floats), raw.origins)
-    size = cfg.get("size")
-    if size is None:
-        if len(sizes) > 1:
-            (s1, o1), (s2, o2) = list(sizes.items())[:2]
-            raise _error(
-                f"{o2}: {s2[0]}x{s2[1]} pixels but {o1} is {s1[0]}x{s1[1]}; set data.size (and data.resize) to use both"
-            )
-        target = next(iter(sizes))
-    else:
-        target = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    mode, interp = cfg.get("resize") or "resize", cfg.get("interpolation") or "bicubic"
-    out = np.empty((len(floats), floats[0].shape[-1], *target), store)
-    for k, img in enumerate(floats):
-        if img.shape[:2] != target:
-            img = _resize(img, target, mode, interp)
-        out[k] = np.clip(np.round(img), 0, max_value).astype(store).transpose(2, 0, 1)
-    meta = {
-        "color": color,
-        "max_value": int(max_value),
-        "value_range": [float(v) for v in value_range],
-        "input_dtype": str(dtype),
-        "preprocessing": {
-            "size": list(target),
-            "resize": mode if len(sizes) > 1 or target not in sizes else None,
-            "interpolation": interp if len(sizes) > 1 or target not in sizes else None,
-            "input_sizes": sorted({f"{h}x{w}" for h, w in sizes}),
-        },
-    }
-    return out, meta
+    std = survey(raw, cfg)
+    rows = as_rows(raw.images)
+    out = np.empty((len(rows), *std.shape), std.store)
+    for k, img in enumerate(rows):
+        out[k] = std(img, raw.origins[k])
+    return out, std.meta
 
 
 def manifest_digest(digests: Mapping[str, str]) -> str:
@@ -676,7 +1034,7 @@ def given_or_split(raw: RawImages, cfg: Mapping) -> tuple[np.ndarray, np.ndarray
     """Train and test indices: the given split, or :func:`split_indices` by ``data.test_size``."""
     if raw.given_split is not None:
         return np.flatnonzero(raw.given_split == "train"), np.flatnonzero(raw.given_split == "test")
-    return split_indices(len(raw.images), raw.labels, cfg["test_size"], int(cfg["seed"]), raw.origins[0])
+    return split_indices(len(as_rows(raw.images)), raw.labels, cfg["test_size"], int(cfg["seed"]), raw.origins[0])
 
 
 def has_labels(dcfg: Mapping) -> bool:

@@ -45,6 +45,7 @@ __all__ = [
     "read_volume",
     "preprocess_volume",
     "load_nifti",
+    "iter_nifti",
     "write_nifti",
     "mid_slices",
     "save_three_plane_grid",
@@ -270,60 +271,91 @@ def preprocess_volume(img, cfg: Mapping, mask=None, where: str = "") -> tuple[np
     return out, affine, (float(lo), float(hi))
 
 
-def load_nifti(cfg: Mapping) -> VolumeSet:
-    """Read and preprocess every volume of ``data.path`` (``data.source: nifti``).
+def iter_nifti(cfg: Mapping):
+    """Read and preprocess the volumes of ``data.path`` one at a time (``data.source: nifti``).
+
+    Returns:
+        (files, generator, digests): the NIfTI files found; a generator of (file name, volume
+        float32 (D, H, W) in [0, 1], affine float64 (4, 4), intensity range (lo, hi)) per file,
+        in that order; and the dict file -> SHA-256 (volumes and masks) that the generator
+        fills as it reads.
 
     Raises:
         DataError: see :func:`nifti_files`, :func:`read_volume`, :func:`preprocess_volume`;
             volumes of different shapes after preprocessing (no ``data.voxel_size`` /
-            ``data.volume_shape`` to make them one), a mask folder without a volume's mask.
+            ``data.volume_shape`` to make them one), a mask folder without a volume's mask (from
+            the generator, at the volume concerned).
     """
-    import nibabel as nib
-
     if not cfg.get("path"):
         raise DataError("data.path must name a folder (or list file) of NIfTI volumes (data.source: nifti)")
     files = nifti_files(cfg["path"])
     masks = Path(cfg["masks"]).expanduser() if cfg.get("masks") else None
-    vols, affs, ranges, digests = [], [], [], {}
-    for f in files:
-        img = read_volume(f, cfg.get("volume_index"))
-        digests[f.name] = sha256_file(f)
-        mask = None
-        if masks is not None:
-            stem = _strip_suffix(f.name)
-            mf = next((masks / (stem + s) for s in NIFTI_SUFFIXES if (masks / (stem + s)).is_file()), None)
-            if mf is None:
-                raise DataError(f"{f}: no mask {_strip_suffix(f.name)}.nii(.gz) in data.masks {masks}")
-            try:
-                mask = nib.load(str(mf))
-            except Exception as exc:  # noqa: BLE001
-                raise DataError(f"{mf}: not a readable NIfTI mask ({type(exc).__name__})") from None
-            digests[f"masks/{mf.name}"] = sha256_file(mf)
-        v, a, r = preprocess_volume(img, cfg, mask, where=str(f))
-        if vols and v.shape != vols[0].shape:
-            raise DataError(
-                f"{f}: shape {v.shape} after preprocessing, but {files[0].name} has {vols[0].shape}; set "
-                "data.voxel_size and/or data.volume_shape [D, H, W] to bring every volume to one grid"
-            )
+    digests: dict = {}
+
+    def volumes():
+        import nibabel as nib
+
+        shape0 = None
+        for f in files:
+            img = read_volume(f, cfg.get("volume_index"))
+            digests[f.name] = sha256_file(f)
+            mask = None
+            if masks is not None:
+                stem = _strip_suffix(f.name)
+                mf = next((masks / (stem + s) for s in NIFTI_SUFFIXES if (masks / (stem + s)).is_file()), None)
+                if mf is None:
+                    raise DataError(f"{f}: no mask {_strip_suffix(f.name)}.nii(.gz) in data.masks {masks}")
+                try:
+                    mask = nib.load(str(mf))
+                except Exception as exc:  # noqa: BLE001
+                    raise DataError(f"{mf}: not a readable NIfTI mask ({type(exc).__name__})") from None
+                digests[f"masks/{mf.name}"] = sha256_file(mf)
+            v, a, r = preprocess_volume(img, cfg, mask, where=str(f))
+            if shape0 is not None and v.shape != shape0:
+                raise DataError(
+                    f"{f}: shape {v.shape} after preprocessing, but {files[0].name} has {shape0}; set "
+                    "data.voxel_size and/or data.volume_shape [D, H, W] to bring every volume to one grid"
+                )
+            shape0 = v.shape
+            yield f.name, v, a, r
+
+    return files, volumes(), digests
+
+
+def preprocessing_record(cfg: Mapping, shape) -> dict:
+    """The preprocessing settings of a NIfTI source (``dataset.h5``'s ``preprocessing``)."""
+    return {
+        "orientation": "RAS (nibabel.as_closest_canonical)",
+        "voxel_size_mm": cfg.get("voxel_size"),
+        "volume_shape": [int(v) for v in shape],
+        "volume_interpolation": cfg.get("volume_interpolation") or "linear",
+        "clip_percentiles": list(cfg.get("clip_percentiles") or (0.0, 100.0)),
+        "masks": str(Path(cfg["masks"]).expanduser()) if cfg.get("masks") else None,
+        "volume_index": cfg.get("volume_index"),
+    }
+
+
+def load_nifti(cfg: Mapping) -> VolumeSet:
+    """Read and preprocess every volume of ``data.path`` (``data.source: nifti``) into memory
+    (``prepare_data`` uses :func:`iter_nifti`, one volume at a time).
+
+    Raises:
+        DataError: as :func:`iter_nifti`.
+    """
+    files, gen, digests = iter_nifti(cfg)
+    names, vols, affs, ranges = [], [], [], []
+    for name, v, a, r in gen:
+        names.append(name)
         vols.append(v)
         affs.append(a)
         ranges.append(r)
-    pre = {
-        "orientation": "RAS (nibabel.as_closest_canonical)",
-        "voxel_size_mm": cfg.get("voxel_size"),
-        "volume_shape": list(vols[0].shape),
-        "volume_interpolation": cfg.get("volume_interpolation") or "linear",
-        "clip_percentiles": list(cfg.get("clip_percentiles") or (0.0, 100.0)),
-        "masks": str(masks) if masks else None,
-        "volume_index": cfg.get("volume_index"),
-    }
     return VolumeSet(
         volumes=np.stack(vols)[:, None],
         affines=np.stack(affs).astype(np.float64),
         intensity_range=np.asarray(ranges, np.float32),
-        origins=[f.name for f in files],
+        origins=names,
         digests=digests,
-        preprocessing=pre,
+        preprocessing=preprocessing_record(cfg, vols[0].shape),
     )
 
 
@@ -512,6 +544,16 @@ def augment_volumes(volumes: np.ndarray, copies: int, cfg: Mapping, seed: int) -
     Returns:
         float32 (copies * N, 1, D, H, W) in [0, 1]; row c * N + i is copy c of volume i.
     """
+    transform = volume_transform(cfg, seed)
+    out = np.empty((copies * len(volumes), *volumes.shape[1:]), np.float32)
+    for c in range(copies):
+        for i, v in enumerate(volumes):
+            out[c * len(volumes) + i] = augment_one(transform, v)
+    return out
+
+
+def volume_transform(cfg: Mapping, seed: int):
+    """The seeded MONAI transform of :func:`augment_volumes` (its docstring gives the steps)."""
     import math
 
     from monai.transforms import Compose, Rand3DElastic, RandAdjustContrast, RandBiasField, RandGaussianNoise
@@ -536,9 +578,11 @@ def augment_volumes(volumes: np.ndarray, copies: int, cfg: Mapping, seed: int) -
         ]
     )
     transform.set_random_state(seed)
-    out = np.empty((copies * len(volumes), *volumes.shape[1:]), np.float32)
-    for c in range(copies):
-        for i, v in enumerate(volumes):
-            y = transform(torch.from_numpy(np.ascontiguousarray(v)))
-            out[c * len(volumes) + i] = np.clip(np.asarray(torch.as_tensor(y)), 0.0, 1.0)
-    return out
+    return transform
+
+
+def augment_one(transform, volume: np.ndarray) -> np.ndarray:
+    """One draw of ``transform`` (:func:`volume_transform`) on float32 (1, D, H, W) in [0, 1],
+    clipped to [0, 1]."""
+    y = transform(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)))
+    return np.clip(np.asarray(torch.as_tensor(y)), 0.0, 1.0)

@@ -1,5 +1,6 @@
-"""A dataset larger than a memory limit runs through the chain under that limit (its rows streamed
-from HDF5), where the in-memory path is killed.
+"""A dataset larger than a memory limit runs through the chain under that limit, from an HDF5
+source through prepare_data (read and written block by block) to evaluate (rows streamed from
+HDF5), where the in-memory path is killed.
 
 The limit is a memory cgroup (v1 or v2; what SLURM's ``--mem`` sets up on a cluster), which
 counts the resident memory of the stage's process and its DataLoader workers. Skipped where no
@@ -71,28 +72,26 @@ def memory_cgroup(limit: int):
             time.sleep(0.1)
 
 
-def _big_dataset(tiny_run: Path, run: Path) -> None:
-    """``run``'s dataset.h5: the tiny run's test split and attributes, and ROWS train images
-    (the tiny train images rolled by a few pixels, written in chunks)."""
-    run.mkdir(parents=True)
-    (run / "data").mkdir()
-    src, dst = tiny_run / "data" / "dataset.h5", run / "data" / "dataset.h5"
-    with h5py.File(src) as f, h5py.File(dst, "w") as g:
-        g.attrs.update(dict(f.attrs))
-        f.copy("test", g)
-        base, labels = f["train/images"][:], f["train/labels"][:]
-        images = g.create_dataset(
-            "train/images", (ROWS, *base.shape[1:]), np.uint8, chunks=(1024, *base.shape[1:]), compression="gzip"
-        )
-        out_labels = g.create_dataset("train/labels", (ROWS,), np.int64)
-        for start in range(0, ROWS, len(base)):
-            n = min(len(base), ROWS - start)
-            shift = (start // len(base)) % 5 - 2
-            images[start : start + n] = np.roll(base[:n], shift, axis=-1)
-            out_labels[start : start + n] = labels[:n]
+def _big_source(tiny_run: Path, path: Path) -> list[str]:
+    """An HDF5 source of ROWS + 500 28x28 digits (the tiny run's images rolled by a few pixels,
+    written in chunks) and the ``--set`` s that make it the run's data."""
+    with h5py.File(tiny_run / "data" / "dataset.h5") as f:
+        base = np.concatenate([f["train/images"][:, 0], f["test/images"][:, 0]])
+        labels = np.concatenate([f["train/labels"][:], f["test/labels"][:]])
+    n = ROWS + 500
+    with h5py.File(path, "w") as g:
+        images = g.create_dataset("images", (n, 28, 28), np.uint8, chunks=(1024, 28, 28), compression="gzip")
+        out_labels = g.create_dataset("labels", (n,), np.int64)
+        for start in range(0, n, len(base)):
+            k = min(len(base), n - start)
+            images[start : start + k] = np.roll(base[:k], (start // len(base)) % 5 - 2, axis=-1)
+            out_labels[start : start + k] = labels[:k]
+    sets = ["data.source=hdf5", f"data.path={path}", "data.labels_key=labels", "data.test_size=500"]
+    return [v for s in [*sets, "data.max_train=null", "data.max_test=null"] for v in ("--set", s)]
 
 
 def _stage(wrap, stage: str, run: Path, *sets: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline <stage>`` on the tiny config with ``sets``, inside ``wrap``."""
     cmd = [sys.executable, "-m", "pipeline", stage, "--run", str(run), "--configfile", str(TINY), "--threads", "2"]
     cmd += ["--set", "latents.augment_copies=0", "--set", "data_workers=1", "--set", "tensorboard=false", *sets]
     return subprocess.run(wrap(cmd), capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -100,12 +99,15 @@ def _stage(wrap, stage: str, run: Path, *sets: str) -> subprocess.CompletedProce
 
 def test_a_dataset_larger_than_the_memory_limit_runs_streamed(tiny_run, tmp_path):
     run = tmp_path / "big"
-    _big_dataset(tiny_run, run)
+    data = _big_source(tiny_run, tmp_path / "source.h5")
     float32_bytes = ROWS * 28 * 28 * 4
     assert float32_bytes > LIMIT / 2  # with the ~400 MB of the process itself: over the limit
     with memory_cgroup(LIMIT) as wrap:
+        # prepare_data reads the source and writes dataset.h5 block by block
+        done = _stage(wrap, "prepare_data", run, *data)
+        assert done.returncode == 0, f"prepare_data under {LIMIT >> 20} MiB:\n{done.stderr[-3000:]}"
         # today's whole-split path under the same limit: killed by the cgroup (or out of memory)
-        forced = _stage(wrap, "train_vqvae", run, "--set", "data_loading=memory", "--set", "vqvae.steps=5")
+        forced = _stage(wrap, "train_vqvae", run, *data, "--set", "data_loading=memory", "--set", "vqvae.steps=5")
         assert forced.returncode != 0
         assert not (run / "vqvae" / "model.pt").exists()
         shutil.rmtree(run / "vqvae", ignore_errors=True)
@@ -118,10 +120,13 @@ def test_a_dataset_larger_than_the_memory_limit_runs_streamed(tiny_run, tmp_path
             ("sample", ["--sample-set", "pixelcnn"]),
             ("evaluate", ["--set", "sample.sets=[pixelcnn]"]),
         ):
-            done = _stage(wrap, stage, run, *extra)
+            done = _stage(wrap, stage, run, *data, *extra)
             assert done.returncode == 0, f"{stage} under {LIMIT >> 20} MiB:\n{done.stderr[-3000:]}"
             if stage in ("train_vqvae", "train_classifier", "evaluate"):  # the images: over the budget
                 assert "stream path (data_loading: auto)" in done.stderr, (stage, done.stderr[-2000:])
+    with h5py.File(run / "data" / "dataset.h5") as f:
+        assert f["train/images"].shape == (ROWS, 1, 28, 28) and f["test/images"].shape == (500, 1, 28, 28)
+        assert int(f.attrs["num_classes"]) == 10 and set(np.unique(f["train/labels"][:])) == set(range(10))
     with h5py.File(run / "latents" / "latents.h5") as f:
         assert f["train/codes"].shape[0] == ROWS
     assert (run / "report" / "metrics.json").is_file()
