@@ -165,6 +165,48 @@ def test_resize_and_center_crop_with_named_interpolation(tmp_path):
     assert pre == {"size": [16, 16], "resize": "center_crop", "interpolation": "nearest", "input_sizes": ["20x40"]}
 
 
+@pytest.mark.parametrize("source", ["folder", "npy", "hdf5"])
+def test_prepare_data_block_by_block_equals_standardising_in_memory(tmp_path, source):
+    """prepare_data reads, standardises and writes block by block (lazy rows: files, a
+    memory-mapped .npy, an HDF5 dataset read by blocks); the file holds exactly what the
+    in-memory standardise gives for the same split, with mixed sizes resized and the train rows
+    in the split's (shuffled, stratified) order."""
+    from pipeline import sources
+    from pipeline.sources import ArrayRows, FileRows
+
+    rng = np.random.default_rng(0)
+    sizes = [(30, 40), (28, 28), (36, 20)] * 40
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes]
+    labels = np.arange(len(images)) % 4
+    if source == "folder":
+        for i, (img, y) in enumerate(zip(images, labels)):
+            (tmp_path / "src" / str(y)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(tmp_path / "src" / str(y) / f"{i:03d}.png")
+        data = {"path": str(tmp_path / "src")}
+    else:  # arrays need one size: the crops' common 20x20 corner
+        images = [img[:20, :20] for img in images]
+        if source == "npy":
+            np.save(tmp_path / "x.npy", np.stack(images))
+            np.save(tmp_path / "y.npy", labels)
+            data = {"path": str(tmp_path / "x.npy"), "labels_path": str(tmp_path / "y.npy")}
+        else:
+            with h5py.File(tmp_path / "x.h5", "w") as f:
+                f["images"], f["labels"] = np.stack(images), labels
+            data = {"path": str(tmp_path / "x.h5"), "labels_key": "labels"}
+    cfg = cfg_for(source=source, size=16, color="gray", test_size=24, **data)
+    ds = prepare(cfg, tmp_path / "run")
+    raw = sources.load_source(cfg["data"])
+    assert isinstance(raw.images, FileRows if source == "folder" else ArrayRows)
+    if source == "npy":
+        assert isinstance(raw.images._array, np.memmap)
+    whole, meta = sources.standardise(raw, cfg["data"])
+    tr, te = sources.given_or_split(raw, cfg["data"])
+    train, test = read_dataset(ds, "train"), read_dataset(ds, "test")
+    assert np.array_equal(train.images, whole[tr]) and np.array_equal(test.images, whole[te])
+    assert np.array_equal(train.labels, raw.labels[tr]) and train.images.shape[1:] == (1, 16, 16)
+    assert json.loads(h5py.File(ds).attrs["preprocessing"]) == meta["preprocessing"]
+
+
 def test_sixteen_bit_png_keeps_its_depth(tmp_path):
     d = tmp_path / "png16"
     d.mkdir()
