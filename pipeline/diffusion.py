@@ -23,6 +23,15 @@ with ``.to(device)`` (lucidrains/denoising-diffusion-pytorch). Sources:
   timestep t weighted by min(SNR_t, gamma) / SNR_t for epsilon-, min(SNR_t, gamma) / (SNR_t + 1)
   for v- and min(SNR_t, gamma) for x_0-prediction (sec. 3.4; SNR_t = abar_t / (1 - abar_t)), as
   diffusers' ``train_text_to_image.py`` does.
+* Liu, Gong & Liu 2022, "Flow Straight and Fast" (rectified flow) and Lipman et al. 2022, "Flow
+  Matching for Generative Modeling"; Esser et al. 2024 (Stable Diffusion 3), sec. 3.1 and 5.3.2:
+  ``prediction: flow`` trains on the straight path x_sigma = (1 - sigma) x_0 + sigma eps,
+  sigma in (0, 1), with the velocity target v = eps - x_0 (dx_sigma / dsigma), sigma drawn
+  logit-normal (sigmoid of N(0, 1), SD3's ``lognorm(0, 1)``) or uniform. The network sees
+  timestep sigma T (diffusers' convention). Sampled by diffusers' ``FlowMatchEulerDiscreteScheduler``
+  / ``FlowMatchHeunDiscreteScheduler`` (:func:`flow_sample_loop`), or by every VP sampler here
+  through the point of equal signal-to-noise ratio (:meth:`GaussianDiffusion.vp_epsilon_network`:
+  x_vp = (alpha + s) x_sigma at sigma = s / (alpha + s)).
 * Lu et al. 2022, "DPM-Solver++" and Karras et al. 2022, "Elucidating the Design Space" (EDM):
   these samplers are not re-implemented here; :func:`scheduler_sample_loop` drives diffusers'
   tested schedulers (``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``,
@@ -46,7 +55,10 @@ __all__ = [
     "SCHEDULES",
     "PREDICTIONS",
     "LOSS_WEIGHTINGS",
+    "FLOW_TIMES",
     "SCHEDULER_SAMPLERS",
+    "FLOW_SAMPLERS",
+    "flow_sample_loop",
     "make_betas",
     "GaussianDiffusion",
     "ddim_timesteps",
@@ -61,7 +73,10 @@ __all__ = [
 
 SCHEDULES = ("linear", "cosine")
 #: What the network predicts: the noise (DDPM), v (Salimans & Ho 2022) or x_0 itself.
-PREDICTIONS = ("epsilon", "v", "x0")
+PREDICTIONS = ("epsilon", "v", "x0", "flow")
+#: How ``prediction: flow`` draws sigma in training: logit-normal (Esser et al. 2024 eq. 19, m = 0,
+#: s = 1) or uniform on (0, 1) (Liu et al. 2022).
+FLOW_TIMES = ("logit_normal", "uniform")
 #: Per-timestep loss weights: none (DDPM's simple loss in the prediction's own units) or min-SNR-gamma.
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
@@ -120,9 +135,13 @@ class GaussianDiffusion(nn.Module):
         schedule: "linear" or "cosine" (see :func:`make_betas`).
         timesteps: T (1000 in DDPM).
         prediction: what the network outputs (:data:`PREDICTIONS`): "epsilon" (the noise, DDPM
-            eq. 14), "v" (v = alpha_t eps - sigma_t x_0, Salimans & Ho 2022 eq. 9) or "x0".
+            eq. 14), "v" (v = alpha_t eps - sigma_t x_0, Salimans & Ho 2022 eq. 9), "x0", or
+            "flow" (rectified flow: the velocity eps - x_0 on the straight path; module
+            docstring). With "flow" timesteps are real, t = sigma T in (0, T), and the schedule
+            only serves the VP samplers (:meth:`vp_epsilon_network`).
         loss_weighting: "none" (the plain MSE of the prediction) or "min_snr" (Hang et al. 2023).
         min_snr_gamma: gamma of min-SNR weighting (5 in the paper).
+        flow_time: how "flow" draws sigma (:data:`FLOW_TIMES`).
 
     Buffers (float32, (T,)): betas, alphas_cumprod (abar_t), alphas_cumprod_prev,
     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, posterior_variance (beta~_t),
@@ -130,8 +149,8 @@ class GaussianDiffusion(nn.Module):
     snr (abar_t / (1 - abar_t)). All are computed in float64 and stored in float32.
 
     Raises:
-        ValueError: unknown schedule, prediction or loss weighting (the valid names are listed),
-            T < 2, or gamma <= 0.
+        ValueError: unknown schedule, prediction, loss weighting or flow time (the valid names
+            are listed), T < 2, or gamma <= 0.
     """
 
     def __init__(
@@ -141,8 +160,11 @@ class GaussianDiffusion(nn.Module):
         prediction: str = "epsilon",
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        flow_time: str = "logit_normal",
     ):
         super().__init__()
+        if flow_time not in FLOW_TIMES:
+            raise ValueError(f"unknown flow time sampling {flow_time!r}; expected one of {list(FLOW_TIMES)}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {list(PREDICTIONS)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -154,6 +176,7 @@ class GaussianDiffusion(nn.Module):
         self.prediction = prediction
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
+        self.flow_time = flow_time
         betas = make_betas(schedule, timesteps)
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
@@ -186,7 +209,29 @@ class GaussianDiffusion(nn.Module):
             "prediction": self.prediction,
             "loss_weighting": self.loss_weighting,
             "min_snr_gamma": self.min_snr_gamma,
+            "flow_time": self.flow_time,
         }
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether this is rectified flow (``prediction: flow``) rather than VP diffusion."""
+        return self.prediction == "flow"
+
+    def sample_timesteps(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps of a batch: int64 (n,) uniform on {0..T-1} (DDPM), or for flow
+        float32 (n,) t = sigma T, sigma logit-normal or uniform (:data:`FLOW_TIMES`), clamped to
+        [1e-5, 1 - 1e-5]."""
+        if not self.is_flow:
+            return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+        if self.flow_time == "uniform":
+            u = torch.rand((n,), device=device, generator=generator)
+        else:
+            u = torch.sigmoid(torch.randn((n,), device=device, generator=generator))
+        return u.clamp(1e-5, 1 - 1e-5) * self.num_timesteps
+
+    def _sigma(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Flow's sigma = t / T as float (B, 1, ...) broadcastable to ``ndim`` dims."""
+        return (t.float() / self.num_timesteps).view(-1, *([1] * (ndim - 1)))
 
     # forward process -------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -196,7 +241,12 @@ class GaussianDiffusion(nn.Module):
             x_start: x_0, float (B, ...).
             t: int64 (B,) in [0, T).
             noise: eps, same shape as x_start.
+
+        For flow: x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T (t float).
         """
+        if self.is_flow:
+            sigma = self._sigma(t, x_start.dim())
+            return (1 - sigma) * x_start + sigma * noise
         return (
             _extract(self.sqrt_alphas_cumprod, t, x_start.dim()) * x_start
             + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.dim()) * noise
@@ -228,9 +278,12 @@ class GaussianDiffusion(nn.Module):
     # parametrisations -------------------------------------------------------------------
     def target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output at (x_0, eps, t): eps, v = alpha_t eps - sigma_t x_0
-        (Salimans & Ho 2022 eq. 9) or x_0, by ``prediction``. Float, the shape of ``x_start``."""
+        (Salimans & Ho 2022 eq. 9), x_0, or the flow velocity eps - x_0, by ``prediction``.
+        Float, the shape of ``x_start``."""
         if self.prediction == "epsilon":
             return noise
+        if self.is_flow:
+            return noise - x_start
         if self.prediction == "x0":
             return x_start
         nd = x_start.dim()
@@ -245,9 +298,14 @@ class GaussianDiffusion(nn.Module):
         """(x0_hat, eps_hat) from a network output in the ``prediction`` parametrisation.
 
         For v: x_0 = alpha_t x_t - sigma_t v and eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022,
-        appendix D); for x_0: eps from eq. 4. ``t`` is int64 (B,) in [0, T).
+        appendix D); for x_0: eps from eq. 4; for flow (v = eps - x_0 at sigma = t / T):
+        x_0 = x_t - sigma v and eps = x_t + (1 - sigma) v. ``t`` is int64 (B,) in [0, T) (float
+        for flow).
         """
         output = output.float()
+        if self.is_flow:
+            sigma = self._sigma(t, x_t.dim())
+            return x_t - sigma * output, x_t + (1 - sigma) * output
         if self.prediction == "epsilon":
             return self.predict_start_from_noise(x_t, t, output), output
         if self.prediction == "x0":
@@ -261,10 +319,14 @@ class GaussianDiffusion(nn.Module):
 
         ``none``: 1. ``min_snr`` (Hang et al. 2023 sec. 3.4): min(SNR_t, gamma) divided by SNR_t
         (epsilon), by SNR_t + 1 (v) or by 1 (x0): the same weight on the implied x_0 error,
-        min(SNR_t, gamma), whatever the network predicts.
+        min(SNR_t, gamma), whatever the network predicts. For flow, SNR = ((1 - sigma) / sigma)^2
+        and the x_0 error is sigma times the velocity error: weight sigma^2 min(SNR, gamma).
         """
         if self.loss_weighting == "none":
             return torch.ones(t.shape, device=t.device)
+        if self.is_flow:
+            sigma = t.float() / self.num_timesteps
+            return sigma**2 * torch.clamp(((1 - sigma) / sigma) ** 2, max=self.min_snr_gamma)
         snr = self.snr.gather(0, t.long())
         w = torch.clamp(snr, max=self.min_snr_gamma)
         if self.prediction == "epsilon":
@@ -324,7 +386,10 @@ class GaussianDiffusion(nn.Module):
         (Euler/Heun use fractional ones: abar_t is then interpolated linearly in log-SNR between
         the integer steps). The network's output is turned into (x0_hat, eps_hat); with ``clip``
         x0_hat is clipped to [low, high] and eps re-derived from it (as :meth:`ddim_sample_loop`).
+        A flow network is seen through :meth:`vp_epsilon_network`.
         """
+        if self.is_flow:
+            return self.as_vp().epsilon_predictor(self.vp_epsilon_network(model), clip)
         log_snr = torch.log(self.snr.double())
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -347,6 +412,50 @@ class GaussianDiffusion(nn.Module):
                 x0 = torch.maximum(torch.minimum(x0, clip[1]), clip[0])
                 e = (x - a * x0) / s
             return e
+
+        return eps
+
+    def as_vp(self) -> GaussianDiffusion:
+        """The epsilon-prediction VP diffusion of this schedule (on this object's device): what the
+        VP samplers run with a flow network seen through :meth:`vp_epsilon_network`."""
+        return GaussianDiffusion(self.schedule, self.num_timesteps, "epsilon").to(self.betas.device)
+
+    def vp_epsilon_network(
+        self, model: Callable[..., torch.Tensor]
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A flow network as an epsilon-network of this object's VP schedule, so that every VP
+        sampler (DDPM, DDIM, diffusers' DPM-Solver++ ...) can draw from it.
+
+        At VP timestep t (alpha = sqrt(abar_t), s = sqrt(1 - abar_t); real t interpolated in
+        log-SNR as :meth:`epsilon_predictor`), x_vp = alpha x_0 + s eps is (alpha + s) times the
+        flow point of equal SNR, sigma = s / (alpha + s); the flow network's v there gives
+        eps = x + (1 - sigma) v (x = x_vp / (alpha + s)).
+
+        Returns:
+            ``eps(x_vp, t)`` -> float (B, ...); use it with an epsilon-prediction
+            ``GaussianDiffusion`` of the same schedule.
+
+        Raises:
+            ValueError: this object is not a flow (``prediction != "flow"``).
+        """
+        if not self.is_flow:
+            raise ValueError(f"vp_epsilon_network needs prediction 'flow', this diffusion predicts {self.prediction!r}")
+        log_snr = torch.log(self.snr.double())
+        T = self.num_timesteps
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tt = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
+            lo = tt.floor().long().clamp(0, T - 1)
+            hi = (lo + 1).clamp(max=T - 1)
+            frac = (tt - lo.float()).double()
+            ls = log_snr.to(x.device)
+            abar = torch.sigmoid(ls[lo] * (1 - frac) + ls[hi] * frac).float()
+            a, s = abar.sqrt(), (1 - abar).sqrt()
+            sigma = s / (a + s)
+            shape = (-1, *([1] * (x.dim() - 1)))
+            xf = x / (a + s).view(shape)
+            v = model(xf, sigma * T).float()
+            return xf + (1 - sigma).view(shape) * v
 
         return eps
 
@@ -374,7 +483,11 @@ class GaussianDiffusion(nn.Module):
 
         Returns:
             float32 x_0 of ``shape``.
+
+        A flow model is sampled through :meth:`as_vp` and :meth:`vp_epsilon_network`.
         """
+        if self.is_flow:
+            return self.as_vp().p_sample_loop(self.vp_epsilon_network(model), shape, generator, device, progress, clip)
         x = torch.randn(shape, generator=generator, device=device)
         for i, step in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
@@ -407,8 +520,12 @@ class GaussianDiffusion(nn.Module):
         sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev);
         eta = 0 is deterministic given x_T. The last step goes to abar = 1 (x_0 = x0_hat).
         With ``clip`` (see :meth:`p_sample_loop`) x0_hat is clipped and eps re-derived from it,
-        as improved-diffusion's ``ddim_sample`` does.
+        as improved-diffusion's ``ddim_sample`` does. A flow model is sampled through
+        :meth:`as_vp` and :meth:`vp_epsilon_network`.
         """
+        if self.is_flow:
+            vp, net = self.as_vp(), self.vp_epsilon_network(model)
+            return vp.ddim_sample_loop(net, shape, steps, eta, generator, device, progress, clip)
         ts = ddim_timesteps(self.num_timesteps, steps)
         x = torch.randn(shape, generator=generator, device=device)
         abar = self.alphas_cumprod
@@ -466,6 +583,64 @@ SCHEDULER_SAMPLERS: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "eulera": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
 }
+
+
+#: Flow-matching samplers (diffusers): name -> scheduler class. ``euler``: Euler steps of the
+#: flow ODE dx/dsigma = v (Esser et al. 2024's sampler); ``heun``: Heun's second order (2
+#: network calls per step). Both step sigma from 1 to 0 uniformly (``shift`` 1).
+FLOW_SAMPLERS: dict[str, str] = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+
+
+@torch.no_grad()
+def flow_sample_loop(
+    diffusion: GaussianDiffusion,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    sampler: str = "euler",
+    steps: int = 30,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Sample a flow model (``prediction: flow``) with a diffusers flow-matching scheduler
+    (:data:`FLOW_SAMPLERS`): x_1 ~ N(0, I), then ``steps`` steps of the scheduler from sigma = 1
+    to 0, the network called at timestep sigma T. With ``clip`` the implied x_0 = x - sigma v is
+    clipped to [low, high] and v re-derived from it.
+
+    Args:
+        model: the flow network f(x_sigma, sigma T) -> v, float (B, ...).
+        shape: (B, C, *S); steps: scheduler steps (Heun calls the network twice per step).
+
+    Returns:
+        float32 samples of ``shape``.
+
+    Raises:
+        ValueError: not a flow model, an unknown sampler, or steps < 1.
+    """
+    if not diffusion.is_flow:
+        raise ValueError(f"flow samplers need prediction 'flow'; this model predicts {diffusion.prediction!r}")
+    if sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {sorted(FLOW_SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"sampler steps must be >= 1, got {steps}")
+    import diffusers
+
+    T = diffusion.num_timesteps
+    scheduler = getattr(diffusers, FLOW_SAMPLERS[sampler])(num_train_timesteps=T, shift=1.0)
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device)
+    for i, t in enumerate(scheduler.timesteps):
+        tt = torch.as_tensor(t, device=device).float().reshape(1).expand(shape[0])
+        v = model(x, tt).float()
+        if clip is not None:
+            sigma = (tt / T).clamp(min=1e-6).view(-1, *([1] * (x.dim() - 1)))
+            x0 = torch.maximum(torch.minimum(x - sigma * v, clip[1]), clip[0])
+            v = (x - x0) / sigma
+        x = scheduler.step(v, t, x).prev_sample
+        if progress is not None:
+            progress(i + 1)
+    return x.float()
 
 
 @torch.no_grad()

@@ -351,21 +351,34 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0, downsa
         )
 
 
-def _augmented_batches(path, copies: int, degrees: float, shift: float, scale: float, seed: int, bs: int):
-    """Yield (start row, float images (B, C, H, W) in [0, 1], labels int64 (B,)) of ``copies``
+def _augmented_batches(
+    path, copies: int, degrees: float, shift: float, scale: float, seed: int, bs: int, volume_cfg=None
+):
+    """Yield (start row, float images (B, C, *S) in [0, 1], labels int64 (B,)) of ``copies``
     augmented copies of the train split of ``dataset.h5`` at ``path``, copy by copy and batch by
-    batch (one batch in memory), with one generator seeded by ``seed``."""
+    batch (one batch in memory), seeded by ``seed``: images by :func:`pipeline.augment.random_affine`
+    (``degrees``, ``shift``, ``scale``), volumes by the ``data.volume_*`` transform of
+    ``volume_cfg`` (:func:`pipeline.volumes.volume_transform`: elastic + affine, bias field, gamma,
+    noise)."""
     import torch
 
     from pipeline.augment import random_affine
     from pipeline.data import iter_split
 
     g = torch.Generator().manual_seed(seed)
+    transform = None
     row = 0
     for _ in range(copies):
         for batch in iter_split(path, "train", bs):
             x = torch.from_numpy(batch.images.astype(np.float32)).div_(float(batch.max_value))
-            yield row, random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1), batch.labels
+            if x.dim() == 5:
+                from pipeline.volumes import augment_one, volume_transform
+
+                transform = transform or volume_transform(volume_cfg, seed)
+                xa = torch.stack([torch.from_numpy(augment_one(transform, v.numpy())) for v in x])
+            else:
+                xa = random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1)
+            yield row, xa, batch.labels
             row += len(x)
 
 
@@ -437,14 +450,18 @@ def _write_rows(dsets: Mapping, row0: int, enc: Mapping[str, np.ndarray], labels
     dsets["labels"][row0 : row0 + m] = labels
 
 
-def _write_augmented(out, encode, dataset, n: int, augment: Mapping, bs: int, d: int, grid: tuple) -> dict:
+def _write_augmented(
+    out, encode, dataset, n: int, augment: Mapping, bs: int, d: int, grid: tuple, volume_cfg=None
+) -> dict:
     """The ``train_aug`` split: the codes of ``copies`` seeded augmented copies of each of the
-    ``n`` train images of ``dataset``, batch by batch; its metrics (rows, codes in use)."""
+    ``n`` train images of ``dataset`` (volumes: with the ``data.volume_*`` transform of
+    ``volume_cfg``), batch by batch; its metrics (rows, codes in use)."""
     copies = augment["copies"]
     dsets = _create_split(out, AUG_SPLIT, copies * n, d, grid)
     used = np.zeros(out.attrs["K"], dtype=np.int64)
     a = augment
-    for row0, xa, labels in _augmented_batches(dataset, copies, a["degrees"], a["shift"], a["scale"], a["seed"], bs):
+    batches = _augmented_batches(dataset, copies, a["degrees"], a["shift"], a["scale"], a["seed"], bs, volume_cfg)
+    for row0, xa, labels in batches:
         enc = encode(xa)
         _write_rows(dsets, row0, enc, labels)
         used += np.bincount(enc["codes"].ravel().astype(np.int64), minlength=len(used))
@@ -475,14 +492,14 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     Reads ``latents`` (batch_size, augment_copies, augment_degrees, augment_shift,
     augment_scale, seed). Images are read, encoded (:func:`encode_batch`) and written batch by
     batch (its memory does not grow with the data); with ``augment_copies`` > 0 the
-    ``train_aug`` split holds the codes of that many augmented copies of every train image.
+    ``train_aug`` split holds the codes of that many augmented copies of every train image
+    (volumes: drawn with the ``data.volume_*`` transform, :func:`pipeline.volumes.volume_transform`).
 
     Returns:
         metrics dict (N per split, codes in use, wall time).
 
     Raises:
         pipeline.io.DiskFullError: not enough free space for the file (checked before writing).
-        pipeline.io.StageInputError: ``augment_copies`` > 0 for volumes.
     """
     import h5py
     import torch
@@ -490,7 +507,6 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     from pipeline.checkpoint import load_model
     from pipeline.data import iter_split, read_num_classes, split_length
     from pipeline.data import read_info as read_image_info
-    from pipeline.io import StageInputError
     from pipeline.runtime import log, resolve_device, stage_record
 
     paths = RunPaths(run_dir)
@@ -515,8 +531,6 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         stats = _TrainStatistics(k, d)
         sides = read_image_info(paths.dataset).shape[1:]  # (H, W) or (D, H, W)
         grid = tuple(int(s) // getattr(vqvae, "downsample", 4) for s in sides)
-        if copies and len(grid) == 3:
-            raise StageInputError("latents.augment_copies > 0 is for 2D images; set it to 0 for volumes")
         if len(grid) == 3:  # about 4M voxels per batch of volumes
             bs = min(bs, max(1, 2**22 // int(np.prod(sides))))
 
@@ -540,7 +554,11 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
                 metrics[f"num_{split}"] = n
                 log.info("extract_latents: %s %d images encoded", split, n)
             if copies:
-                metrics.update(_write_augmented(out, encode, paths.dataset, metrics["num_train"], augment, bs, d, grid))
+                metrics.update(
+                    _write_augmented(
+                        out, encode, paths.dataset, metrics["num_train"], augment, bs, d, grid, cfg["data"]
+                    )
+                )
                 log.info("extract_latents: %s augmented copies encoded (%d per train image)", AUG_SPLIT, copies)
             stats.write(out.attrs)
         metrics.update(codes_in_use_train=int((stats.used > 0).sum()), K=k, D=d, vqvae_sha256=vq_sha, augment=augment)

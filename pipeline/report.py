@@ -148,7 +148,10 @@ def judge_sentence(evaluation: Mapping, judge_names, n_eval: int, n_train: int, 
 
 def noise_sentence(check: Mapping) -> str:
     """The summary's line on the noise check (``metrics.json`` ``evaluation.noise_check``)."""
-    judge = "label-free" if check["coverage"] == "features_coverage" else "classifier"
+    judge = {
+        "features_coverage": "label-free",
+        "pixel_coverage": "pooled-pixel (14 x 14)",
+    }.get(check["coverage"], "classifier")
     found = ", ".join(f"`{n}`" for n in check["noise_sets"]) or "none"
     return (
         f"**Noise check:** `structure` places a set's {judge} coverage between the `noise` row's "

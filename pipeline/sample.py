@@ -163,18 +163,27 @@ def sample_diffusion_latents(
         model: the network f(x_t, t) in ``diffusion.prediction``'s parametrisation.
         method: "ddpm" (all T steps), "ddim" (``ddim_steps`` steps, ``eta``) or a diffusers
             scheduler of :data:`pipeline.diffusion.SCHEDULER_SAMPLERS` (``ddim_steps`` steps).
+            For a flow model (``prediction: flow``) "euler" and "heun" are diffusers' flow-matching
+            schedulers (:func:`pipeline.diffusion.flow_sample_loop`); the others sample it as a
+            VP model through the point of equal SNR.
         clip: optional (low, high) range of the predicted x_0 (see ``GaussianDiffusion``).
 
     Raises:
         ValueError: an unknown method.
     """
-    from pipeline.diffusion import SCHEDULER_SAMPLERS, scheduler_sample_loop
+    from pipeline.diffusion import FLOW_SAMPLERS, SCHEDULER_SAMPLERS, flow_sample_loop, scheduler_sample_loop
 
     full = (num, channels, *shape)
     total = diffusion.num_timesteps if method == "ddpm" else ddim_steps
+    if method == "heun":  # Heun's schedulers list 2 S - 1 timesteps (a corrector call at each but the last)
+        total = 2 * ddim_steps - 1
     prog = Progress(progress_name, total) if progress_name else None
     every = max(1, total // 5)
     cb = (lambda k: prog.line(k) if k % every == 0 else None) if prog else None
+    if diffusion.is_flow and method in FLOW_SAMPLERS:
+        return flow_sample_loop(
+            diffusion, model, full, method, ddim_steps, generator=generator, device=device, progress=cb, clip=clip
+        )
     if method == "ddim":
         return diffusion.ddim_sample_loop(
             model, full, steps=ddim_steps, eta=eta, generator=generator, device=device, progress=cb, clip=clip
@@ -376,10 +385,24 @@ def draw_diffusion(models: Models, spec: SampleSpec, cfg: Mapping, n: int, label
         "schedule": diffusion.schedule,
         "timesteps": diffusion.num_timesteps,
         "prediction": diffusion.prediction,
+        "scheduler": _scheduler_name(diffusion, spec.method),
         "steps": diffusion.num_timesteps if spec.method == "ddpm" else steps,
         "eta": float(section["ddim_eta"]) if spec.method == "ddim" else None,
     }
     return torch.cat(images), keys
+
+
+def _scheduler_name(diffusion, method: str) -> str:
+    """The sampler that draws ``method`` for this model: a diffusers class name, or ours."""
+    from pipeline.diffusion import FLOW_SAMPLERS, SCHEDULER_SAMPLERS
+
+    if diffusion.is_flow and method in FLOW_SAMPLERS:
+        return f"diffusers.{FLOW_SAMPLERS[method]}"
+    if method in SCHEDULER_SAMPLERS:
+        name = f"diffusers.{SCHEDULER_SAMPLERS[method][0]}"
+    else:
+        name = {"ddim": "GaussianDiffusion.ddim_sample_loop", "ddpm": "GaussianDiffusion.p_sample_loop"}[method]
+    return name + (" on the VP point of equal SNR" if diffusion.is_flow else "")
 
 
 def write_set(paths: RunPaths, spec: SampleSpec, arr: np.ndarray, num_classes: int) -> None:

@@ -367,7 +367,7 @@ def _test_loss(
     total = 0.0
     for s in range(0, len(x), chunk):
         z = x[s : s + chunk]
-        t = torch.randint(0, diffusion.num_timesteps, (len(z),), device=x.device, generator=g)
+        t = diffusion.sample_timesteps(len(z), x.device, generator=g)
         noise = torch.randn(z.shape, device=x.device, generator=g)
         total += float(
             diffusion.eps_mse(net, z, t, noise, labels=None if labels is None else labels[s : s + chunk]).sum()
@@ -377,7 +377,7 @@ def _test_loss(
 
 def _make_diffusion(section: Mapping):
     """The ``GaussianDiffusion`` of a diffusion config section (schedule, timesteps, prediction,
-    loss_weighting, min_snr_gamma)."""
+    loss_weighting, min_snr_gamma, flow_time)."""
     from pipeline.diffusion import GaussianDiffusion
 
     return GaussianDiffusion(
@@ -386,6 +386,7 @@ def _make_diffusion(section: Mapping):
         prediction=section.get("prediction", "epsilon"),
         loss_weighting=section.get("loss_weighting", "none"),
         min_snr_gamma=float(section.get("min_snr_gamma", 5.0)),
+        flow_time=section.get("flow_time", "logit_normal"),
     )
 
 
@@ -393,6 +394,7 @@ class DenoiserMixin:
     """A U-Net trained as a denoiser of the column ``x`` of :attr:`data` (float (N, C, *S): scaled
     latents or pixel-space images; ``self.sample_shape`` = (C, *S)) under ``self.diffusion``'s
     objective (DDPM eq. 14 with the configured prediction and weighting): per step t ~ U{0..T-1}
+    (flow: t = sigma T, sigma logit-normal or uniform; :meth:`GaussianDiffusion.sample_timesteps`)
     and noise ~ N(0, I) are drawn for the global batch and sharded; a conditional prior's labels
     are dropped to the null label with probability ``label_dropout`` (:meth:`labels_for`;
     classifier-free guidance training)."""
@@ -408,7 +410,7 @@ class DenoiserMixin:
 
     def compute_loss(self, net, idx, shard):
         n, device, T = len(idx), self.device, self.diffusion.num_timesteps
-        t = torch.randint(0, T, (n,), device=device)
+        t = self.diffusion.sample_timesteps(n, device)
         noise = torch.randn((n, *self.sample_shape), device=device)
         y = self.labels_for(idx, shard) if self.n_cls else None
         losses = self.diffusion.training_losses(net, self.data.take("x", idx, shard), shard(t), shard(noise), labels=y)
@@ -431,7 +433,9 @@ class DenoiserMixin:
 class DiffusionStage(DenoiserMixin, PriorStage):
     """Stage 5: latent diffusion on the train latents scaled to unit variance per channel
     (:class:`pipeline.latents.LatentScaling`); measures the test epsilon-MSE of the EMA and raw
-    weights (and of the true labels for the conditional variant)."""
+    weights (and of the true labels for the conditional variant), and the same epsilon-MSE of the
+    EMA weights on as many train rows (``train_probe_loss_ema``: the generalisation gap; the
+    training loss itself is weighted by the objective and not comparable)."""
 
     name, kind, section_name = "train_diffusion", "unet", "diffusion"
 
@@ -450,6 +454,9 @@ class DiffusionStage(DenoiserMixin, PriorStage):
         self.data = self.stage_data(columns, device)
         self.sample_shape = (self.info.embedding_dim, *self.info.grid)
         self.test_z = self.scaling.scale(torch.from_numpy(getattr(self.test, kind)).to(device))
+        # as many train rows as test rows, for the same test loss on both (the generalisation gap)
+        probe = next(iterate_rows({"x": columns["x"]}, len(self.test_z)))["x"]
+        self.train_probe_z = probe.to(device)
         self.kind = UNET_KINDS[self.section.get("network", "own")]  # the project's U-Net or MONAI's
         return len(self.data)
 
@@ -467,6 +474,7 @@ class DiffusionStage(DenoiserMixin, PriorStage):
         losses = {
             "ema": _test_loss(self.diffusion, result.ema.module, self.test_z, seed),
             "raw": _test_loss(self.diffusion, model, self.test_z, seed),
+            "train_ema": _test_loss(self.diffusion, result.ema.module, self.train_probe_z, seed),
         }
         if self.n_cls:
             losses["conditional_ema"] = _test_loss(self.diffusion, result.ema.module, self.test_z, seed, self.test_y)
@@ -475,6 +483,7 @@ class DiffusionStage(DenoiserMixin, PriorStage):
             "final_train_loss": result.final_loss,
             "test_loss_ema": losses["ema"],
             "test_loss_raw": losses["raw"],
+            "train_probe_loss_ema": losses["train_ema"],
             "schedule": self.section["schedule"],
             "timesteps": self.diffusion.num_timesteps,
             "prediction": self.diffusion.prediction,
@@ -496,6 +505,7 @@ class DiffusionStage(DenoiserMixin, PriorStage):
 
     summary_format = (
         "{folder}: final train loss {final_train_loss:.4f}, test loss EMA {test_loss_ema:.4f} / raw {test_loss_raw:.4f}"
+        " (EMA on as many train rows {train_probe_loss_ema:.4f})"
     )
 
 
@@ -717,7 +727,7 @@ def _steps_for_budget(
     for _ in range(probe_steps + 2):
         t0 = time.perf_counter()
         idx = torch.randint(0, len(x), (b,), device=x.device, generator=g)
-        t = torch.randint(0, diffusion.num_timesteps, (b,), device=x.device, generator=g)
+        t = diffusion.sample_timesteps(b, x.device, generator=g)
         noise = torch.randn((b, *x.shape[1:]), device=x.device, generator=g)
         with autocast(x.device, bf16):
             loss = diffusion.training_losses(probe, x[idx], t, noise).mean()

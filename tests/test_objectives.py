@@ -1,6 +1,6 @@
-"""The diffusion objectives (epsilon / v / x0 prediction, min-SNR weighting) and the diffusers-driven
-samplers: hand values, exact inverses, diffusers as the reference, and a Gaussian toy whose exact
-denoiser is known in closed form."""
+"""The diffusion objectives (epsilon / v / x0 prediction, rectified flow, min-SNR weighting) and the
+diffusers-driven samplers: hand values, exact inverses, diffusers as the reference, and a Gaussian
+toy whose exact denoiser (and flow velocity) is known in closed form."""
 
 import math
 
@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import PREDICTIONS, SCHEDULER_SAMPLERS, GaussianDiffusion, make_betas, scheduler_sample_loop
+from pipeline.diffusion import (
+    FLOW_SAMPLERS,
+    PREDICTIONS,
+    SCHEDULER_SAMPLERS,
+    GaussianDiffusion,
+    flow_sample_loop,
+    make_betas,
+    scheduler_sample_loop,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -68,7 +76,9 @@ def test_min_snr_weights_by_hand_and_against_diffusers(prediction, divide):
 def test_no_weighting_is_one_and_bad_names_are_refused():
     d = GaussianDiffusion("linear", 100)
     assert torch.equal(d.loss_weights(torch.tensor([0, 99])), torch.ones(2))
-    with pytest.raises(ValueError, match=r"unknown prediction 'score'; expected one of \['epsilon', 'v', 'x0'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown prediction 'score'; expected one of \['epsilon', 'v', 'x0', 'flow'\]"
+    ):
         GaussianDiffusion("linear", 100, prediction="score")
     with pytest.raises(ValueError, match=r"unknown loss weighting 'p2'"):
         GaussianDiffusion("linear", 100, loss_weighting="p2")
@@ -104,7 +114,7 @@ def test_scheduler_uses_our_schedule():
         d.diffusers_scheduler("plms")
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
 def test_epsilon_predictor_at_integer_and_fractional_timesteps(prediction):
     d = GaussianDiffusion("linear", 1000, prediction=prediction)
     g = torch.Generator().manual_seed(4)
@@ -185,3 +195,85 @@ def test_clip_bounds_the_predicted_x0():
         d, far, (8, 1, 2, 2), sampler="dpmpp", steps=10, generator=torch.Generator().manual_seed(0)
     )
     assert unclipped.min() > 9.0
+
+
+# --- rectified flow ---------------------------------------------------------------------------
+class FlowGaussianVelocity(torch.nn.Module):
+    """The exact velocity of rectified flow for data x0 ~ N(mu, s2) per channel: on the path
+    x = (1 - sigma) x0 + sigma eps, E[x0 | x] = mu + (1 - sigma) s2 / ((1 - sigma)^2 s2 + sigma^2)
+    (x - (1 - sigma) mu), E[eps | x] = (x - (1 - sigma) E[x0 | x]) / sigma, v = E[eps] - E[x0]."""
+
+    def __init__(self, mu, s2, timesteps: int = 1000):
+        super().__init__()
+        self.mu, self.s2, self.T = torch.tensor(mu).view(1, -1, 1, 1), torch.tensor(s2).view(1, -1, 1, 1), timesteps
+
+    def forward(self, x, t):
+        sigma = (torch.as_tensor(t).float().reshape(-1).expand(x.shape[0]) / self.T).clamp(min=1e-6).view(-1, 1, 1, 1)
+        a = 1 - sigma
+        x0 = self.mu + a * self.s2 / (a**2 * self.s2 + sigma**2) * (x - a * self.mu)
+        return (x - a * x0) / sigma - x0
+
+
+def test_flow_path_target_and_inverse_by_hand():
+    d = GaussianDiffusion("cosine", 1000, prediction="flow")
+    x0, eps, t = torch.full((1, 1), 2.0), torch.full((1, 1), -1.0), torch.tensor([250.0])
+    assert float(d.q_sample(x0, t, eps)) == pytest.approx(0.75 * 2.0 + 0.25 * -1.0)
+    assert float(d.target(x0, eps, t)) == pytest.approx(-3.0)  # v = eps - x0
+    x0_hat, eps_hat = d.split_output(d.q_sample(x0, t, eps), t, d.target(x0, eps, t))
+    assert float(x0_hat) == pytest.approx(2.0) and float(eps_hat) == pytest.approx(-1.0)
+
+
+def test_flow_time_sampling_and_weights():
+    g = torch.Generator().manual_seed(0)
+    t = GaussianDiffusion("cosine", 1000, prediction="flow").sample_timesteps(200_000, "cpu", generator=g)
+    assert t.dtype == torch.float32 and 0 < float(t.min()) and float(t.max()) < 1000
+    logit = torch.logit(t / 1000)  # logit-normal: the logit of sigma is N(0, 1)
+    assert float(logit.mean()) == pytest.approx(0.0, abs=0.01) and float(logit.std()) == pytest.approx(1.0, abs=0.01)
+    u = GaussianDiffusion("cosine", 1000, prediction="flow", flow_time="uniform").sample_timesteps(200_000, "cpu", g)
+    assert float((u / 1000).mean()) == pytest.approx(0.5, abs=0.005) and float((u / 1000).var()) == pytest.approx(
+        1 / 12, abs=0.002
+    )
+    # VP timesteps are unchanged: the integers randint gave before
+    vp = GaussianDiffusion("cosine", 1000).sample_timesteps(5, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(vp, torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(3)))
+    w = GaussianDiffusion("cosine", 1000, prediction="flow", loss_weighting="min_snr", min_snr_gamma=5.0)
+    sigma = np.array([0.1, 0.3, 0.5, 0.9])
+    expect = sigma**2 * np.minimum(((1 - sigma) / sigma) ** 2, 5.0)
+    assert np.allclose(w.loss_weights(torch.tensor(sigma * 1000, dtype=torch.float32)).numpy(), expect, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown flow time sampling 'beta'"):
+        GaussianDiffusion("cosine", 1000, prediction="flow", flow_time="beta")
+
+
+@pytest.mark.parametrize("sampler,steps,tol", [("euler", 100, 0.06), ("heun", 25, 0.05)])
+def test_flow_samplers_draw_the_gaussian_toy(sampler, steps, tol):
+    """diffusers' flow-matching schedulers with the exact velocity of N(mu, s2) draw that law."""
+    d = GaussianDiffusion("cosine", 1000, prediction="flow")
+    mu, s2 = [1.0, -0.5, 0.0], [0.25, 1.0, 4.0]
+    x = flow_sample_loop(
+        d, FlowGaussianVelocity(mu, s2), (20000, 3, 1, 1), sampler, steps, generator=torch.Generator().manual_seed(0)
+    )
+    assert np.allclose(x.mean((0, 2, 3)).numpy(), mu, atol=0.05)
+    assert np.allclose(x.var((0, 2, 3)).numpy() / np.array(s2), 1.0, atol=tol), x.var((0, 2, 3))
+    with pytest.raises(ValueError, match="unknown flow sampler 'dpmpp'"):
+        flow_sample_loop(d, FlowGaussianVelocity(mu, s2), (2, 3, 1, 1), "dpmpp", 5)
+    with pytest.raises(ValueError, match="flow samplers need prediction 'flow'"):
+        flow_sample_loop(GaussianDiffusion("cosine", 1000), FlowGaussianVelocity(mu, s2), (2, 3, 1, 1), "euler", 5)
+    assert set(FLOW_SAMPLERS) == {"euler", "heun"}
+
+
+def test_a_flow_model_through_the_vp_samplers_draws_the_gaussian_toy():
+    """The flow velocity seen as a VP epsilon-network at the point of equal SNR is the exact VP
+    denoiser of the same law: DPM-Solver++ and DDIM draw N(mu, s2) from it."""
+    d = GaussianDiffusion("linear", 1000, prediction="flow")
+    mu, s2 = [0.5, -1.0], [2.0, 0.5]
+    flow = FlowGaussianVelocity(mu, s2)
+    exact = GaussianDenoiser(GaussianDiffusion("linear", 1000), mu, s2)
+    x = torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(1))
+    for t in (torch.tensor([10.0] * 4), torch.tensor([500.0] * 4), torch.tensor([990.5] * 4)):
+        assert torch.allclose(d.vp_epsilon_network(flow)(x, t), exact(x, t), atol=1e-4)
+    got = scheduler_sample_loop(d, flow, (20000, 2, 1, 1), "dpmpp", 25, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(got.var((0, 2, 3)).numpy() / np.array(s2), 1.0, atol=0.06)
+    got = d.ddim_sample_loop(flow, (20000, 2, 1, 1), steps=100, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(got.mean((0, 2, 3)).numpy(), mu, atol=0.05)
+    with pytest.raises(ValueError, match="vp_epsilon_network needs prediction 'flow'"):
+        GaussianDiffusion("linear", 1000).vp_epsilon_network(flow)

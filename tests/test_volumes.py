@@ -249,11 +249,11 @@ def test_a_shape_not_divisible_by_the_downsampling_factor(tmp_path):
 def test_the_3d_chain_vqvae_latents_priors_samples(tmp_path):
     """The same VQ-VAE with spatial_dims 3, sized from dataset.h5: codes on a (D/f, H/f, W/f)
     grid, SSIM/PSNR of the test reconstructions, NIfTI reconstructions with the test affines;
-    latents.h5 on that grid; the PixelCNN and the latent diffusion U-Net in 3D; samples as NIfTI
+    latents.h5 on that grid, with augmented copies; the PixelCNN and the latent diffusion U-Net in 3D; samples as NIfTI
     and three-plane grids; the 3D encoder and the evaluate stage's 3D checks."""
     folder = write_set(tmp_path / "vols", n=10)
     over = ["data.voxel_size=2.5", "data.volume_shape=[16, 16, 12]", "vqvae.steps=30", "vqvae.batch_size=4"]
-    over += ["latents.augment_copies=0", "data.test_size=4"]
+    over += ["latents.augment_copies=1", "data.test_size=4", "diffusion.augmented=true"]
     cfg = cfg_for(folder, *over)
     run = tmp_path / "run"
     prepare(cfg, run)
@@ -275,6 +275,9 @@ def test_the_3d_chain_vqvae_latents_priors_samples(tmp_path):
 
     train, info = read_split(run / "latents" / "latents.h5", "train")
     assert info.grid == (4, 4, 3) and train.codes.shape == (6, 4, 4, 3) and train.latents.shape[1:] == (16, 4, 4, 3)
+    # one augmented copy of every train volume (the data.volume_* transform), for the priors
+    aug, _ = read_split(run / "latents" / "latents.h5", "train_aug")
+    assert aug.codes.shape == (6, 4, 4, 3) and not np.array_equal(aug.encodings, train.encodings)
     # both priors on the 3D codes: the gated PixelCNN with its depth stack, and latent diffusion with
     # the same U-Net in 3D; samples decoded to volumes
     get_stage("train_pixelcnn")(cfg, str(run), threads=2)
@@ -342,7 +345,9 @@ def test_a_volume_shape_not_divisible_stops_train_vqvae(tmp_path):
 @pytest.mark.slow
 def test_snakemake_runs_the_shipped_3d_config_on_tiny_models(tmp_path):
     """The real workflow on pipeline/configs/anatomy3d.yaml (nibabel's anatomy and its augmented
-    copies) with tiny models: the 3D chain end to end, NIfTI samples and the 3D report columns."""
+    copies) with tiny models: the 3D chain end to end (its flow-matching prior on the latents and
+    their augmented copies, drawn by the flow Euler scheduler), NIfTI samples and the 3D report
+    columns."""
     cmd = snakemake_cmd(
         tmp_path,
         "--configfile",
@@ -352,8 +357,8 @@ def test_snakemake_runs_the_shipped_3d_config_on_tiny_models(tmp_path):
         "2",
         "--config",
         "data={volume_copies: 11, test_size: 4}",
-        "latents={augment_copies: 0}",
-        "sample={sets: [pixelcnn, diffusion_ddim], num_samples: 10}",
+        "latents={augment_copies: 1}",
+        "sample={sets: [pixelcnn, diffusion_euler], num_samples: 10}",
         "evaluate={num_images: 10}",
         "vqvae={steps: 20, batch_size: 4}",
     )

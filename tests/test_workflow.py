@@ -107,6 +107,9 @@ def test_every_output_and_schema(workflow_run):
         assert (run / "samples" / f"{m}.png").stat().st_size > 0
     diff_log = (run / "diffusion" / "train_log.csv").read_text().splitlines()
     assert diff_log[0].startswith("step,lr,loss") and diff_log[-1].startswith(str(cfg["diffusion"]["steps"]))
+    diff = json.loads((run / "diffusion" / "metrics.json").read_text())
+    for key in ("test_loss_ema", "test_loss_raw", "train_probe_loss_ema"):  # the gap: same estimator, train rows
+        assert np.isfinite(diff[key]) and diff[key] > 0, key
     # each stage wrote the part of the config it read
     written = yaml.safe_load((run / "diffusion" / "config.yaml").read_text())
     assert (
@@ -324,7 +327,9 @@ def test_scaling_study_config_runs_end_to_end(workflow_run):
 
 def test_ablation_row_retrains_one_prior_and_prints_the_evaluate_numbers(tiny_run, tmp_path):
     """benchmarks/ablation.py: links the base run's data/VQ-VAE/judge/latents, retrains only the
-    prior the sets need with the override, and prints the evaluate stage's own numbers."""
+    prior the sets need with the override, and prints the evaluate stage's own numbers. The override
+    is flow matching: trained by the stage, drawn by diffusers' flow-matching Euler scheduler
+    (``_euler``) and, for the conditional model, by DDIM through the VP point of equal SNR."""
     out = tmp_path / "abl"
     proc = subprocess.run(
         [
@@ -335,13 +340,13 @@ def test_ablation_row_retrains_one_prior_and_prints_the_evaluate_numbers(tiny_ru
             "--out",
             str(out),
             "--name",
-            "eps",
+            "flow",
             "--configfile",
             str(TINY),
             "--set",
-            "diffusion.prediction=epsilon",
+            "diffusion.prediction=flow",
             "--sets",
-            "diffusion_ddim",
+            "diffusion_euler",
             "diffusion_ddim_g2",
         ],
         capture_output=True,
@@ -351,10 +356,13 @@ def test_ablation_row_retrains_one_prior_and_prints_the_evaluate_numbers(tiny_ru
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
-    assert [r[1] for r in rows] == ["diffusion_ddim", "diffusion_ddim_g2"]
+    assert [r[1] for r in rows] == ["diffusion_euler", "diffusion_ddim_g2"]
     report = json.loads((out / "report" / "metrics.json").read_text())
-    assert float(rows[0][2]) == pytest.approx(report["sets"]["diffusion_ddim"]["fd_ratio"], abs=0.005)
+    assert float(rows[0][2]) == pytest.approx(report["sets"]["diffusion_euler"]["fd_ratio"], abs=0.005)
     for folder in ("diffusion", "diffusion_cond"):  # retrained here, with the override
         assert not (out / folder).is_symlink()
-        assert json.loads((out / folder / "metrics.json").read_text())["prediction"] == "epsilon"
+        assert json.loads((out / folder / "metrics.json").read_text())["prediction"] == "flow"
+    for name in ("diffusion_euler", "diffusion_ddim_g2"):
+        record = json.loads((out / "samples" / f"{name}.json").read_text())
+        assert record["prediction"] == "flow" and np.isfinite(np.load(out / "samples" / f"{name}.npy")).all()
     assert (out / "vqvae").is_symlink() and not (out / "pixelcnn").exists()
