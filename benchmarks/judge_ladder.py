@@ -94,8 +94,11 @@ COMBINATIONS = {
 }
 
 
-def candidates(row: dict, judging, space: str, x: torch.Tensor, floor_row: dict, noise_row: dict) -> dict:
-    """The candidate scores (lower is better) of one evaluate-stage row."""
+def candidates(
+    row: dict, judging, space: str, x: torch.Tensor, feats: np.ndarray, floor_row: dict, noise_row: dict
+) -> dict:
+    """The candidate scores (lower is better) of one evaluate-stage row; ``feats``: the judge's
+    features of its first n images ``x``."""
     from pipeline.evaluate import noise_check
 
     pre = "features_" if space == "features" else ""
@@ -103,7 +106,6 @@ def candidates(row: dict, judging, space: str, x: torch.Tensor, floor_row: dict,
     cov = row[f"{pre}coverage"]
     structure, _ = noise_check(cov, noise_row[f"{pre}coverage"], floor_row[f"{pre}coverage"])
     n = len(x)
-    feats = judging.spaces[space].embed(x[:n]) if row["name"] != "real_test" else judging.spaces[space].test[:n]
     out = {
         "FD": row[fd_key],
         "fd_ratio": row["headline_fd_ratio"],
@@ -246,9 +248,9 @@ def main(argv=None) -> int:
                 continue
             row = {"real_test": floor_row, "noise": noise_row}.get(name) or score_set(judging, name, x, None, none)
             rows[name] = row
-            cands[name] = candidates(row, judging, space, x, floor_row, noise_row)
             js = judging.spaces[space]
             feats[name] = js.test[:n] if name == "real_test" else js.embed(x[:n])
+            cands[name] = candidates(row, judging, space, x, feats[name], floor_row, noise_row)
             if x.dim() == 4:
                 pixels[name] = pooled_pixels(x[:n])
     keys = list(next(iter(cands.values())))

@@ -168,14 +168,9 @@ def main(argv=None) -> int:
     common = ["--run", str(run), "--threads", str(a.threads)]
     for f in a.configfile:
         common += ["--configfile", str(Path(f).resolve())]
-    budget_sets = []
-    for f in [] if a.sets_only else a.budgets:
-        name = f"diffusion_dpmsde_b{f:g}"
-        if not (run / f"diffusion_b{f:g}" / "model.pt").is_file():
-            subprocess.run([*base, "train_diffusion", *common, "--budget", str(f)], check=True, cwd=ROOT)
-        if not (run / "samples" / f"{name}.npy").is_file():
-            subprocess.run([*base, "sample", *common, "--sample-set", name], check=True, cwd=ROOT)
-        budget_sets.append(name)
+    from judge_ladder import ensure_budget_sets
+
+    budget_sets = [] if a.sets_only else ensure_budget_sets(run, a.configfile, a.budgets, a.threads)
     models = list(dict.fromkeys([*cfg["sample"]["sets"], *budget_sets]))
     cmd = [*base, "evaluate", *common, "--set", f"sample.sets={json.dumps(models)}"]
     subprocess.run(cmd, check=True, cwd=ROOT)
