@@ -16,7 +16,9 @@ against the run's train images, N = ``evaluate.num_images``:
   warp inside it is no degradation (measured: magnitudes 2, 4 and 8 left every score unmoved);
 * the run's diffusion model at training budgets 1 and ``--budgets`` (fractions, default 0.5,
   0.25 and 0.01, the last one untrained; trained with ``python -m pipeline train_diffusion
-  --budget f`` and sampled as ``diffusion_dpmsde_b<f>`` if missing): more training ranks better.
+  --budget f`` and sampled as ``<trained>_b<f>`` if missing, ``--trained`` the fully trained
+  model's set, ``diffusion_dpmsde`` by default): more training ranks better. A model's set of
+  k N samples is judged as the evaluate stage judges it, the mean of k draws of N.
 
 Candidate scores, each turned so that lower is better: the label-free (or classifier) FD,
 1 - coverage, 1 - precision, 1 - recall, -density (Naeem et al. 2020), the noise check's
@@ -163,15 +165,18 @@ def structure_candidates(
     return out
 
 
-def ensure_budget_sets(run: Path, configfiles: list[str], budgets: list[float], threads: int) -> list[str]:
-    """Train (``--budget f``) and sample ``diffusion_dpmsde_b<f>`` for each budget if missing."""
+def ensure_budget_sets(
+    run: Path, configfiles: list[str], budgets: list[float], threads: int, trained: str = "diffusion_dpmsde"
+) -> list[str]:
+    """Train (``--budget f``) and sample ``<trained>_b<f>`` (e.g. ``diffusion_dpmsde_b0.5``) for
+    each budget if missing."""
     base = [sys.executable, "-m", "pipeline"]
     common = ["--run", str(run), "--threads", str(threads)]
     for f in configfiles:
         common += ["--configfile", str(Path(f).resolve())]
     names = []
     for f in budgets:
-        name = f"diffusion_dpmsde_b{f:g}"
+        name = f"{trained}_b{f:g}"
         if not (run / f"diffusion_b{f:g}" / "model.pt").is_file():
             subprocess.run([*base, "train_diffusion", *common, "--budget", str(f)], check=True, cwd=ROOT)
         if not (run / "samples" / f"{name}.npy").is_file():
@@ -234,9 +239,11 @@ def main(argv=None) -> int:
         rungs[family] = [("real_test", test_x[:n])] + [
             (f"{family} {lv:g}", degrade(test_x[:n], family, lv)) for lv in levels
         ]
-    budget_sets = ensure_budget_sets(run, a.configfile, sorted(a.budgets, reverse=True), a.threads)
+    budget_sets = ensure_budget_sets(run, a.configfile, sorted(a.budgets, reverse=True), a.threads, a.trained)
     models = [a.trained, *budget_sets]
-    rungs["training"] = [(m, torch.from_numpy(np.load(run / "samples" / f"{m}.npy"))[:n]) for m in models]
+    # every sample of a model: score_set judges k N samples as the mean of k draws of N (the
+    # evaluate stage's rule); the candidates outside score_set read the first N
+    rungs["training"] = [(m, torch.from_numpy(np.load(run / "samples" / f"{m}.npy"))) for m in models]
 
     rows: dict[str, dict] = {}
     cands: dict[str, dict] = {}
@@ -250,7 +257,7 @@ def main(argv=None) -> int:
             rows[name] = row
             js = judging.spaces[space]
             feats[name] = js.test[:n] if name == "real_test" else js.embed(x[:n])
-            cands[name] = candidates(row, judging, space, x, feats[name], floor_row, noise_row)
+            cands[name] = candidates(row, judging, space, x[:n], feats[name], floor_row, noise_row)
             if x.dim() == 4:
                 pixels[name] = pooled_pixels(x[:n])
     keys = list(next(iter(cands.values())))

@@ -352,14 +352,25 @@ def _check_free_space(dest: Path, dataset: Path, d: int, copies: int = 0, downsa
 
 
 def _augmented_batches(
-    path, copies: int, degrees: float, shift: float, scale: float, seed: int, bs: int, volume_cfg=None
+    path,
+    copies: int,
+    degrees: float,
+    shift: float,
+    scale: float,
+    seed: int,
+    bs: int,
+    volume_cfg=None,
+    intensity: bool = True,
 ):
     """Yield (start row, float images (B, C, *S) in [0, 1], labels int64 (B,)) of ``copies``
     augmented copies of the train split of ``dataset.h5`` at ``path``, copy by copy and batch by
     batch (one batch in memory), seeded by ``seed``: images by :func:`pipeline.augment.random_affine`
     (``degrees``, ``shift``, ``scale``), volumes by the ``data.volume_*`` transform of
-    ``volume_cfg`` (:func:`pipeline.volumes.volume_transform`: elastic + affine, bias field, gamma,
-    noise)."""
+    ``volume_cfg`` (:func:`pipeline.volumes.volume_transform`: elastic + affine, and with
+    ``intensity`` its bias field, gamma and noise too). On ``anatomy3d.yaml``, whose train
+    volumes are already such copies, the second intensity draw widens the law of the mean
+    intensity (1st percentile 0.37 in train, 0.23 in the copies) and still wins: the warp alone
+    gave worse FD / floor (docs/ablations.md A5)."""
     import torch
 
     from pipeline.augment import random_affine
@@ -374,7 +385,7 @@ def _augmented_batches(
             if x.dim() == 5:
                 from pipeline.volumes import augment_one, volume_transform
 
-                transform = transform or volume_transform(volume_cfg, seed)
+                transform = transform or volume_transform(volume_cfg, seed, intensity=intensity)
                 xa = torch.stack([torch.from_numpy(augment_one(transform, v.numpy())) for v in x])
             else:
                 xa = random_affine(x, degrees, shift, generator=g, max_scale=scale).clamp_(0, 1)
@@ -460,7 +471,9 @@ def _write_augmented(
     dsets = _create_split(out, AUG_SPLIT, copies * n, d, grid)
     used = np.zeros(out.attrs["K"], dtype=np.int64)
     a = augment
-    batches = _augmented_batches(dataset, copies, a["degrees"], a["shift"], a["scale"], a["seed"], bs, volume_cfg)
+    batches = _augmented_batches(
+        dataset, copies, a["degrees"], a["shift"], a["scale"], a["seed"], bs, volume_cfg, a["intensity"]
+    )
     for row0, xa, labels in batches:
         enc = encode(xa)
         _write_rows(dsets, row0, enc, labels)
@@ -490,10 +503,11 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
     """Stage 3: encode every image of ``dataset.h5`` with the trained VQ-VAE into ``latents.h5``.
 
     Reads ``latents`` (batch_size, augment_copies, augment_degrees, augment_shift,
-    augment_scale, seed). Images are read, encoded (:func:`encode_batch`) and written batch by
+    augment_scale, augment_intensity, seed). Images are read, encoded (:func:`encode_batch`) and written batch by
     batch (its memory does not grow with the data); with ``augment_copies`` > 0 the
     ``train_aug`` split holds the codes of that many augmented copies of every train image
-    (volumes: drawn with the ``data.volume_*`` transform, :func:`pipeline.volumes.volume_transform`).
+    (volumes: drawn with the ``data.volume_*`` transform, :func:`pipeline.volumes.volume_transform`,
+    its elastic + affine half unless ``augment_intensity``).
 
     Returns:
         metrics dict (N per split, codes in use, wall time).
@@ -520,6 +534,7 @@ def extract_latents(cfg: Mapping, run_dir: str | os.PathLike, threads: int | Non
         "shift": float(section.get("augment_shift", 0.0)),
         "scale": float(section.get("augment_scale", 0.0)),
         "seed": int(section.get("seed", 0)),
+        "intensity": bool(section.get("augment_intensity", True)),
     }
     with stage_record("extract_latents", cfg, paths.latents.parent, threads=threads) as metrics:
         device = resolve_device(cfg["device"])

@@ -77,6 +77,7 @@ SET_COLUMNS = [
     ("fd_train", "FD vs train"),
     ("fd_test", "FD vs test"),
     ("fd_ratio", "FD / floor"),
+    ("fd_ratio_sd", "FD / floor sd"),
     ("precision", "precision"),
     ("recall", "recall"),
     ("duplicates", "duplicates"),
@@ -90,6 +91,7 @@ SET_COLUMNS = [
 FEATURE_COLUMNS = [
     ("features_fd", "label-free FD"),
     ("features_fd_ratio", "label-free FD / floor"),
+    ("features_fd_ratio_sd", "label-free FD / floor sd"),
     ("features_precision", "label-free precision"),
     ("features_recall", "label-free recall"),
     ("features_density", "label-free density"),
@@ -124,8 +126,9 @@ def set_columns(judge_names, volumes: bool = False) -> list[tuple[str, str]]:
     return head + (FEATURE_COLUMNS if "features" in judge_names else []) + extra + tail
 
 
-def judge_sentence(evaluation: Mapping, judge_names, n_eval: int, n_train: int, floor_row: Mapping) -> str:
-    """The summary's sentence on what judged the samples and how to read the FD columns."""
+def judge_sentence(evaluation: Mapping, judge_names, n_eval: int, n_train: int, floor_row: Mapping, sets=None) -> str:
+    """The summary's sentence on what judged the samples and how to read the FD columns (``sets``:
+    the set rows, for the number of draws of N each was judged in)."""
     parts = []
     if "classifier" in judge_names:
         parts.append(
@@ -143,6 +146,12 @@ def judge_sentence(evaluation: Mapping, judge_names, n_eval: int, n_train: int, 
         "`FD / floor` divides by the FD of N real test images against train (`real_test` row: the floor, "
         f"{floor_row['headline_fd']:.3f})."
     )
+    draws = sorted({int(r.get("headline_fd_draws") or 1) for r in sets or ()})
+    if draws and draws[-1] > 1:
+        parts.append(
+            f"A set of k N samples is judged in k disjoint draws of N (k = {', '.join(map(str, draws))}): its FD, "
+            "precision, recall, density and coverage are the means over the draws and `FD / floor sd` their spread."
+        )
     return " ".join(parts)
 
 
@@ -666,7 +675,9 @@ def _header(result: Mapping, run: Path) -> list[str]:
         f"# Sample quality of run `{run.name}`\n",
         f"Made at commit `{prov['commit']}`{dirty} by the evaluate stage "
         f"(`python -m pipeline evaluate --run {run}`, run by `snakemake`), {prov['date']}.\n",
-        judge_sentence(ev, ev["judges"], ev["num_images"], ev["num_train_reference"], result["floor"]),
+        judge_sentence(
+            ev, ev["judges"], ev["num_images"], ev["num_train_reference"], result["floor"], result["sets"].values()
+        ),
         f"Reference rows: `blurred_real` (the test images blurred, Gaussian sigma {ev['blur_sigma_px']:.2g} px) "
         "and `noise` (per-pixel Gaussian noise with the train images' mean and std): a good set lies between the "
         f"floor and them. Precision/recall: k-NN manifolds (k = {ev['precision_recall_k']}) against N train images "
@@ -684,8 +695,13 @@ def write_tables(out: Path, result: Mapping, studies: Mapping[str, dict], volume
     references, sets, stages, evaluation, provenance), ``studies`` :func:`build_studies`'s."""
     from pipeline.sets import parse_sample_set
 
-    columns = set_columns(result["evaluation"]["judges"], volumes=volumes)
     sets, floor, refs = result["sets"], result["floor"], list(result["references"].values())
+    every = [floor, *refs, *sets.values()]
+    columns = [  # the spread over draws only where a set was judged in more than one draw of N
+        c
+        for c in set_columns(result["evaluation"]["judges"], volumes=volumes)
+        if not c[0].endswith("fd_ratio_sd") or any(r.get(c[0]) is not None for r in every)
+    ]
     md_sets, tsv_sets = _table([floor, *refs, *sets.values()], columns)
     atomic_write_text(out / "sets.tsv", tsv_sets)
     specs = {n: parse_sample_set(n) for n in sets}

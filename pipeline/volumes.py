@@ -552,8 +552,10 @@ def augment_volumes(volumes: np.ndarray, copies: int, cfg: Mapping, seed: int) -
     return out
 
 
-def volume_transform(cfg: Mapping, seed: int):
-    """The seeded MONAI transform of :func:`augment_volumes` (its docstring gives the steps)."""
+def volume_transform(cfg: Mapping, seed: int, intensity: bool = True):
+    """The seeded MONAI transform of :func:`augment_volumes` (its docstring gives the steps);
+    ``intensity=False`` keeps its geometric half only (elastic + affine: no bias field, gamma or
+    noise): the latent copies of volumes with ``latents.augment_intensity: false``."""
     import math
 
     from monai.transforms import Compose, Rand3DElastic, RandAdjustContrast, RandBiasField, RandGaussianNoise
@@ -572,10 +574,16 @@ def volume_transform(cfg: Mapping, seed: int):
                 padding_mode="zeros",
                 mode="bilinear",
             ),
-            RandBiasField(prob=1.0, coeff_range=(0.0, float(cfg["volume_bias_field"]))),
-            RandAdjustContrast(prob=1.0, gamma=(1 / g, g)),
-            RandGaussianNoise(prob=1.0, std=float(cfg["volume_noise"])),
         ]
+        + (
+            [
+                RandBiasField(prob=1.0, coeff_range=(0.0, float(cfg["volume_bias_field"]))),
+                RandAdjustContrast(prob=1.0, gamma=(1 / g, g)),
+                RandGaussianNoise(prob=1.0, std=float(cfg["volume_noise"])),
+            ]
+            if intensity
+            else []
+        )
     )
     transform.set_random_state(seed)
     return transform

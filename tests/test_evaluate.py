@@ -186,3 +186,39 @@ def test_scaling_crossover_by_hand():
         [dict(r, headline_fd_ratio=r["headline_fd_ratio"] * 10) if r["prior"] == "diffusion" else r for r in rows]
     )
     assert never["seconds"] is None and "never overtakes" in never["statement"]
+
+
+def test_a_set_of_k_n_samples_is_judged_as_the_mean_of_k_draws_of_n(tiny_run, tiny_cfg, tmp_path):
+    """evaluate.num_images = n with 2 n samples: FD, coverage and memorisation equal the mean of
+    the two halves judged alone; the spread over the draws is their standard deviation / floor."""
+    import copy
+    import shutil
+
+    from pipeline.evaluate import evaluate
+
+    run = tmp_path / "draws"
+    shutil.copytree(tiny_run, run)
+    samples = np.load(run / "samples" / "diffusion_ddim.npy")
+    n = len(samples) // 2
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg["evaluate"]["num_images"] = n
+    cfg["sample"]["sets"] = ["diffusion_ddim"]
+
+    def judged(images):
+        np.save(run / "samples" / "diffusion_ddim.npy", images)
+        evaluate(cfg, str(run), threads=1)
+        return json.loads((run / "report" / "metrics.json").read_text())["sets"]["diffusion_ddim"]
+
+    both = judged(samples[: 2 * n])
+    header = (run / "report" / "sets.tsv").read_text().splitlines()[0]
+    first, second = judged(samples[:n]), judged(samples[n : 2 * n])
+    assert (both["fd_draws"], first["fd_draws"], first["fd_ratio_sd"]) == (2, 1, None)
+    assert both["fd_train"] == pytest.approx((first["fd_train"] + second["fd_train"]) / 2, rel=1e-6)
+    assert both["headline_fd_ratio"] == pytest.approx((first["fd_ratio"] + second["fd_ratio"]) / 2, rel=1e-6)
+    spread = abs(first["fd_ratio"] - second["fd_ratio"]) / math.sqrt(2)
+    assert both["fd_ratio_sd"] == pytest.approx(spread, rel=1e-6, abs=1e-9)
+    assert both["coverage"] == pytest.approx((first["coverage"] + second["coverage"]) / 2)
+    assert both["memorised"] == pytest.approx((first["memorised"] + second["memorised"]) / 2)
+    assert both["duplicates"] == first["duplicates"]  # near-duplicates: the first draw
+    assert "FD / floor sd" in header  # the spread's column: only where a set was judged in 2+ draws
+    assert "FD / floor sd" not in (run / "report" / "sets.tsv").read_text().splitlines()[0]

@@ -370,3 +370,20 @@ def test_snakemake_runs_the_shipped_3d_config_on_tiny_models(tmp_path):
     summary = (run / "report" / "summary.md").read_text()
     assert "MS-SSIM between samples" in summary and "label-free FD" in summary
     assert json.loads((run / "vqvae" / "metrics.json").read_text())["test_ssim"] <= 1
+
+
+def test_the_latent_augmentation_of_volumes_warps_without_touching_intensities():
+    """volume_transform(intensity=False) (latents.augment_intensity: false) moves voxels only: a
+    uniform volume stays uniform where no zero padding enters; the full transform
+    (data.volume_copies, the latent copies by default) changes its values (gamma, bias field,
+    noise)."""
+    from pipeline.config import resolve
+    from pipeline.volumes import augment_one, volume_transform
+
+    cfg = resolve([ROOT / "pipeline" / "configs" / "anatomy3d.yaml"])["data"]
+    vol = np.full((1, 24, 24, 24), 0.5, np.float32)
+    inner = (slice(None), slice(8, 16), slice(8, 16), slice(8, 16))
+    geometric = augment_one(volume_transform(cfg, 0, intensity=False), vol)
+    full = augment_one(volume_transform(cfg, 0), vol)
+    assert np.allclose(geometric[inner], 0.5, atol=1e-4)
+    assert np.abs(full[inner] - 0.5).max() > 0.01
