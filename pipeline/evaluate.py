@@ -476,7 +476,7 @@ def _judge_scores(judging: Judging, space: JudgeSpace, name: str, x: torch.Tenso
     at N with the variance of one draw cut by k (measured on anatomy3d: FD / floor of one
     draw of 40 has a standard deviation of about 0.8-1.1)."""
     real = name == "real_test"
-    k = 1 if real else max(1, len(x) // n)
+    k = len(x) // n  # score_set hands over exactly k n images (the floor row: its first n)
     if space.name == "classifier":
         outputs = (
             judging.real_test if real else judge_images(judging.classifier, x.to(judging.device), judging.batch_size)
@@ -484,7 +484,7 @@ def _judge_scores(judging: Judging, space: JudgeSpace, name: str, x: torch.Tenso
         feats = space.test[:n] if real else outputs["features"]
     else:
         feats = space.test[:n] if real else space.embed(x)
-    draws = [feats[i * n : (i + 1) * n] for i in range(k)]
+    draws = np.split(np.asarray(feats)[: k * n], k)
     stats = [feature_statistics(d) for d in draws]
     fds = [frechet_distance(mu, sig, *space.stats) for mu, sig in stats]
     fd, floor = float(np.mean(fds)), space.floor(n)
@@ -554,8 +554,7 @@ def score_set(judging: Judging, name: str, images: torch.Tensor, labels: np.ndar
 
         row.update(volume_scores(x, judging.train_x, judging.train_histogram, nn_idx[:n]))
     if judging.pixel_train is not None:  # the 2D noise check's coverage (:func:`_noise_checker`)
-        pooled = pooled_pixels(drawn)
-        draws = [pooled[i * n : (i + 1) * n] for i in range(k)]
+        draws = np.split(pooled_pixels(drawn), k)
         covs = [precision_recall(judging.pixel_train, d, judging.precision_recall_k)["coverage"] for d in draws]
         row["pixel_coverage"] = float(np.mean(covs))
     row.update(
