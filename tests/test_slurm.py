@@ -366,18 +366,33 @@ def test_run_pipeline_sbatch_driver_submits_the_stages(tmp_path):
     assert slurm["mem_per_cpu_mb"] is None and slurm["mem_per_node_mb"] == "2048"
 
 
-LIMIT_STEPS = 2000  # ~60 s of tiny steps on one or two CPU tasks: more than one 1-minute run holds
+LIMIT_SECONDS = 40  # of one-task compute: more than the first 1-minute run holds before its signal
 
 
-def test_time_limit_requeues_and_resumes(slurm_run, tmp_path):
-    """A 1-minute limit and more compute than fits (2,000 tiny steps at 30-40/s): SLURM's
-    pre-timeout signal makes the stage checkpoint between two steps, submitit requeues the job,
-    and the stage resumes where it stopped, as often as needed. (slurmctld checks time limits on a
-    30 s clock, so the signal comes 5-35 s into each run, hence several requeues; the work must
-    outlast 35 s at any step rate a CI machine reaches, or the first run ends before the signal.)"""
+@pytest.fixture(scope="module")
+def limit_steps(slurm_run, tmp_path_factory) -> int:
+    """Steps of tiny train_diffusion worth LIMIT_SECONDS of one CPU thread on this machine (a
+    multiple of 100 for the log check, 500-4000). slurmctld checks time limits on a 30 s clock,
+    so under a 1-minute limit the signal comes 5-35 s into each run and a run starts in ~20 s:
+    the work must outlast the first run's 35 s, and every further 10 s of it costs another 30 s
+    requeue. A fixed count cannot do both: 2,000 steps were 60 s at the 33 steps/s of one CI
+    machine and 180 s (18 requeues, 9 min per test) at the 11 steps/s of another."""
+    run = fresh_diffusion_run(slurm_run[0], tmp_path_factory.mktemp("rate") / "tiny")
+    cmd = pipeline_cmd("train_diffusion", "--run", str(run), "--configfile", str(TINY), "--threads", "1")
+    cmd += ["--set", "diffusion.steps=300", "--set", "diffusion.log_every=100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rate = json.loads((run / "diffusion" / "metrics.json").read_text())["train_steps_per_s"]
+    return int(min(max(round(rate * LIMIT_SECONDS / 100) * 100, 500), 4000))
+
+
+def test_time_limit_requeues_and_resumes(slurm_run, limit_steps, tmp_path):
+    """A 1-minute limit and more compute than fits (:func:`limit_steps`): SLURM's pre-timeout
+    signal makes the stage checkpoint between two steps, submitit requeues the job, and the stage
+    resumes where it stopped, as often as needed."""
     run = fresh_diffusion_run(slurm_run[0], tmp_path / "tiny")
-    job = train_diffusion_under_limit(run, tmp_path, gpus=1, timeout_min=1, steps=LIMIT_STEPS)
-    assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
+    job = train_diffusion_under_limit(run, tmp_path, gpus=1, timeout_min=1, steps=limit_steps)
+    assert_requeued_and_resumed(run, job, steps=limit_steps)
     assert (run / "diffusion" / "model.pt").is_file()
 
 
@@ -440,11 +455,11 @@ def _train_diffusion_cmd(run: Path, cluster: Path, steps: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_two_ranks(slurm_run, tmp_path_factory) -> Path:
-    """An uninterrupted run of LIMIT_STEPS train_diffusion steps on 2 DDP tasks of one node."""
+def uninterrupted_two_ranks(slurm_run, limit_steps, tmp_path_factory) -> Path:
+    """An uninterrupted run of ``limit_steps`` train_diffusion steps on 2 DDP tasks of one node."""
     tmp = tmp_path_factory.mktemp("ddp_ref")
     run = fresh_diffusion_run(slurm_run[0], tmp / "tiny")
-    train_diffusion_under_limit(run, tmp, gpus=2, timeout_min=10, steps=LIMIT_STEPS)
+    train_diffusion_under_limit(run, tmp, gpus=2, timeout_min=10, steps=limit_steps)
     return run
 
 
@@ -457,20 +472,24 @@ def assert_same_weights(a_run: Path, b_run: Path) -> None:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
-def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(uninterrupted_two_ranks, slurm_run, tmp_path):
+def test_ddp_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(
+    uninterrupted_two_ranks, slurm_run, limit_steps, tmp_path
+):
     """2 DDP tasks (gloo) under a 1-minute limit: SLURM's pre-timeout signal, a checkpoint that
     every rank waits for, submitit's requeue, a resume; the final weights are bit-equal to an
-    uninterrupted 2-task run of the same steps. (As above, the work must outlast the signal's
-    35 s: 600 steps, 18 s at 33/s, raced it and lost on some CI runs.)"""
+    uninterrupted 2-task run of the same steps (two tasks on two cores step at about half the
+    one-task rate: the work outlasts the first run's signal twice over)."""
     run = fresh_diffusion_run(slurm_run[0], tmp_path / "requeued" / "tiny")
-    job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=1, steps=LIMIT_STEPS)
-    assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
+    job = train_diffusion_under_limit(run, tmp_path, gpus=2, timeout_min=1, steps=limit_steps)
+    assert_requeued_and_resumed(run, job, steps=limit_steps)
     metrics = json.loads((run / "diffusion" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and int(metrics["where"]["slurm"]["restart_count"]) >= 1
     assert_same_weights(uninterrupted_two_ranks, run)
 
 
-def test_two_nodes_streamed_and_requeued_train_the_one_node_weights(uninterrupted_two_ranks, slurm_run, tmp_path):
+def test_two_nodes_streamed_and_requeued_train_the_one_node_weights(
+    uninterrupted_two_ranks, slurm_run, limit_steps, tmp_path
+):
     """DDP across nodes for real: the local SLURM's partition ``multi`` is two nodes (two slurmd
     on this host), and a stage with ``nodes: 2, gpus_per_node: 1`` runs one rank on each (the
     rendezvous at the first node, NODE_RANK 0 and 1). With the training rows streamed from HDF5
@@ -483,12 +502,12 @@ def test_two_nodes_streamed_and_requeued_train_the_one_node_weights(uninterrupte
     cluster.write_text(
         yaml.safe_dump({"max_num_timeout": 40, "defaults": {**entry, "timeout_min": 1, "signal_delay_s": 25}})
     )
-    cmd = _train_diffusion_cmd(run, cluster, LIMIT_STEPS) + ["--set", "data_loading=stream", "--set", "data_workers=1"]
+    cmd = _train_diffusion_cmd(run, cluster, limit_steps) + ["--set", "data_loading=stream", "--set", "data_workers=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished (2 task(s))" in proc.stdout
     job = re.search(r"submitted SLURM job (\d+)", proc.stdout).group(1)
-    assert_requeued_and_resumed(run, job, steps=LIMIT_STEPS)
+    assert_requeued_and_resumed(run, job, steps=limit_steps)
     logs = "".join(p.read_text() for p in (run / "logs" / "train_diffusion").glob("*/*_log.err"))
     assert re.search(r"DDP rank 0 of 2: node vqn1 \(node rank 0 of 2\), local rank 0, gloo, rendezvous vqn1:\d+", logs)
     assert re.search(r"DDP rank 1 of 2: node vqn2 \(node rank 1 of 2\), local rank 0", logs)
