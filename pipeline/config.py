@@ -316,7 +316,9 @@ def variant_config(cfg: Mapping, section: str, conditional: bool = False, budget
 
     The unconditional model (the study's subject; sets without ``_g``) reads the section without
     ``label_dropout`` and ``conditional_steps``; the class-conditional variant (``<prior>_cond/``,
-    sets ``_g<s>``) reads ``steps = conditional_steps`` and ``label_dropout``. A training budget
+    sets ``_g<s>``) reads ``steps = conditional_steps`` (and keeps ``conditional_steps``, so that
+    the function is idempotent: the stage applies it again to the Snakefile's params, which are
+    merged over the packaged defaults) and ``label_dropout``. A training budget
     f != 1 (the quality-vs-compute study's ``_b<f>`` models) scales ``steps`` (rounded, >= 1). The
     result is what the stage writes as its ``config.yaml`` and what the Snakefile uses as the rule's
     params, so a key re-runs exactly the variants that read it.
@@ -330,6 +332,9 @@ def variant_config(cfg: Mapping, section: str, conditional: bool = False, budget
     dropout = values.pop("label_dropout", None)
     if conditional:
         values["steps"] = int(cond_steps if cond_steps is not None else values["steps"])
+        # kept (equal to steps) so that applying this again to the result, as the stage does to
+        # the Snakefile's params over the packaged defaults, keeps these steps
+        values["conditional_steps"] = values["steps"]
         values["label_dropout"] = float(dropout or 0.0)
     if budget is not None and float(budget) != 1.0:
         if not float(budget) > 0:

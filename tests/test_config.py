@@ -15,6 +15,7 @@ from pipeline.config import (
     parse_override,
     resolve,
     stage_view,
+    variant_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,21 @@ def test_missing_and_broken_files(tmp_path):
 def test_stage_view_holds_only_its_section():
     view = stage_view(resolve(), "train_diffusion")
     assert set(view) == STAGE_TOP_LEVEL | {"diffusion"}
+
+
+@pytest.mark.parametrize("section", ["pixelcnn", "diffusion"])
+def test_the_conditional_variant_keeps_its_steps_through_the_snakefile_params(section):
+    """The Snakefile passes variant_config's result as --config-json, which the stage merges over
+    the packaged defaults and hands to variant_config again: the steps must survive (they once
+    fell back to the default's conditional_steps, 800 / 1000 steps in a 20-step tiny config)."""
+    user = resolve(overrides=[f"{section}.steps=30", f"{section}.conditional_steps=20"])
+    for budget in (None, 0.5):
+        params = variant_config(user, section, conditional=True)
+        stage = variant_config(resolve(json_text=json.dumps(params)), section, conditional=True, budget=budget)
+        assert stage[section]["steps"] == (20 if budget is None else 10)
+        assert stage[section]["label_dropout"] == user[section]["label_dropout"]
+    plain = variant_config(resolve(json_text=json.dumps(variant_config(user, section))), section)
+    assert plain[section]["steps"] == 30 and "conditional_steps" not in plain[section]
 
 
 def test_schema_and_default_cover_the_same_keys():
