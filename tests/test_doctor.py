@@ -81,6 +81,7 @@ def test_run_folder_that_cannot_be_written_fails(tmp_path):
     assert bad.status == "fail" and "cannot write in /proc" in bad.detail
 
 
+@pytest.mark.heavy
 @no_gpu
 def test_gpu_acceptance_script_is_a_cpu_rehearsal_here(tmp_path):
     """``python benchmarks/gpu_acceptance.py``: exit 0 on this machine, saying first that nothing

@@ -97,6 +97,7 @@ def _stage(wrap, stage: str, run: Path, *sets: str) -> subprocess.CompletedProce
     return subprocess.run(wrap(cmd), capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
+@pytest.mark.heavy
 def test_a_dataset_larger_than_the_memory_limit_runs_streamed(tiny_run, tmp_path):
     run = tmp_path / "big"
     data = _big_source(tiny_run, tmp_path / "source.h5")

@@ -295,6 +295,7 @@ def test_cluster_profiles_dry_run_without_account_and_guard_site_config(tmp_path
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_scaling_study_config_runs_end_to_end(workflow_run):
     """`--configfile pipeline/configs/scaling.yaml` over the tiny config: both unconditional priors
